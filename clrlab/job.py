@@ -1,0 +1,124 @@
+"""Builds the pieces of one training job from a `TrainConfig`: runtime settings, data, strategy, model,
+optimizer and LR policy. Shared by `clrlab.train` and the range test so both build the same job.
+
+All of it runs eagerly, once, before training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import tensorflow as tf
+
+from clrlab import data, models, schedules
+from clrlab.cli import TrainConfig, UserError
+
+
+@dataclasses.dataclass
+class Job:
+    """One configured job. `steps_per_epoch`, `total_steps` and `step_size` are in steps (batches)."""
+
+    config: TrainConfig
+    splits: data.Splits
+    strategy: tf.distribute.Strategy
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    schedule: keras.optimizers.schedules.LearningRateSchedule
+    steps_per_epoch: int
+    total_steps: int
+    step_size: int
+
+    def train_data_fn(self, start_step: int) -> tf.data.Dataset:
+        """The training batches from global step `start_step` on (infinite, resume-exact)."""
+        c = self.config
+        return data.train_dataset(self.splits, c.batch_size, seed=c.seed, start_step=start_step, augment=c.augment)
+
+    def eval_dataset(self) -> tf.data.Dataset:
+        return data.eval_dataset(self.splits, max(self.config.batch_size, 256))
+
+
+def setup_runtime(config: TrainConfig) -> None:
+    """Process-wide settings: logical CPU devices, seeds, op determinism, the mixed-precision policy.
+
+    Call before any model is built. Logical devices can only be configured before TensorFlow's runtime
+    starts; if it already has, a mismatch raises RuntimeError.
+    """
+    if config.cpu_devices > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        try:
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * config.cpu_devices)
+        except RuntimeError:
+            if len(tf.config.list_logical_devices("CPU")) != config.cpu_devices:
+                raise RuntimeError(f"--cpu_devices={config.cpu_devices} must be set before TensorFlow "
+                                   "starts (it already has, with a different device count).") from None
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.mixed_precision.set_global_policy(
+        "float32" if config.mixed_precision == "none" else config.mixed_precision)
+
+
+def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
+    if config.distribute == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    return tf.distribute.get_strategy()
+
+
+def make_optimizer(name: str, learning_rate: float, momentum: float, *,
+                   loss_scaling: bool = False) -> keras.optimizers.Optimizer:
+    """A Keras optimizer with a FLOAT learning rate (a variable the loop assigns every step).
+
+    `momentum` is SGD/RMSprop momentum or Adam's beta_1. With `loss_scaling`, the optimizer is wrapped
+    in `keras.optimizers.LossScaleOptimizer` (dynamic scaling, for mixed_float16).
+    """
+    lr = float(learning_rate)
+    if name == "sgd":
+        opt = keras.optimizers.SGD(learning_rate=lr, momentum=momentum)
+    elif name == "nesterov":
+        opt = keras.optimizers.SGD(learning_rate=lr, momentum=momentum, nesterov=True)
+    elif name == "adam":
+        opt = keras.optimizers.Adam(learning_rate=lr, beta_1=momentum)
+    elif name == "adamw":
+        opt = keras.optimizers.AdamW(learning_rate=lr, beta_1=momentum)
+    elif name == "rmsprop":
+        opt = keras.optimizers.RMSprop(learning_rate=lr, momentum=momentum)
+    else:
+        raise ValueError(f"Unknown optimizer. Expected one of sgd, nesterov, adam, adamw, rmsprop. Received: {name}.")
+    return keras.optimizers.LossScaleOptimizer(opt) if loss_scaling else opt
+
+
+def make_lr_schedule(config: TrainConfig, steps_per_epoch: int) -> tuple[keras.optimizers.schedules.LearningRateSchedule, int]:
+    """The LR policy of `config` and its half-cycle length in steps."""
+    step_size = config.resolve_step_size(steps_per_epoch)
+    total = config.total_steps(steps_per_epoch)
+    try:
+        schedule = schedules.make_schedule(
+            config.policy, base_lr=config.base_lr, max_lr=config.max_lr, step_size=step_size,
+            step_size_down=config.step_size_down, gamma=config.gamma, scale_mode=config.scale_mode,
+            total_steps=total, pct_start=config.pct_start, final_div_factor=config.final_div_factor,
+            anneal_strategy=config.anneal_strategy, three_phase=config.three_phase)
+    except ValueError as e:  # values the flag validators cannot see (e.g. a step size from epochs)
+        raise UserError(f"invalid policy settings: {e}") from None
+    return schedule, step_size
+
+
+def build_job(config: TrainConfig, *, splits: data.Splits | None = None) -> Job:
+    """Loads the data and builds strategy, model, optimizer and policy (call `setup_runtime` first)."""
+    if splits is None:
+        splits = data.load(config.dataset, data_dir=config.data_dir, normalization=config.normalization,
+                           seed=config.seed)
+    steps_per_epoch = data.steps_per_epoch(len(splits.x_train), config.batch_size)
+    total_steps = config.total_steps(steps_per_epoch)
+    schedule, step_size = make_lr_schedule(config, steps_per_epoch)
+    strategy = make_strategy(config)
+    model_name = config.model if config.model != "auto" else models.auto_model_name(splits.name, splits.input_shape)
+    with strategy.scope():
+        model = models.build_model(model_name, splits.input_shape, splits.num_classes,
+                                   weight_decay=config.weight_decay, seed=config.seed)
+        optimizer = make_optimizer(config.optimizer, float(schedule(0)), config.momentum,
+                                   loss_scaling=config.mixed_precision == "mixed_float16")
+    return Job(config=config, splits=splits, strategy=strategy, model=model, optimizer=optimizer,
+               schedule=schedule, steps_per_epoch=steps_per_epoch, total_steps=total_steps, step_size=step_size)

@@ -1,0 +1,251 @@
+"""The explicit GradientTape trainer: K training steps per compiled `tf.function` call.
+
+This module holds the training step and nothing else (no epochs, files or callbacks: those live in
+`trainers/controller.py`). Per step, inside the graph:
+
+    lr = schedule(global_step)                 # float32, from the trainer's checkpointed int64 step
+    optimizer.learning_rate.assign(lr)         # the optimizer's own LR variable, cross-replica context
+    x, y = next(iterator)
+    strategy.run(step_fn): tape -> loss (+ L2) -> [loss scaling] -> gradients -> optimizer.apply
+    summaries (learning_rate, loss, accuracy[, loss_scale]) at global_step, every `summary_every` steps
+    global_step += 1
+
+The learning rate lives in one place (the optimizer's variable), is computed from one counter
+(`global_step`, which is what checkpoints save and restore), and the value logged is the tensor that was
+assigned. Nothing in the step reads back to Python; the eager wrapper `train_steps` converts the per-step
+records to numpy once per call.
+
+`global_step` is deliberately not `optimizer.iterations`: under `LossScaleOptimizer` that counter does not
+advance on skipped (non-finite) steps, so an LR derived from it would drift from the step count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf in full precision. `step` and `learning_rate` name the first bad step."""
+
+    def __init__(self, step: int, learning_rate: float, loss: float):
+        self.step, self.learning_rate, self.loss = int(step), float(learning_rate), float(loss)
+        super().__init__(f"loss became {loss} at step {self.step} (learning rate {self.learning_rate:.6g})")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecords:
+    """Per-step records of one `train_steps` call; every array has shape [num_steps].
+
+    `lr` is the learning rate the step trained with, `loss` that batch's loss (not a running average),
+    `accuracy` that batch's accuracy, `applied` whether the optimizer applied the update (False only for
+    mixed_float16 steps skipped for non-finite gradients), `loss_scale` the loss scale the step used
+    (None without loss scaling).
+    """
+
+    step: np.ndarray
+    lr: np.ndarray
+    loss: np.ndarray
+    accuracy: np.ndarray
+    applied: np.ndarray
+    loss_scale: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.step.shape[0])
+
+
+def uses_loss_scaling(optimizer: keras.optimizers.Optimizer) -> bool:
+    return isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+
+class CustomLoopTrainer:
+    """Runs compiled training steps that set the optimizer's learning rate from `schedule` every step.
+
+    Args:
+      model: a Keras model returning logits (float32 under mixed precision).
+      optimizer: a Keras optimizer built with a FLOAT learning rate (it becomes a variable that the loop
+        assigns; an optimizer holding a `LearningRateSchedule` is rejected), optionally wrapped in
+        `keras.optimizers.LossScaleOptimizer` for mixed_float16.
+      schedule: callable `int64 step tensor -> float32 LR tensor` (any `LearningRateSchedule`), traced
+        into the graph once.
+      strategy: a `tf.distribute.Strategy`; default: the current one. Create the model and optimizer in
+        its scope before constructing the trainer.
+      jit_compile: compile the per-replica step with XLA (the loop around it stays a plain tf.function,
+        since dataset iterators cannot be XLA-compiled).
+      summary_writer: a `tf.summary` writer for the per-step scalars; None writes none. Fixed for the
+        trainer's life because a traced function keeps the writer it saw at trace time.
+      summary_every: write per-step scalars when `global_step % summary_every == 0`.
+      loss_fn: per-example loss `(labels, logits) -> [batch]`; default sparse categorical cross-entropy
+        on logits.
+    """
+
+    def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                 schedule: Callable[[tf.Tensor], tf.Tensor], *, strategy: tf.distribute.Strategy | None = None,
+                 jit_compile: bool = False, summary_writer: Any = None, summary_every: int = 1,
+                 loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None):
+        if isinstance(getattr(optimizer, "_learning_rate", None), keras.optimizers.schedules.LearningRateSchedule) \
+                or isinstance(_inner(optimizer)._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+            raise ValueError("The custom loop assigns the learning rate itself every step: build the optimizer "
+                             "with a float learning rate and pass the schedule to the trainer instead.")
+        if summary_every < 1:
+            raise ValueError(f"summary_every must be >= 1. Received: summary_every={summary_every}.")
+        self.model = model
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.jit_compile = bool(jit_compile)
+        self.summary_writer = summary_writer
+        self.summary_every = int(summary_every)
+        self.loss_fn = loss_fn or keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+        self.loss_scaling = uses_loss_scaling(optimizer)
+        with self.strategy.scope():
+            # Built eagerly, in scope, before the first trace: fixes the variable order that checkpoints
+            # rely on and avoids the Keras 3.14+ placeholder error when building inside a trace.
+            self.optimizer.build(self.model.trainable_variables)
+            self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
+                                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self.val_loss = keras.metrics.Mean(name="val_loss")
+            self.val_accuracy = keras.metrics.SparseCategoricalAccuracy(name="val_accuracy")
+        # XLA compiles the per-replica step only: dataset iterators cannot be compiled.
+        self._replica_step = tf.function(self._step_fn, jit_compile=True) if self.jit_compile else self._step_fn
+        self._loop_fn = tf.function(self._loop, reduce_retracing=True)
+        self._eval_fn = None
+        self._predict_fn = None
+
+    # ----------------------------------------------------------------------------------- graph code
+    def _step_fn(self, x: tf.Tensor, y: tf.Tensor):
+        """One replica's step (replica context). Returns (loss, correct, count, grads_finite)."""
+        model, optimizer = self.model, self.optimizer
+        num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            per_example = tf.cast(self.loss_fn(y, logits), tf.float32)
+            global_batch = tf.shape(per_example)[0] * num_replicas
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(l, tf.float32) for l in model.losses]))
+            objective = optimizer.scale_loss(loss) if self.loss_scaling else loss
+        variables = model.trainable_variables
+        grads = tape.gradient(objective, variables)
+        if self.loss_scaling:
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
+        else:
+            finite = tf.constant(True)
+        optimizer.apply(grads, variables)
+        predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
+        correct = tf.reduce_sum(tf.cast(tf.equal(predictions, tf.cast(tf.reshape(y, [-1]), tf.int32)), tf.float32))
+        count = tf.cast(tf.shape(per_example)[0], tf.float32)
+        return loss, correct, count, tf.cast(finite, tf.int32)
+
+    def _loop(self, iterator, num_steps: tf.Tensor):
+        """`num_steps` training steps; runs inside one tf.function (cross-replica context)."""
+        strategy = self.strategy
+        step_fn = self._replica_step
+        records = {name: tf.TensorArray(dtype, size=num_steps) for name, dtype in
+                   (("step", tf.int64), ("lr", tf.float32), ("loss", tf.float32), ("accuracy", tf.float32),
+                    ("applied", tf.bool), ("loss_scale", tf.float32))}
+        for i in tf.range(num_steps):
+            with tf.name_scope(""):
+                step = self.global_step.read_value()
+                lr = tf.cast(self.schedule(step), tf.float32)
+                self.optimizer.learning_rate.assign(lr)
+                loss_scale = (tf.cast(self.optimizer.dynamic_scale, tf.float32) if self.loss_scaling
+                              else tf.constant(1.0))
+                x, y = next(iterator)
+                loss, correct, count, finite = strategy.run(step_fn, args=(x, y))
+                loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+                correct = strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None)
+                count = strategy.reduce(tf.distribute.ReduceOp.SUM, count, axis=None)
+                applied = tf.equal(strategy.reduce(tf.distribute.ReduceOp.SUM, finite, axis=None),
+                                   strategy.num_replicas_in_sync)
+                accuracy = correct / count
+                with tf.summary.record_if(lambda: tf.equal(step % self.summary_every, 0)):
+                    tf.summary.scalar("learning_rate", lr, step=step)
+                    tf.summary.scalar("loss", loss, step=step)
+                    tf.summary.scalar("accuracy", accuracy, step=step)
+                    if self.loss_scaling:
+                        tf.summary.scalar("loss_scale", loss_scale, step=step)
+                self.global_step.assign_add(1)
+                records = {"step": records["step"].write(i, step), "lr": records["lr"].write(i, lr),
+                           "loss": records["loss"].write(i, loss),
+                           "accuracy": records["accuracy"].write(i, accuracy),
+                           "applied": records["applied"].write(i, applied),
+                           "loss_scale": records["loss_scale"].write(i, loss_scale)}
+        return {name: ta.stack() for name, ta in records.items()}
+
+    # ----------------------------------------------------------------------------------- eager API
+    def make_iterator(self, dataset: tf.data.Dataset):
+        """An iterator over `dataset` (distributed across replicas under a multi-device strategy)."""
+        if self.strategy.num_replicas_in_sync > 1:
+            dataset = self.strategy.experimental_distribute_dataset(dataset)
+        return iter(dataset)
+
+    def train_steps(self, iterator, num_steps: int) -> StepRecords:
+        """Runs `num_steps` steps in one compiled call (eager entry point; one host sync at the end).
+
+        `num_steps` is passed as a tensor, so calls with different lengths reuse one trace. Raises
+        `NonFiniteLossError` when the loss became NaN/inf in full precision (the weights are then no
+        longer trustworthy: do not checkpoint them). Under mixed_float16, non-finite steps are skipped
+        by the `LossScaleOptimizer` and reported through `applied`.
+        """
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1. Received: num_steps={num_steps}.")
+        n = tf.constant(num_steps, dtype=tf.int32)
+        if self.summary_writer is not None:
+            with self.summary_writer.as_default():
+                out = self._loop_fn(iterator, n)
+        else:
+            out = self._loop_fn(iterator, n)
+        out = {k: v.numpy() for k, v in out.items()}
+        records = StepRecords(step=out["step"], lr=out["lr"], loss=out["loss"], accuracy=out["accuracy"],
+                              applied=out["applied"], loss_scale=out["loss_scale"] if self.loss_scaling else None)
+        if not self.loss_scaling:
+            bad = np.flatnonzero(~np.isfinite(records.loss))
+            if bad.size:
+                i = int(bad[0])
+                raise NonFiniteLossError(records.step[i], records.lr[i], records.loss[i])
+        return records
+
+    def _eval_step(self, x, y):
+        logits = self.model(x, training=False)
+        self.val_loss.update_state(tf.cast(self.loss_fn(y, logits), tf.float32))
+        self.val_accuracy.update_state(y, tf.cast(logits, tf.float32))
+
+    def evaluate(self, dataset: tf.data.Dataset) -> dict[str, float]:
+        """Mean loss and accuracy over a finite dataset (no regularisation term), eagerly returned."""
+        if self._eval_fn is None:
+            @tf.function
+            def eval_fn(ds):
+                for x, y in ds:
+                    self.strategy.run(self._eval_step, args=(x, y))
+            self._eval_fn = eval_fn
+        self.val_loss.reset_state()
+        self.val_accuracy.reset_state()
+        if self.strategy.num_replicas_in_sync > 1:
+            dataset = self.strategy.experimental_distribute_dataset(dataset)
+        self._eval_fn(dataset)
+        return {"loss": float(self.val_loss.result()), "accuracy": float(self.val_accuracy.result())}
+
+    def predict_classes(self, dataset: tf.data.Dataset) -> np.ndarray:
+        """Argmax class per example of a finite dataset of (x, y) or x batches, as int32 numpy."""
+        if self._predict_fn is None:
+            self._predict_fn = tf.function(lambda x: tf.argmax(self.model(x, training=False), axis=-1,
+                                                               output_type=tf.int32))
+        out = []
+        for batch in dataset:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            out.append(self._predict_fn(x).numpy())
+        return np.concatenate(out) if out else np.zeros([0], np.int32)
+
+    @property
+    def learning_rate(self) -> float:
+        """The optimizer's current learning rate (a host read; eager only)."""
+        return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+
+
+def _inner(optimizer):
+    return optimizer.inner_optimizer if uses_loss_scaling(optimizer) else optimizer
