@@ -76,6 +76,16 @@ def run(config: cli.TrainConfig, *, callbacks: Iterable[Any] | None = None, prog
     Library entry point behind the command line (eager). Raises `UserError` for problems the user can
     fix, `trainers.custom_loop.NonFiniteLossError` when the loss diverges in full precision.
     """
+    import keras
+
+    policy = keras.mixed_precision.global_policy().name
+    try:
+        return _run(config, callbacks=callbacks, progress=progress)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)  # setup_runtime changed it for this run only
+
+
+def _run(config: cli.TrainConfig, *, callbacks, progress) -> RunResult:
     import tensorflow as tf
 
     from clrlab import job as job_lib, plots

@@ -1,0 +1,342 @@
+"""The main job end to end: `python -m clrlab.train` / `clrlab.train.run` (issue 3)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import read_scalars, run_module, subprocess_env, user_lines, ROOT
+
+from clrlab import cli, schedules
+from clrlab import train as train_mod
+
+FLAGS = cli.FLAGS
+
+
+def tiny(tmp_path, **overrides) -> cli.TrainConfig:
+    """A run of a few dozen steps on the offline digits (batch 64 -> 22 steps per epoch)."""
+    base = dict(dataset="digits", model="small_cnn", batch_size=64, epochs=2, steps_per_loop=8,
+                checkpoint_every=0, logdir=str(tmp_path / "run"), base_lr=0.01, max_lr=0.1, step_size=10)
+    base.update(overrides)
+    return dataclasses.replace(cli.TrainConfig(), **base)
+
+
+def load_history(logdir) -> dict:
+    with open(os.path.join(logdir, "history.json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+@pytest.mark.slow
+def test_readme_main_command_reaches_accuracy_and_writes_outputs(tmp_path):
+    # Exactly the README's main job: defaults + --policy=exp_range --gamma=0.99994.
+    config = dataclasses.replace(cli.TrainConfig(), policy="exp_range", gamma=0.99994, logdir=str(tmp_path / "main"))
+    start = time.time()
+    result = train_mod.run(config, progress="log")
+    elapsed = time.time() - start
+    assert result.status == "completed"
+    assert result.test_metrics["accuracy"] >= 0.95, result.test_metrics
+    assert elapsed < 120, f"took {elapsed:.0f}s"
+    for name in ("clr_plot.png", "training_plot.png", "history.json", "flags.txt", "classification_report.txt",
+                 "run_config.json"):
+        path = os.path.join(result.logdir, name)
+        assert os.path.getsize(path) > 0, name
+    assert os.listdir(os.path.join(result.logdir, "train")) and os.listdir(os.path.join(result.logdir, "validation"))
+    assert any(n.startswith("ckpt-") for n in os.listdir(os.path.join(result.logdir, "checkpoints")))
+    report = open(os.path.join(result.logdir, "classification_report.txt")).read()
+    assert "precision" in report and "recall" in report and "f1-score" in report
+
+
+@pytest.mark.parametrize("policy,extra", [
+    ("triangular", {}), ("triangular2", {}), ("exp_range", {"gamma": 0.99}),
+    ("one_cycle", {"base_lr": 0.004}), ("constant", {}),
+    ("triangular", {"step_size_down": 4}),
+])
+def test_tensorboard_learning_rate_is_the_schedule_value_every_step(tmp_path, policy, extra):
+    config = tiny(tmp_path, policy=policy, **extra)
+    result = train_mod.run(config, progress="log")
+    steps = np.arange(result.step)
+    spe = 1437 // 64
+    expected_schedule = schedules.make_schedule(
+        policy, base_lr=config.base_lr, max_lr=config.max_lr, step_size=config.step_size,
+        step_size_down=config.step_size_down, gamma=config.gamma, total_steps=2 * spe)
+    expected = np.asarray(expected_schedule(steps), dtype=np.float32)
+    logged = read_scalars(os.path.join(result.logdir, "train"), "learning_rate")
+    assert sorted(logged) == list(steps)
+    np.testing.assert_array_equal(np.array([logged[s] for s in steps], np.float32), expected)
+    history = load_history(result.logdir)
+    assert history["steps"]["step"] == list(steps)
+    np.testing.assert_array_equal(np.array(history["steps"]["lr"], np.float32), expected)
+    # The logged loss is that batch's loss (the same numbers as history.json), not a running mean.
+    losses = read_scalars(os.path.join(result.logdir, "train"), "loss")
+    np.testing.assert_allclose([losses[s] for s in steps], history["steps"]["loss"], rtol=1e-6)
+    assert not np.allclose(np.cumsum(history["steps"]["loss"][:spe]) / np.arange(1, spe + 1),
+                           history["steps"]["loss"][:spe])
+
+
+def test_summary_cadence_epoch_and_validation_scalars(tmp_path):
+    result = train_mod.run(tiny(tmp_path, summary_every=5), progress="log")
+    logged = read_scalars(os.path.join(result.logdir, "train"), "learning_rate")
+    assert sorted(logged) == [s for s in range(result.step) if s % 5 == 0]
+    val = read_scalars(os.path.join(result.logdir, "validation"), "accuracy")
+    assert sorted(val) == [22, 44]  # global step at each epoch end
+    history = load_history(result.logdir)
+    assert history["epochs"]["val_accuracy"] == pytest.approx([val[22], val[44]], rel=1e-6)
+    assert set(read_scalars(os.path.join(result.logdir, "train"), "epoch_loss")) == {22, 44}
+
+
+def test_flags_txt_is_a_usable_flagfile(tmp_path):
+    config = tiny(tmp_path, policy="exp_range", gamma=0.999, augment=False)
+    result = train_mod.run(config, progress="log")
+    path = os.path.join(result.logdir, "flags.txt")
+    FLAGS.unparse_flags()
+    try:
+        FLAGS(["prog", f"--flagfile={path}"])
+        parsed = cli.config_from_flags()
+    finally:
+        FLAGS.unparse_flags()
+    assert parsed == dataclasses.replace(config, logdir=result.logdir)
+
+
+def test_resume_refuses_a_logdir_from_different_settings(tmp_path):
+    train_mod.run(tiny(tmp_path, epochs=1), progress="log")
+    with pytest.raises(cli.UserError, match="different settings.*policy|schedule"):
+        train_mod.run(tiny(tmp_path, epochs=1, policy="triangular2"), progress="log")
+
+
+def test_rerun_in_process_resumes_and_extends(tmp_path):
+    first = train_mod.run(tiny(tmp_path, epochs=1), progress="log")
+    assert first.resumed_from is None and first.step == 22
+    second = train_mod.run(tiny(tmp_path, epochs=2), progress="log")
+    assert second.resumed_from == 22 and second.step == 44
+    full = train_mod.run(tiny(tmp_path, epochs=2, logdir=str(tmp_path / "full")), progress="log")
+    assert load_history(second.logdir)["steps"]["lr"] == load_history(full.logdir)["steps"]["lr"]
+
+
+def test_nonfinite_loss_stops_with_the_step_and_lr_and_keeps_the_last_good_checkpoint(tmp_path):
+    from trainers.custom_loop import NonFiniteLossError
+
+    config = tiny(tmp_path, policy="constant", base_lr=1e5, max_lr=2e5, weight_decay=0.0, epochs=3,
+                  checkpoint_every=2, steps_per_loop=2)
+    with pytest.raises(NonFiniteLossError) as info:
+        train_mod.run(config, progress="log")
+    err = info.value
+    assert err.learning_rate == pytest.approx(1e5)
+    assert f"step {err.step}" in str(err)
+    import tensorflow as tf
+    latest = tf.train.latest_checkpoint(os.path.join(config.logdir, "checkpoints"))
+    if latest is not None:  # any checkpoint kept predates the bad step and holds finite weights
+        assert int(latest.rsplit("-", 1)[1]) <= err.step
+        reader = tf.train.load_checkpoint(latest)
+        for name in reader.get_variable_to_shape_map():
+            value = reader.get_tensor(name)
+            if np.issubdtype(np.asarray(value).dtype, np.floating):
+                assert np.all(np.isfinite(value)), name
+
+
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_trains_on_cpu(tmp_path, precision):
+    result = train_mod.run(tiny(tmp_path, mixed_precision=precision, epochs=1), progress="log")
+    history = load_history(result.logdir)
+    assert result.status == "completed" and np.isfinite(history["epochs"]["loss"]).all()
+    if precision == "mixed_float16":
+        scales = read_scalars(os.path.join(result.logdir, "train"), "loss_scale")
+        assert len(scales) == result.step and all(v > 0 for v in scales.values())
+        assert len(history["steps"]["loss_scale"]) == result.step
+        assert "skipped_steps" in history
+    import keras
+    assert keras.mixed_precision.global_policy().name == "float32"  # run() restores the global policy
+
+
+# ----------------------------------------------------------------------------- invalid flags
+BAD_FLAGS = {
+    "unknown policy": ["--policy=cosine"],
+    "negative base_lr": ["--base_lr=-0.1"],
+    "inverted bounds": ["--base_lr=0.01", "--max_lr=0.001"],
+    "equal bounds": ["--base_lr=0.01", "--max_lr=0.01"],
+    "zero step size": ["--step_size=0"],
+    "zero step size epochs": ["--step_size_epochs=0"],
+    "both step size flags": ["--step_size=100", "--step_size_epochs=2"],
+    "gamma zero": ["--policy=exp_range", "--gamma=0"],
+    "gamma above one": ["--policy=exp_range", "--gamma=1.5"],
+    "nan base_lr": ["--base_lr=nan"],
+    "conflicting scale mode": ["--policy=triangular2", "--scale_mode=iterations"],
+    "unknown dataset": ["--dataset=imagenet42"],
+    "missing npz": ["--dataset=npz:/nonexistent/file.npz"],
+    "unknown model": ["--model=vgg99"],
+    "zero epochs": ["--epochs=0"],
+    "zero batch": ["--batch_size=0"],
+    "zero steps per loop": ["--steps_per_loop=0"],
+    "pct_start out of range": ["--policy=one_cycle", "--pct_start=1.0"],
+    "momentum out of range": ["--momentum=1.5"],
+    "unknown optimizer": ["--optimizer=lbfgs"],
+    "unknown precision": ["--mixed_precision=fp8"],
+    "callback lr control on custom loop": ["--lr_control=callback"],
+    "missing bounds file": ["--bounds_from=/nonexistent/range_test.json"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_invalid_flag_is_one_line_error_exit_1_and_no_logdir(tmp_path, capsys, case):
+    logdir = tmp_path / "never"
+    FLAGS.unparse_flags()
+    try:
+        with pytest.raises(SystemExit) as info:
+            cli.parse_flags_or_exit(["prog", *BAD_FLAGS[case], f"--logdir={logdir}"])
+    finally:
+        FLAGS.unparse_flags()
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert not logdir.exists()
+
+
+def test_unwritable_logdir_is_rejected(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    FLAGS.unparse_flags()
+    try:
+        with pytest.raises(SystemExit) as info:
+            cli.parse_flags_or_exit(["prog", f"--logdir={blocker}/sub"])
+    finally:
+        FLAGS.unparse_flags()
+    assert info.value.code == 1
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_malformed_bounds_file_is_rejected(tmp_path, capsys):
+    bad = tmp_path / "range_test.json"
+    bad.write_text("{not json")
+    FLAGS.unparse_flags()
+    try:
+        with pytest.raises(SystemExit):
+            cli.parse_flags_or_exit(["prog", f"--bounds_from={bad}", f"--logdir={tmp_path / 'x'}"])
+    finally:
+        FLAGS.unparse_flags()
+    assert "cannot read it as JSON" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_bad_flag_subprocess_prints_one_line_and_touches_nothing(tmp_path):
+    logdir = tmp_path / "untouched"
+    proc = run_module("clrlab.train", "--base_lr=0.01", "--max_lr=0.001", f"--logdir={logdir}")
+    assert proc.returncode == 1
+    lines = user_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--max_lr" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not logdir.exists()
+
+
+def test_help_states_units():
+    proc = run_module("clrlab.train", "--help")
+    assert proc.returncode == 0
+    text = proc.stdout
+    for needle in ("HALF a cycle", "epochs", "--gamma", "per STEP", "--steps_per_loop"):
+        assert needle in text, needle
+
+
+# ----------------------------------------------------------------------------- kill, resume
+def _start(logdir, *extra):
+    args = [sys.executable, "-m", "clrlab.train", "--dataset=digits", "--model=small_cnn", "--batch_size=32",
+            "--policy=triangular", "--base_lr=0.01", "--max_lr=0.1", "--step_size=30", "--epochs=8",
+            "--steps_per_loop=2", "--checkpoint_every=6", "--deterministic", f"--logdir={logdir}", *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(), cwd=ROOT)
+
+
+def _wait_for_checkpoint(logdir, proc, timeout=120):
+    deadline = time.time() + timeout
+    marker = os.path.join(logdir, "checkpoints", "checkpoint")
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(marker):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint appeared (rc={proc.poll()}): {proc.communicate()[1][-2000:]}")
+
+
+def _final_weights(logdir):
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(os.path.join(logdir, "checkpoints"))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name.startswith("model/")}
+
+
+@pytest.mark.slow
+def test_sigkill_at_an_arbitrary_step_then_rerun_gives_the_same_lr_trace_and_weights(tmp_path):
+    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+    full = _start(full_dir)
+    victim = _start(killed_dir)
+    _wait_for_checkpoint(str(killed_dir), victim)
+    time.sleep(random.uniform(0.0, 1.0))
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    assert victim.returncode == -signal.SIGKILL
+    killed_at = load_history(killed_dir)["steps"]["step"][-1] + 1
+    assert killed_at < 8 * (1437 // 32), "the run finished before it was killed: slow it down"
+    out, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err[-3000:]
+    resumed = _start(killed_dir)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "Resuming from the checkpoint at step" in out
+    a, b = load_history(full_dir), load_history(killed_dir)
+    assert a["steps"]["step"] == b["steps"]["step"]
+    assert a["steps"]["lr"] == b["steps"]["lr"]
+    wa, wb = _final_weights(full_dir), _final_weights(killed_dir)
+    assert wa.keys() == wb.keys() and wa
+    for name in wa:
+        np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_saves_a_checkpoint_exits_cleanly_and_resumes(tmp_path):
+    logdir = tmp_path / "term"
+    proc = _start(logdir)
+    _wait_for_checkpoint(str(logdir), proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err
+    assert "Stopped by SIGTERM at step" in out
+    stopped_at = int(out.split("Stopped by SIGTERM at step ")[1].split(";")[0])
+    import tensorflow as tf
+    latest = tf.train.latest_checkpoint(os.path.join(logdir, "checkpoints"))
+    assert latest.endswith(f"ckpt-{stopped_at}")
+    rerun = _start(logdir)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-2000:]
+    assert f"Resuming from the checkpoint at step {stopped_at}" in out
+    assert load_history(logdir)["steps"]["step"] == list(range(8 * (1437 // 32)))
+
+
+@pytest.mark.slow
+def test_nan_loss_on_the_command_line_is_one_line_exit_1(tmp_path):
+    proc = run_module("clrlab.train", "--policy=constant", "--base_lr=100000", "--weight_decay=0",
+                      "--epochs=2", "--batch_size=64", f"--logdir={tmp_path / 'nan'}")
+    assert proc.returncode == 1
+    lines = user_lines(proc.stderr)
+    assert len(lines) == 1 and "at step" in lines[0] and "learning rate 100000" in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_cpu_devices_matches_one_device(tmp_path):
+    common = ["--dataset=digits", "--model=mlp", "--batch_size=64", "--epochs=2", "--policy=triangular",
+              "--base_lr=0.01", "--max_lr=0.1", "--step_size=10", "--weight_decay=0"]
+    one = run_module("clrlab.train", *common, f"--logdir={tmp_path / 'one'}")
+    two = run_module("clrlab.train", *common, "--distribute=mirrored", "--cpu_devices=2",
+                     f"--logdir={tmp_path / 'two'}")
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = load_history(tmp_path / "one"), load_history(tmp_path / "two")
+    assert a["steps"]["lr"] == b["steps"]["lr"]
+    assert b["epochs"]["loss"][-1] == pytest.approx(a["epochs"]["loss"][-1], rel=0.05)
+    assert b["epochs"]["val_accuracy"][-1] == pytest.approx(a["epochs"]["val_accuracy"][-1], abs=0.05)
