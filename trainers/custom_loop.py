@@ -30,10 +30,12 @@ import tensorflow as tf
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf in full precision. `step` and `learning_rate` name the first bad step."""
+    """The loss became NaN or inf in full precision. `step` and `learning_rate` name the first bad step;
+    `records` holds the whole call's per-step records (a range test keeps the steps before it)."""
 
-    def __init__(self, step: int, learning_rate: float, loss: float):
+    def __init__(self, step: int, learning_rate: float, loss: float, records: "StepRecords | None" = None):
         self.step, self.learning_rate, self.loss = int(step), float(learning_rate), float(loss)
+        self.records = records
         super().__init__(f"loss became {loss} at step {self.step} (learning rate {self.learning_rate:.6g})")
 
 
@@ -207,7 +209,7 @@ class CustomLoopTrainer:
             bad = np.flatnonzero(~np.isfinite(records.loss))
             if bad.size:
                 i = int(bad[0])
-                raise NonFiniteLossError(records.step[i], records.lr[i], records.loss[i])
+                raise NonFiniteLossError(records.step[i], records.lr[i], records.loss[i], records)
         return records
 
     def _eval_step(self, x, y):
