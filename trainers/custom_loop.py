@@ -107,7 +107,8 @@ class CustomLoopTrainer:
         with self.strategy.scope():
             # Built eagerly, in scope, before the first trace: fixes the variable order that checkpoints
             # rely on and avoids the Keras 3.14+ placeholder error when building inside a trace.
-            self.optimizer.build(self.model.trainable_variables)
+            if not self.optimizer.built:  # LossScaleOptimizer.build is not idempotent: never build twice
+                self.optimizer.build(self.model.trainable_variables)
             self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             self.val_loss = keras.metrics.Mean(name="val_loss")
