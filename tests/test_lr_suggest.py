@@ -1,0 +1,480 @@
+"""Tests for clrlab.lr_suggest: pure numpy, synthetic curves with answers known in closed form.
+
+The loss model is ``base - drop * sigmoid((x - x_s) / w) + exp((x - x_d) / v)`` with ``x = log10(lr)``:
+its steepest descent against ``ln lr`` is at ``lr = 10**x_s`` (the blow-up term is ~1e-7 there) and its
+minimum is found on a dense analytic grid, independently of the code under test. Noise is seeded.
+"""
+
+from __future__ import annotations
+
+import doctest
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+
+from clrlab import lr_suggest as ls
+
+EXP_LRS = np.geomspace(1e-6, 1.0, 200)  # 6 decades, 0.03 decades per step.
+EXP_CURVE = dict(x_s=-3.0, w=0.25, x_d=-0.5, v=0.15)
+LIN_LRS = np.linspace(1e-3, 0.02, 400)  # Smith-style: about one decade.
+LIN_CURVE = dict(x_s=math.log10(0.005), w=0.1, x_d=math.log10(0.015), v=0.05)
+GRIDS = [
+    pytest.param(EXP_LRS, EXP_CURVE, id="exponential"),
+    pytest.param(LIN_LRS, LIN_CURVE, id="linear"),
+]
+
+
+def loss_curve(lrs, *, x_s, w, x_d, v, drop=2.0, base=2.5):
+    x = np.log10(lrs)
+    return base - drop / (1.0 + np.exp(-(x - x_s) / w)) + np.exp((x - x_d) / v)
+
+
+def true_minimum(lrs, curve):
+    dense = np.geomspace(lrs[0], lrs[-1], 1_000_001)
+    return float(dense[np.argmin(loss_curve(dense, **curve))])
+
+
+def log_step(lrs, lr):
+    """The sweep's spacing in ln(lr) around ``lr``."""
+    i = min(int(np.searchsorted(lrs, lr)), lrs.size - 1)
+    return float(np.log(lrs[i] / lrs[i - 1]))
+
+
+def noisy(values, sigma, seed):
+    return values + np.random.default_rng(seed).normal(0.0, sigma, np.shape(values))
+
+
+# ----------------------------------------------------------------------------------------------
+# Smoothing, non-finite values, divergence.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_ema_seeded_matches_the_recurrence():
+    x = noisy(np.zeros(50), 1.0, 0)
+    f = 0.05
+    want = [x[0]]
+    for v in x[1:]:
+        want.append(f * v + (1 - f) * want[-1])
+    np.testing.assert_allclose(ls.smooth(x, "ema_seeded", beta=0.95), want, rtol=1e-12)
+
+
+def test_ema_debiased_matches_the_closed_form_and_has_no_zero_pull():
+    x = noisy(np.full(60, 3.0), 0.5, 1)
+    beta = 0.9
+    t = np.arange(x.size)
+    weights = (1 - beta) * beta ** (t[:, None] - t[None, :]) * (t[None, :] <= t[:, None])
+    want = (weights @ x) / (1 - beta ** (t + 1))
+    np.testing.assert_allclose(ls.smooth(x, "ema_debiased", beta=beta), want, rtol=1e-12)
+    np.testing.assert_allclose(ls.smooth(np.full(30, 7.0)), 7.0, rtol=1e-12)
+
+
+def test_smooth_none_copies_and_rejects_bad_arguments():
+    x = np.array([1.0, 2.0, 3.0])
+    out = ls.smooth(x, "none")
+    np.testing.assert_array_equal(out, x)
+    assert out is not x
+    assert ls.SMOOTHERS == ("none", "ema_seeded", "ema_debiased")
+    with pytest.raises(ValueError, match="method"):
+        ls.smooth(x, "gaussian")
+    with pytest.raises(ValueError, match="beta"):
+        ls.smooth(x, beta=1.0)
+
+
+def test_first_nonfinite():
+    assert ls.first_nonfinite([1.0, 2.0]) is None
+    assert ls.first_nonfinite([1.0, np.inf, np.nan]) == 1
+    assert ls.first_nonfinite([np.nan]) == 0
+    assert ls.first_nonfinite([]) is None
+
+
+def test_divergence_ratio_rule_skip_and_nonfinite():
+    s = [1.0, 0.5, 0.6, 1.9, 2.1, 1.0]  # 2.1 > 4 * 0.5 at index 4; 1.9 is not.
+    assert ls.divergence_index(s, skip=1) == 4
+    assert ls.divergence_index(s, factor=5.0, skip=1) is None
+    assert ls.divergence_index([0.5, 9.0, 9.0, 9.0], skip=2) == 2  # Skipped points are not tested...
+    assert ls.divergence_index([9.0, 0.5, 1.0, 3.0], skip=2) == 3  # ...but do count for best.
+    assert ls.divergence_index([1.0, 0.9, np.nan, 100.0], skip=5) == 2  # NaN stops even in skip.
+    assert ls.divergence_index([1.0, 0.9, 0.8]) is None
+
+
+def test_divergence_with_negative_losses_uses_the_gap_rule():
+    s = np.array([-10.0, -10.2, -10.5, -9.0, 0.0, 10.0, 21.0, 25.0, 30.0])
+    # The naive ratio test s > 4 * best fires at the first tested index for negative losses.
+    naive = next(t for t in range(1, s.size) if s[t] > 4 * s[:t + 1].min())
+    assert naive == 1
+    # Gap rule: first t with s_t - best > 3 * |best| = 31.5, i.e. s_t > 21.
+    assert ls.divergence_index(s, skip=1) == 7
+
+
+def test_negative_losses_give_the_same_result_as_the_positive_curve():
+    # The rule is relative to |best| by design, so it is shift-invariant only for a blow-up that crosses
+    # both thresholds in one step: a real explosion (here 1e6 at index 150).
+    losses = noisy(loss_curve(EXP_LRS, **EXP_CURVE), 0.01, 2)
+    losses[150:] = 1e6
+    pos = ls.recommend(EXP_LRS, losses)
+    neg = ls.recommend(EXP_LRS, losses - 10.0)
+    assert float(np.max(losses[:150] - 10.0)) < 0
+    assert pos.stop_index == neg.stop_index == 150 and pos.reason == neg.reason == "diverged"
+    assert pos.suggestions == pytest.approx(neg.suggestions, rel=1e-12)
+    assert (pos.base_lr, pos.max_lr, pos.rule) == pytest.approx((neg.base_lr, neg.max_lr, neg.rule))
+    np.testing.assert_allclose(np.array(neg.loss_smooth) + 10.0, pos.loss_smooth, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss suggestions on curves with known answers.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lrs,curve", GRIDS)
+def test_steep_is_the_steepest_point_against_ln_lr(lrs, curve):
+    losses = loss_curve(lrs, **curve)
+    truth = 10 ** curve["x_s"]
+    got = ls.suggest_steep(lrs, losses)
+    # Clean: the left end of the steepest segment, at most two sweep steps from the truth.
+    assert abs(math.log(got / truth)) <= 2 * log_step(lrs, truth) + 1e-12
+    for seed in range(3):  # Noisy (sigma = 0.002, 0.1% of the loss drop): within a factor 1.5.
+        got = ls.suggest_steep(lrs, noisy(losses, 0.002, seed))
+        assert truth / 1.5 < got < truth * 1.5
+
+
+def test_steep_differentiates_against_ln_lr_not_the_index():
+    # On a linear sweep the index-based (np.gradient) answer is ~10% low: outside the tolerance above.
+    losses = loss_curve(LIN_LRS, **LIN_CURVE)
+    truth = 10 ** LIN_CURVE["x_s"]
+    by_index = LIN_LRS[np.argmin(np.diff(losses))]
+    assert abs(math.log(by_index / truth)) > 5 * log_step(LIN_LRS, truth)
+
+
+@pytest.mark.parametrize("lrs,curve", GRIDS)
+def test_minimum_is_a_tenth_of_the_minimum(lrs, curve):
+    losses = loss_curve(lrs, **curve)
+    truth = true_minimum(lrs, curve)
+    got = ls.suggest_minimum(lrs, losses) * 10
+    assert abs(math.log(got / truth)) <= log_step(lrs, truth) + 1e-12
+    for seed in range(3):  # Noisy: the flat bottom blurs the argmin; within a factor 1.5.
+        got = ls.suggest_minimum(lrs, noisy(losses, 0.002, seed)) * 10
+        assert truth / 1.5 < got < truth * 1.5
+    assert ls.suggest_minimum(lrs, losses, divisor=4.0) == pytest.approx(
+        ls.suggest_minimum(lrs, losses) * 10 / 4)
+
+
+@pytest.mark.parametrize("lrs,curve", GRIDS)
+def test_valley(lrs, curve):
+    losses = loss_curve(lrs, **curve)
+    # Clean: the loss falls strictly from index 0 to its minimum m, so L_m = m + 1, start = -1 and the
+    # valley is index -1 + int((m + 1) / 3) + int((m + 1) / 6).
+    m = int(np.argmin(losses))
+    assert np.all(np.diff(losses[:m + 1]) < 0)
+    assert ls.suggest_valley(lrs, losses) == lrs[-1 + int((m + 1) / 3) + int((m + 1) / 6)]
+    # Noisy: the flat start no longer forms a long decreasing run, so the valley moves into the
+    # descent, within two sigmoid widths of its middle.
+    lo, hi = 10 ** (curve["x_s"] - 2 * curve["w"]), 10 ** (curve["x_s"] + 2 * curve["w"])
+    for seed in range(3):
+        assert lo < ls.suggest_valley(lrs, noisy(losses, 0.002, seed)) < hi
+
+
+def test_valley_small_cases():
+    lrs = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert ls.suggest_valley(lrs, [1, 2, 3, 4, 5]) == 1.0  # Nothing beats index 0.
+    # A two-point valley at the start: fastai's index is -1 (the last LR); we clamp to the first.
+    assert ls.suggest_valley(lrs, [2, 1, 3, 4, 5]) == 1.0
+    assert ls.suggest_valley([1.0], [3.0]) == 1.0
+
+
+def test_valley_patience_sorting_equals_the_quadratic_oracle():
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    cases = []
+    for _ in range(1500):
+        cases.append(rng.normal(size=int(rng.integers(1, 40))))
+    for _ in range(1500):  # Heavy ties: strictness matters.
+        cases.append(rng.integers(0, 4, size=int(rng.integers(1, 40))).astype(float))
+    for _ in range(10):
+        n = 300
+        trend = np.linspace(3, 0, n) + np.where(np.arange(n) > 200, np.linspace(0, 5, n), 0)
+        cases.append(np.round(trend + rng.normal(0, 0.3, n), 1))
+    cases += [np.zeros(7), np.arange(9.0), np.arange(9.0)[::-1]]
+    for losses in cases:
+        lrs = np.geomspace(1e-4, 1.0, losses.size) if losses.size > 1 else np.array([1e-3])
+        assert ls._lds_lengths(losses).tolist() == ls._lds_lengths_quadratic(losses.tolist())
+        assert ls.suggest_valley(lrs, losses) == ls._valley_quadratic(lrs, losses.tolist())
+    assert time.perf_counter() - start < 5.0
+
+
+def test_slide_finds_where_the_gradient_stops_changing():
+    # Linear descent (gradient -0.01) up to index K, then curving up (gradient +0.004 per step): the
+    # window slides left until r = K + 1, and the candidate is lr[K + 1 - lr_diff + 1].
+    n, k = 120, 70
+    i = np.arange(n, dtype=float)
+    losses = 2.0 - 0.01 * i + 0.002 * np.maximum(i - k, 0) ** 2
+    lrs = np.geomspace(1e-5, 1.0, n)
+    assert ls.suggest_slide(lrs, losses) == lrs[k - 13]
+    assert ls.suggest_slide(lrs, losses, adjust=0.5) == lrs[k - 13] * 0.5
+    with pytest.raises(ValueError, match="at least 16"):
+        ls.suggest_slide(lrs[:15], losses[:15])
+
+
+@pytest.mark.parametrize("fn", [ls.suggest_steep, ls.suggest_minimum, ls.suggest_valley])
+def test_suggestions_reject_invalid_curves(fn):
+    with pytest.raises(ValueError, match="same length"):
+        fn([1e-3, 1e-2], [1.0])
+    with pytest.raises(ValueError, match="> 0"):
+        fn([0.0, 1e-2], [1.0, 0.5])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        fn([1e-2, 1e-3], [1.0, 0.5])
+    with pytest.raises(ValueError, match="finite"):
+        fn([1e-3, 1e-2], [1.0, np.nan])
+
+
+# ----------------------------------------------------------------------------------------------
+# Smith's accuracy rule.
+# ----------------------------------------------------------------------------------------------
+
+ACC_LRS = np.linspace(5e-4, 0.02, 400)
+ACC_STEP = float(ACC_LRS[1] - ACC_LRS[0])
+C, W = 0.006, 0.0008  # Logistic rise centred at lr = C with width W.
+TRUE_BASE = C + W * math.log(0.1 / 0.9)  # Where the rise reaches p = 10%.
+_S = 0.5 + 0.5 * math.sqrt(1 - 0.15)
+TRUE_SLOWS = C + W * math.log(_S / (1 - _S))  # Where the logistic's slope is q = 15% of its maximum.
+
+
+def sigmoid_accuracy(lrs):
+    """0.1 -> 0.8 logistic rise, a plateau, then a linear fall from lr = 0.014 back to 0.1 at 0.02."""
+    rise = 0.1 + 0.7 / (1.0 + np.exp(-(lrs - C) / W))
+    return rise - 0.7 * np.clip((lrs - 0.014) / 0.006, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("smoother", ls.ACCURACY_SMOOTHERS)
+@pytest.mark.parametrize("sigma", [0.0, 0.02])
+def test_accuracy_rule_finds_the_rise_and_the_slowdown(smoother, sigma):
+    for seed in range(3 if sigma else 1):
+        acc = noisy(sigmoid_accuracy(ACC_LRS), sigma, seed)
+        got = ls.suggest_from_accuracy(ACC_LRS, acc, smoother=smoother)
+        assert got.rule == "accuracy_slows"
+        # Smoothed noise (~0.01) over a rise of ~0.004 per step near the 10% point: a few steps.
+        assert abs(got.base_lr - TRUE_BASE) <= 5 * ACC_STEP
+        assert abs(got.max_lr - TRUE_SLOWS) <= 6 * ACC_STEP
+        assert got.base_lr == ACC_LRS[got.base_index] and got.max_lr == ACC_LRS[got.max_index]
+
+
+def test_accuracy_rule_reports_raggedness():
+    # The noise grows 6x from lr = 0.0075, before the slowdown at 0.0086; the centred rolling std can
+    # see it up to half a window (10 points) early.
+    sigma = np.where(ACC_LRS > 0.0075, 0.12, 0.02)
+    for seed in range(3):
+        acc = sigmoid_accuracy(ACC_LRS) + np.random.default_rng(seed).normal(size=ACC_LRS.size) * sigma
+        got = ls.suggest_from_accuracy(ACC_LRS, acc)
+        assert got.rule == "accuracy_ragged"
+        assert 0.0075 - 12 * ACC_STEP <= got.max_lr <= 0.0075 + 2 * ACC_STEP
+        assert abs(got.base_lr - TRUE_BASE) <= 5 * ACC_STEP
+
+
+def test_accuracy_rule_reports_the_peak_of_a_sharp_fall():
+    # Linear rise 0.1 -> 0.8 over [0.004, 0.012], then a collapse: no slowdown before the peak.
+    acc = np.interp(ACC_LRS, [0.0, 0.004, 0.012, 0.014, 1.0], [0.1, 0.1, 0.8, 0.1, 0.1])
+    for seed in range(3):
+        got = ls.suggest_from_accuracy(ACC_LRS, noisy(acc, 0.02, seed))
+        assert got.rule == "accuracy_peak"
+        assert abs(got.max_lr - 0.012) <= 6 * ACC_STEP
+        assert abs(got.base_lr - (0.004 + 0.1 * 0.008)) <= 4 * ACC_STEP
+
+
+def test_accuracy_rule_falls_back_when_the_sweep_starts_mid_rise():
+    lrs = ACC_LRS[ACC_LRS > 0.0055]
+    for seed in range(3):
+        got = ls.suggest_from_accuracy(lrs, noisy(sigmoid_accuracy(lrs), 0.02, seed))
+        assert got.rule == "accuracy_slows+fallback_max_over_3"
+        assert got.base_lr == pytest.approx(got.max_lr / 3) and got.base_index is None
+        assert 0.007 < got.max_lr < 0.009
+    got = ls.suggest_from_accuracy(lrs, sigmoid_accuracy(lrs), fallback_divisor=4.0)
+    assert got.rule.endswith("+fallback_max_over_4") and got.base_lr == pytest.approx(got.max_lr / 4)
+
+
+def test_accuracy_rule_without_a_rise():
+    for seed in range(3):
+        got = ls.suggest_from_accuracy(ACC_LRS, noisy(np.full(ACC_LRS.size, 0.1), 0.02, seed))
+        assert got == ls.AccuracyBounds(None, None, "no_accuracy_rise")
+
+
+def test_accuracy_rule_validates_its_arguments():
+    acc = sigmoid_accuracy(ACC_LRS)
+    with pytest.raises(ValueError, match="at least 10"):
+        ls.suggest_from_accuracy(ACC_LRS[:5], acc[:5])
+    with pytest.raises(ValueError, match="`q`"):
+        ls.suggest_from_accuracy(ACC_LRS, acc, q=1.5)
+    with pytest.raises(ValueError, match="smoother"):
+        ls.suggest_from_accuracy(ACC_LRS, acc, smoother="ema")
+
+
+# ----------------------------------------------------------------------------------------------
+# recommend() and the JSON result.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lrs,curve", GRIDS)
+def test_recommend_without_smoothing_matches_the_suggestion_functions(lrs, curve):
+    losses = loss_curve(lrs, **curve)
+    rec = ls.recommend(lrs, losses, smoother="none")
+    keep = rec.stop_index + 1
+    assert rec.reason == "diverged" and rec.stopped_early and len(rec.lrs) == keep
+    assert losses[rec.stop_index] > 4 * losses[:rec.stop_index].min()
+    start, end = keep // 10, keep - 5
+    window = (lrs[start:end], losses[start:end])
+    assert rec.suggestions == {
+        "steep": ls.suggest_steep(*window),
+        "minimum": ls.suggest_minimum(*window),
+        "valley": ls.suggest_valley(*window),
+        "slide": ls.suggest_slide(*window),
+    }
+    assert rec.rule == "loss_valley" and rec.max_lr == rec.suggestions["valley"]
+    assert rec.max_lr / 10 <= rec.base_lr <= rec.max_lr / 3
+    assert rec.sweep == ("linear" if lrs is LIN_LRS else "exponential")
+
+
+@pytest.mark.parametrize("lrs,curve", GRIDS)
+def test_recommend_on_noisy_curves_lags_by_at_most_the_ema_lag(lrs, curve):
+    beta = 0.9
+    steep, minimum = 10 ** curve["x_s"], true_minimum(lrs, curve)
+    for seed in range(3):
+        rec = ls.recommend(lrs, noisy(loss_curve(lrs, **curve), 0.03, seed), beta=beta)
+        for name, truth in (("steep", steep), ("minimum", minimum / 10)):
+            lag = math.exp(beta / (1 - beta) * log_step(lrs, truth))  # ~9 steps, toward higher LR.
+            assert truth / 1.5 < rec.suggestions[name] < truth * lag * 1.5, name
+        lo, hi = 10 ** (curve["x_s"] - 2 * curve["w"]), 10 ** (curve["x_s"] + 2 * curve["w"])
+        assert lo < rec.max_lr < hi and rec.rule == "loss_valley"
+        # base_lr: where 10% of the drop is done (x_s - w ln 9, then the EMA lag), clamped to
+        # [max / 10, max / 3].
+        fall = 10 ** (curve["x_s"] - curve["w"] * math.log(9))
+        lag = math.exp(beta / (1 - beta) * log_step(lrs, fall))
+        lo, hi = (min(max(v, rec.max_lr / 10), rec.max_lr / 3) for v in (fall / 1.5, fall * lag * 1.5))
+        assert lo <= rec.base_lr <= hi
+
+
+def test_recommend_loss_rule_without_a_descent_uses_the_minimum():
+    lrs = np.geomspace(1e-3, 1.0, 50)
+    rec = ls.recommend(lrs, np.linspace(1.0, 2.0, 50), smoother="none")
+    assert rec.rule == "loss_minimum" and rec.max_lr == pytest.approx(rec.lrs[5] / 10)
+    assert rec.base_lr == pytest.approx(rec.max_lr / 4)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_recommend_truncates_at_the_first_nonfinite_loss(bad):
+    losses = noisy(loss_curve(EXP_LRS, **EXP_CURVE), 0.01, 0)
+    losses[120] = bad
+    losses[121:] = 1.0
+    rec = ls.recommend(EXP_LRS, losses)
+    assert (rec.stopped_early, rec.reason, rec.stop_index) == (True, "nonfinite", 120)
+    assert len(rec.lrs) == len(rec.loss_raw) == len(rec.loss_smooth) == 120
+    assert np.all(np.isfinite(rec.loss_smooth))
+    assert all(v is None or math.isfinite(v) for v in rec.suggestions.values())
+    json.loads(rec.to_json())
+
+
+def test_recommend_divergence_before_a_nan_wins():
+    losses = loss_curve(EXP_LRS, **EXP_CURVE)
+    losses[195] = np.nan
+    rec = ls.recommend(EXP_LRS, losses, smoother="none")
+    assert rec.reason == "diverged" and rec.stop_index < 195
+
+
+def test_recommend_with_accuracy_uses_smiths_rule():
+    acc = noisy(sigmoid_accuracy(ACC_LRS), 0.02, 0)
+    losses = 2.3 - 1.5 * (acc - 0.1)  # A loss that mirrors the accuracy and never diverges.
+    rec = ls.recommend(ACC_LRS, losses, acc)
+    want = ls.suggest_from_accuracy(ACC_LRS, acc, sweep="linear")
+    assert rec.sweep == "linear" and not rec.stopped_early and rec.reason is None
+    assert (rec.base_lr, rec.max_lr, rec.rule) == (want.base_lr, want.max_lr, "accuracy_slows")
+    assert rec.suggestions["accuracy_base"] == want.base_lr
+    assert rec.suggestions["accuracy_max"] == want.max_lr
+    assert rec.accuracy == tuple(acc)
+    tuned = ls.recommend(ACC_LRS, losses, acc, accuracy_kwargs={"fallback_divisor": 4.0, "q": 0.3})
+    assert tuned.max_lr < rec.max_lr
+
+
+def test_recommend_falls_back_to_the_loss_rule_when_accuracy_never_rises():
+    losses = noisy(loss_curve(EXP_LRS, **EXP_CURVE), 0.01, 0)
+    acc = noisy(np.full(EXP_LRS.size, 0.1), 0.01, 1)
+    rec = ls.recommend(EXP_LRS, losses, acc)
+    assert rec.rule == "loss_valley" and rec.max_lr == rec.suggestions["valley"]
+    assert rec.suggestions["accuracy_base"] is None and rec.suggestions["accuracy_max"] is None
+
+
+def test_recommend_nan_accuracy_truncates_too():
+    acc = sigmoid_accuracy(ACC_LRS)
+    acc[300] = np.nan
+    rec = ls.recommend(ACC_LRS, np.linspace(2.0, 1.0, ACC_LRS.size), acc)
+    assert (rec.reason, rec.stop_index, len(rec.accuracy)) == ("nonfinite", 300, 300)
+
+
+def test_recommend_trims_are_configurable_and_shrink_for_short_sweeps():
+    lrs = np.geomspace(1e-4, 1e-1, 60)
+    losses = np.linspace(2.0, 1.0, 60) ** 2
+    rec = ls.recommend(lrs, losses, smoother="none", skip_start=0, skip_end=0)
+    assert rec.suggestions["minimum"] == pytest.approx(lrs[-1] / 10)
+    rec = ls.recommend(lrs, losses, smoother="none", skip_start=20, skip_end=10)
+    assert rec.suggestions["minimum"] == pytest.approx(lrs[-11] / 10)
+    short = ls.recommend(lrs[:7], losses[:7], smoother="none", skip_start=4, skip_end=5)
+    assert short.suggestions["minimum"] == pytest.approx(lrs[4] / 10)  # Kept 5 = MIN_POINTS: [0, 5).
+    assert short.suggestions["slide"] is None
+
+
+def test_recommend_validates_inputs():
+    lrs = np.geomspace(1e-4, 1.0, 20)
+    losses = np.linspace(2.0, 1.0, 20)
+    with pytest.raises(ValueError, match=r"same length.*len\(lrs\)=20, len\(losses\)=19"):
+        ls.recommend(lrs, losses[:-1])
+    with pytest.raises(ValueError, match=r"len\(accuracies\)=3"):
+        ls.recommend(lrs, losses, [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match=r"> 0.*lrs\[0\]=0\.0"):
+        ls.recommend(np.linspace(0.0, 0.1, 20), losses)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ls.recommend(lrs[::-1], losses)
+    bad = losses.copy()
+    bad[3] = np.nan
+    with pytest.raises(ValueError, match=r"at least 5 finite losses.*Received: 3 of 20 .*index 3"):
+        ls.recommend(lrs, bad)
+    with pytest.raises(ValueError, match="sweep"):
+        ls.recommend(lrs, losses, sweep="cosine")
+
+
+def test_sweep_is_inferred_from_the_grid():
+    losses = np.linspace(2.0, 1.0, 50)
+    assert ls.recommend(np.linspace(1e-3, 1e-2, 50), losses).sweep == "linear"
+    assert ls.recommend(np.geomspace(1e-3, 1e-2, 50), losses).sweep == "exponential"
+    assert ls.recommend(np.geomspace(1e-3, 1e-2, 50), losses, sweep="linear").sweep == "linear"
+
+
+def test_to_dict_has_exactly_the_result_fields_and_round_trips():
+    acc = noisy(sigmoid_accuracy(ACC_LRS), 0.02, 0)
+    losses = 2.3 - 1.5 * (acc - 0.1)
+    losses[350] = np.nan
+    rec = ls.recommend(ACC_LRS, losses, acc)
+    data = rec.to_dict()
+    assert list(data) == ["lrs", "loss_raw", "loss_smooth", "accuracy", "suggestions", "base_lr",
+                          "max_lr", "rule", "stopped_early", "reason", "stop_index", "sweep"]
+    text = json.dumps(data, allow_nan=False)
+    assert ls.Recommendation.from_dict(json.loads(text)) == rec
+    assert ls.Recommendation.from_dict(data).to_dict() == data
+    with pytest.raises(ValueError, match="lacks fields"):
+        ls.Recommendation.from_dict({k: v for k, v in data.items() if k != "rule"})
+
+
+def test_to_dict_never_writes_nan_or_inf():
+    rec = ls.Recommendation(
+        lrs=(1e-3, 1e-2), loss_raw=(1.0, float("nan")), loss_smooth=(1.0, float("inf")),
+        accuracy=None, suggestions={"steep": float("nan"), "valley": 1e-3}, base_lr=float("nan"),
+        max_lr=1e-2, rule="loss_valley", stopped_early=True, reason="nonfinite", stop_index=1,
+        sweep="exponential")
+    data = json.loads(rec.to_json())
+    assert data["loss_raw"] == [1.0, None] and data["loss_smooth"] == [1.0, None]
+    assert data["suggestions"] == {"steep": None, "valley": 1e-3} and data["base_lr"] is None
+    back = ls.Recommendation.from_dict(data)
+    assert math.isnan(back.loss_raw[1]) and back.base_lr is None
+
+
+def test_docstring_examples():
+    result = doctest.testmod(ls, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 10 and result.failed == 0
