@@ -67,14 +67,17 @@ def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-def make_optimizer(name: str, learning_rate: float, momentum: float, *,
+def make_optimizer(name: str, learning_rate, momentum: float, *,
                    loss_scaling: bool = False) -> keras.optimizers.Optimizer:
     """A Keras optimizer with a FLOAT learning rate (a variable the loop assigns every step).
 
+    `learning_rate` may also be a `LearningRateSchedule`, passed through unchanged: the optimizer then
+    computes the LR from its own `iterations` (the `model.fit` path, `--trainer=keras_fit`).
     `momentum` is SGD/RMSprop momentum or Adam's beta_1. With `loss_scaling`, the optimizer is wrapped
     in `keras.optimizers.LossScaleOptimizer` (dynamic scaling, for mixed_float16).
     """
-    lr = float(learning_rate)
+    is_schedule = isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule)
+    lr = learning_rate if is_schedule else float(learning_rate)
     if name == "sgd":
         opt = keras.optimizers.SGD(learning_rate=lr, momentum=momentum)
     elif name == "nesterov":
@@ -118,7 +121,9 @@ def build_job(config: TrainConfig, *, splits: data.Splits | None = None) -> Job:
     with strategy.scope():
         model = models.build_model(model_name, splits.input_shape, splits.num_classes,
                                    weight_decay=config.weight_decay, seed=config.seed)
-        optimizer = make_optimizer(config.optimizer, float(schedule(0)), config.momentum,
+        # model.fit with the in-graph schedule: the optimizer holds the schedule; otherwise a float LR.
+        in_graph = config.trainer == "keras_fit" and config.lr_control == "schedule"
+        optimizer = make_optimizer(config.optimizer, schedule if in_graph else float(schedule(0)), config.momentum,
                                    loss_scaling=config.mixed_precision == "mixed_float16")
     return Job(config=config, splits=splits, strategy=strategy, model=model, optimizer=optimizer,
                schedule=schedule, steps_per_epoch=steps_per_epoch, total_steps=total_steps, step_size=step_size)

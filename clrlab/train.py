@@ -110,20 +110,22 @@ def _run(config: cli.TrainConfig, *, callbacks, progress) -> RunResult:
                       loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"])
 
-    if config.trainer == "keras_fit":
-        from trainers import keras_fit
+    if config.trainer == "keras_fit":  # model.fit, same outputs; it is its own controller (restore/run)
+        from trainers.keras_fit import KerasFitTrainer
 
-        return keras_fit.run_job(job, logdir=logdir, train_writer=train_writer, val_writer=val_writer,
-                                 history_path=history_path, callbacks=callbacks, progress=progress)
-
-    trainer = CustomLoopTrainer(job.model, job.optimizer, job.schedule, strategy=job.strategy,
-                                jit_compile=config.jit_compile, summary_writer=train_writer,
-                                summary_every=config.summary_every)
-    controller = Controller(trainer, train_data_fn=job.train_data_fn, steps_per_epoch=job.steps_per_epoch,
-                            total_steps=job.total_steps, steps_per_loop=config.steps_per_loop,
-                            eval_dataset=job.eval_dataset(), checkpoint_dir=os.path.join(logdir, "checkpoints"),
-                            checkpoint_every=config.checkpoint_every, history_path=history_path,
-                            validation_writer=val_writer, callbacks=callbacks, progress=progress)
+        trainer = controller = KerasFitTrainer(
+            job, summary_writer=train_writer, validation_writer=val_writer,
+            checkpoint_dir=os.path.join(logdir, "checkpoints"), history_path=history_path, callbacks=callbacks,
+            progress=progress)
+    else:
+        trainer = CustomLoopTrainer(job.model, job.optimizer, job.schedule, strategy=job.strategy,
+                                    jit_compile=config.jit_compile, summary_writer=train_writer,
+                                    summary_every=config.summary_every)
+        controller = Controller(trainer, train_data_fn=job.train_data_fn, steps_per_epoch=job.steps_per_epoch,
+                                total_steps=job.total_steps, steps_per_loop=config.steps_per_loop,
+                                eval_dataset=job.eval_dataset(), checkpoint_dir=os.path.join(logdir, "checkpoints"),
+                                checkpoint_every=config.checkpoint_every, history_path=history_path,
+                                validation_writer=val_writer, callbacks=callbacks, progress=progress)
     resumed_from = controller.restore()
     _announce(config, job, logdir, resumed_from)
     outcome = controller.run()

@@ -1,0 +1,150 @@
+"""`--trainer=keras_fit` (issue 5): the same job through `model.fit`, with the in-graph schedule or the
+CyclicLR callback, leaving the custom loop's outputs (history.json, TensorBoard, checkpoints, report)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import signal
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import read_scalars
+
+from clrlab import cli, schedules
+from clrlab import train as train_mod
+from trainers.controller import LearningRateConflictError
+from trainers.custom_loop import NonFiniteLossError
+from trainers.keras_fit import chunk_size
+
+SPE = 1437 // 64  # digits, batch 64: 22 steps per epoch
+
+
+def tiny(tmp_path, name, **overrides) -> cli.TrainConfig:
+    """30 steps (one full epoch and a partial one) of an MLP on the offline digits."""
+    base = dict(dataset="digits", model="mlp", batch_size=64, steps=30, steps_per_loop=5, checkpoint_every=0,
+                logdir=str(tmp_path / name), policy="exp_range", gamma=0.95, base_lr=0.01, max_lr=0.1,
+                step_size=5)
+    base.update(overrides)
+    return dataclasses.replace(cli.TrainConfig(), **base)
+
+
+def history(result) -> dict:
+    with open(os.path.join(result.logdir, "history.json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def expected_lr(config, steps):
+    schedule = schedules.make_schedule(config.policy, base_lr=config.base_lr, max_lr=config.max_lr,
+                                       step_size=config.step_size, gamma=config.gamma)
+    return np.array([float(schedule(int(t))) for t in steps], np.float32)
+
+
+def test_both_trainers_and_both_lr_controls_leave_the_same_lr_trace_and_outputs(tmp_path):
+    csv_path = tmp_path / "fit.csv"
+    runs = {
+        "custom": train_mod.run(tiny(tmp_path, "custom"), progress="log"),
+        "fit_schedule": train_mod.run(tiny(tmp_path, "fit_schedule", trainer="keras_fit"), progress="log",
+                                      callbacks=[keras.callbacks.CSVLogger(str(csv_path))]),
+        "fit_callback": train_mod.run(tiny(tmp_path, "fit_callback", trainer="keras_fit", lr_control="callback"),
+                                      progress="log"),
+    }
+    hist = {name: history(result) for name, result in runs.items()}
+    steps = list(range(30))
+    for name, result in runs.items():
+        assert result.status == "completed" and result.step == 30, name
+        assert 0.0 <= result.test_metrics["accuracy"] <= 1.0
+        assert os.path.getsize(os.path.join(result.logdir, "classification_report.txt")) > 0
+        assert os.path.getsize(os.path.join(result.logdir, "clr_plot.png")) > 0
+        assert hist[name]["steps"]["step"] == steps, name
+        assert hist[name]["epochs"]["step"] == [SPE, 30], name
+        # TensorBoard: the per-step LR equals history.json; validation once per epoch.
+        tb = read_scalars(os.path.join(result.logdir, "train"), "learning_rate")
+        assert sorted(tb) == steps
+        assert [tb[s] for s in steps] == pytest.approx(hist[name]["steps"]["lr"], rel=1e-7)
+        assert sorted(read_scalars(os.path.join(result.logdir, "validation"), "loss")) == [SPE, 30]
+    # The same flags give bit-identical LR traces, equal to the schedule.
+    lr = hist["custom"]["steps"]["lr"]
+    assert hist["fit_schedule"]["steps"]["lr"] == lr
+    assert hist["fit_callback"]["steps"]["lr"] == lr
+    np.testing.assert_allclose(lr, expected_lr(tiny(tmp_path, "x"), steps), rtol=1e-6)
+    # Per-step losses are the batches' own (de-averaged under fit). The schedule path ran
+    # steps_per_execution = gcd(22, 30) = 2, so only every second step (a chunk's mean) is known.
+    custom_loss = np.array(hist["custom"]["steps"]["loss"])
+    np.testing.assert_allclose(hist["fit_callback"]["steps"]["loss"], custom_loss, rtol=1e-3)
+    chunked = hist["fit_schedule"]["steps"]["loss"]
+    assert chunked[0::2] == [None] * 15
+    np.testing.assert_allclose(chunked[1::2], (custom_loss[0::2] + custom_loss[1::2]) / 2, rtol=1e-3)
+    for name in ("fit_schedule", "fit_callback"):
+        np.testing.assert_allclose(hist[name]["epochs"]["loss"], hist["custom"]["epochs"]["loss"], rtol=1e-3)
+        np.testing.assert_allclose(hist[name]["epochs"]["val_loss"], hist["custom"]["epochs"]["val_loss"],
+                                   rtol=1e-3)
+    # User callbacks under fit see the same epoch logs as in the custom loop.
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(r["val_loss"]) for r in rows] == pytest.approx(hist["fit_schedule"]["epochs"]["val_loss"])
+    assert [float(r["learning_rate"]) for r in rows] == pytest.approx(hist["fit_schedule"]["epochs"]["lr"])
+
+
+class SigtermAt(keras.callbacks.Callback):
+    def __init__(self, batch):
+        super().__init__()
+        self.batch = batch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.batch:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler turns it into a checkpoint + stop
+
+
+@pytest.mark.parametrize("lr_control,stop", [("schedule", "shorter run"), ("callback", "SIGTERM")])
+def test_keras_fit_resumes_mid_epoch_and_continues_the_lr_trace(tmp_path, lr_control, stop):
+    config = tiny(tmp_path, "run", trainer="keras_fit", lr_control=lr_control)
+    if stop == "shorter run":  # --steps=20 ends inside epoch 0; the rerun with --steps=30 extends it
+        first = train_mod.run(dataclasses.replace(config, steps=20), progress="log")
+        assert first.status == "completed" and first.step == 20
+        at = 20
+    else:  # SIGTERM during step 4 is seen after the next batch: checkpoint at step 6, no test metrics
+        first = train_mod.run(config, progress="log", callbacks=[SigtermAt(4)])
+        assert (first.status, first.signal, first.step, first.test_metrics) == ("interrupted", "SIGTERM", 6, None)
+        at = 6
+    second = train_mod.run(config, progress="log")
+    assert second.resumed_from == at and second.status == "completed" and second.step == 30
+    hist = history(second)
+    steps = list(range(30))
+    assert hist["steps"]["step"] == steps
+    np.testing.assert_allclose(hist["steps"]["lr"], expected_lr(config, steps), rtol=1e-6)
+    tb = read_scalars(os.path.join(second.logdir, "train"), "learning_rate")  # both runs' events
+    assert sorted(tb) == steps
+    assert [tb[s] for s in steps] == pytest.approx(hist["steps"]["lr"], rel=1e-7)
+    # The resumed epoch 0 is recorded once, over all its 22 steps.
+    assert hist["epochs"]["epoch"] == [0, 1] and hist["epochs"]["step"] == [SPE, 30]
+
+
+def test_keras_fit_refuses_lr_setting_callbacks(tmp_path):
+    with pytest.raises(LearningRateConflictError, match="ReduceLROnPlateau sets the learning rate"):
+        train_mod.run(tiny(tmp_path, "r", trainer="keras_fit"), callbacks=[keras.callbacks.ReduceLROnPlateau()])
+
+
+def test_callback_control_needs_a_policy_the_classic_callback_has(tmp_path):
+    with pytest.raises(cli.UserError, match="one_cycle"):
+        train_mod.run(tiny(tmp_path, "o", trainer="keras_fit", lr_control="callback", policy="one_cycle",
+                           base_lr=0.004))
+
+
+def test_keras_fit_nonfinite_loss_raises_like_the_custom_loop(tmp_path):
+    config = tiny(tmp_path, "nan", trainer="keras_fit", policy="constant", base_lr=1e5, max_lr=2e5,
+                  weight_decay=0.0)
+    with pytest.raises(NonFiniteLossError) as info:
+        train_mod.run(config, progress="log")
+    assert info.value.learning_rate == pytest.approx(1e5)
+
+
+def test_chunk_size():
+    assert chunk_size(5, [22, 30, 0, 0]) == 2
+    assert chunk_size(100, [44, 704, 1000, 0]) == 4
+    assert chunk_size(8, [48, 96, 0, 16]) == 8
+    assert chunk_size(3, [7]) == 1
