@@ -265,6 +265,10 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
     """absl `flags_parser` for `app.run`: a bad flag prints one line `error: ...` and exits 1."""
     try:
         return FLAGS(argv)
+    except SystemExit as e:  # absl exits 1 after printing --help; asking for help is not an error
+        if any(a.split("=")[0] in ("--help", "-h", "--helpfull", "--helpshort", "-?") for a in argv[1:]):
+            sys.exit(0)
+        raise
     except flags.Error as e:
         message = " ".join(str(e).split())
         print(f"error: {message} (see --help)", file=sys.stderr)

@@ -26,7 +26,7 @@ import os
 import sys
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from clrlab import cli
 
@@ -180,8 +180,13 @@ def run_sweep(model, optimizer, train_dataset, options: SweepOptions, *, strateg
     recommendation = lr_suggest.recommend(np.asarray(lrs), np.asarray(losses), np.asarray(accs),
                                           sweep=options.sweep, smoother=options.smoother, beta=options.beta,
                                           divergence_factor=options.divergence_factor)
-    if len(eval_accs) >= 5:  # Smith's rule on held-out accuracy beats the per-batch training accuracy
-        bounds = lr_suggest.suggest_from_accuracy(eval_lrs, eval_accs, sweep=options.sweep)
+    bounds = None
+    if eval_accs:  # Smith's rule on held-out accuracy beats the noisier per-batch training accuracy
+        try:
+            bounds = lr_suggest.suggest_from_accuracy(eval_lrs, eval_accs, sweep=options.sweep)
+        except ValueError as e:  # too few evaluations: keep the per-batch recommendation
+            logging.warning("Held-out accuracy not used for the bounds: %s", e)
+    if bounds is not None:
         if bounds.base_lr is not None and bounds.max_lr is not None:
             suggestions = dict(recommendation.suggestions, accuracy_base=bounds.base_lr, accuracy_max=bounds.max_lr)
             recommendation = dataclasses.replace(recommendation, base_lr=bounds.base_lr, max_lr=bounds.max_lr,
@@ -353,6 +358,8 @@ def main(argv: list[str]) -> int:
 def run_main() -> None:
     """Console-script entry point (`clrlab-range-test`)."""
     define_flags()
+    flags.adopt_module_key_flags(cli)
+    flags.adopt_module_key_flags(sys.modules[__name__])
     app.run(main, flags_parser=cli.parse_flags_or_exit)
 
 

@@ -21,11 +21,12 @@ import os
 import sys
 from typing import Any, Iterable
 
-from absl import app
+from absl import app, flags
 
 from clrlab import cli
 
 cli.define_train_flags()
+flags.adopt_module_key_flags(cli)  # so that --help lists them (absl shows the main module's key flags)
 
 EXIT_INTERRUPTED = 130
 

@@ -72,8 +72,8 @@ def test_tensorboard_learning_rate_is_the_schedule_value_every_step(tmp_path, po
     logged = read_scalars(os.path.join(result.logdir, "train"), "learning_rate")
     assert sorted(logged) == list(steps)
     # Equal to float32 rounding: the graph evaluates one scalar step, the reference a whole vector,
-    # and the two may differ in the last bit (measured: at most 1 ulp).
-    np.testing.assert_allclose(np.array([logged[s] for s in steps], np.float32), expected, rtol=2.5e-7, atol=0)
+    # and the two may differ in the last bits (measured: at most 2.9e-7 relative, for one_cycle's cosine).
+    np.testing.assert_allclose(np.array([logged[s] for s in steps], np.float32), expected, rtol=5e-7, atol=0)
     history = load_history(result.logdir)
     assert history["steps"]["step"] == list(steps)
     # history.json holds exactly the tensor that was logged.
@@ -128,22 +128,25 @@ def test_rerun_in_process_resumes_and_extends(tmp_path):
 def test_nonfinite_loss_stops_with_the_step_and_lr_and_keeps_the_last_good_checkpoint(tmp_path):
     from trainers.custom_loop import NonFiniteLossError
 
-    config = tiny(tmp_path, policy="constant", base_lr=1e5, max_lr=2e5, weight_decay=0.0, epochs=3,
+    # An MLP (no batch norm to rescue it) at LR 5 diverges after a dozen steps (measured: step 12).
+    config = tiny(tmp_path, policy="constant", base_lr=5.0, max_lr=10.0, weight_decay=0.0, epochs=3, model="mlp",
                   checkpoint_every=2, steps_per_loop=2)
     with pytest.raises(NonFiniteLossError) as info:
         train_mod.run(config, progress="log")
     err = info.value
-    assert err.learning_rate == pytest.approx(1e5)
+    assert err.learning_rate == pytest.approx(5.0)
+    assert err.step >= 2
     assert f"step {err.step}" in str(err)
     import tensorflow as tf
     latest = tf.train.latest_checkpoint(os.path.join(config.logdir, "checkpoints"))
-    if latest is not None:  # any checkpoint kept predates the bad step and holds finite weights
-        assert int(latest.rsplit("-", 1)[1]) <= err.step
-        reader = tf.train.load_checkpoint(latest)
-        for name in reader.get_variable_to_shape_map():
-            value = reader.get_tensor(name)
-            if np.issubdtype(np.asarray(value).dtype, np.floating):
-                assert np.all(np.isfinite(value)), name
+    assert latest is not None
+    # The checkpoint kept predates the bad step and holds finite weights.
+    assert int(latest.rsplit("-", 1)[1]) <= err.step
+    reader = tf.train.load_checkpoint(latest)
+    for name in reader.get_variable_to_shape_map():
+        value = reader.get_tensor(name)
+        if np.issubdtype(np.asarray(value).dtype, np.floating):
+            assert np.all(np.isfinite(value)), name
 
 
 @pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
@@ -242,7 +245,7 @@ def test_cli_bad_flag_subprocess_prints_one_line_and_touches_nothing(tmp_path):
 def test_help_states_units():
     proc = run_module("clrlab.train", "--help")
     assert proc.returncode == 0
-    text = proc.stdout
+    text = " ".join(proc.stdout.split())
     for needle in ("HALF a cycle", "epochs", "--gamma", "per STEP", "--steps_per_loop"):
         assert needle in text, needle
 
@@ -324,11 +327,11 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_exits_cleanly_and_resumes(tmp_path
 
 @pytest.mark.slow
 def test_nan_loss_on_the_command_line_is_one_line_exit_1(tmp_path):
-    proc = run_module("clrlab.train", "--policy=constant", "--base_lr=100000", "--weight_decay=0",
+    proc = run_module("clrlab.train", "--policy=constant", "--base_lr=50", "--weight_decay=0", "--model=mlp",
                       "--epochs=2", "--batch_size=64", f"--logdir={tmp_path / 'nan'}")
     assert proc.returncode == 1
     lines = user_lines(proc.stderr)
-    assert len(lines) == 1 and "at step" in lines[0] and "learning rate 100000" in lines[0], proc.stderr
+    assert len(lines) == 1 and "at step" in lines[0] and "learning rate 50" in lines[0], proc.stderr
 
 
 @pytest.mark.slow
