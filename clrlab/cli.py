@@ -23,7 +23,9 @@ from typing import Any
 
 from absl import flags
 
-POLICIES = ("triangular", "triangular2", "exp_range", "one_cycle", "constant")
+from clrlab import errors
+
+POLICIES = ("triangular", "triangular2", "exp_range", "one_cycle", "constant", "piecewise")
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 DISTRIBUTIONS = ("default", "mirrored")
@@ -97,7 +99,8 @@ def define_train_flags() -> None:
     define_data_model_flags()
     flags.DEFINE_enum("policy", "triangular", list(POLICIES),
                       "LR policy: triangular, triangular2, exp_range (Smith's CLR), one_cycle "
-                      "(PyTorch OneCycleLR), constant (= --base_lr).")
+                      "(PyTorch OneCycleLR), constant (= --base_lr), piecewise (staged: --lr_values "
+                      "changing at --lr_boundaries, e.g. the CLR paper's 'fixed' baseline).")
     flags.DEFINE_float("base_lr", 0.001,
                        "Lower LR bound of the cycle; for one_cycle the starting LR "
                        "(max_lr/base_lr is the div factor); for constant the LR.")
@@ -120,6 +123,12 @@ def define_train_flags() -> None:
     flags.DEFINE_float("final_div_factor", 1e4, "one_cycle: final LR = base_lr / final_div_factor.")
     flags.DEFINE_enum("anneal_strategy", "cos", ["cos", "linear"], "one_cycle: annealing shape.")
     flags.DEFINE_boolean("three_phase", False, "one_cycle: the paper's three-phase form.")
+    flags.DEFINE_list("lr_boundaries", None,
+                      "piecewise: comma-separated increasing STEPS at which the next --lr_values entry "
+                      "takes over (that step already uses it), e.g. 60000,65000.")
+    flags.DEFINE_list("lr_values", None,
+                      "piecewise: comma-separated LRs, one more than --lr_boundaries, e.g. "
+                      "0.001,0.0001,0.00001.")
     flags.DEFINE_integer("epochs", 16, "Training epochs.", lower_bound=1)
     flags.DEFINE_integer("steps", None,
                          "Total training steps; overrides --epochs (the last epoch may be partial).")
@@ -140,8 +149,7 @@ def define_train_flags() -> None:
     _register_validators()
 
 
-class UserError(Exception):
-    """A problem the user can fix (bad flags, a logdir holding another run): one line, exit code 1."""
+UserError = errors.UserError  # re-exported: the entry points catch cli.UserError
 
 
 def _error_unless(condition: bool, message: str) -> None:
@@ -206,6 +214,8 @@ def _check_schedule(f: dict[str, Any]) -> bool:
         except ValueError as e:
             raise flags.ValidationError(str(e)) from None
         return True  # the file's bounds replace --base_lr/--max_lr in `config_from_flags`.
+    if policy == "piecewise":
+        return True  # the stages' LRs come from --lr_values (checked in `_check_piecewise`).
     if policy == "constant":
         _error_unless(f["base_lr"] > 0, f"--base_lr must be > 0 for --policy=constant. Received: {f['base_lr']}.")
     else:
@@ -248,6 +258,45 @@ def _check_steps(f: dict[str, Any]) -> bool:
     return True
 
 
+def _parse_boundaries(raw: list[str]) -> tuple[int, ...]:
+    """--lr_boundaries as ints; raises flags.ValidationError (one line) unless increasing and > 0."""
+    message = (f"--lr_boundaries must be increasing whole numbers of steps > 0, comma-separated (e.g. "
+               f"60000,65000). Received: {','.join(raw)}.")
+    try:
+        bounds = tuple(int(v.strip()) for v in raw)
+    except ValueError:
+        raise flags.ValidationError(message) from None
+    _error_unless(all(b > 0 for b in bounds) and all(a < b for a, b in zip(bounds, bounds[1:])), message)
+    return bounds
+
+
+def _parse_values(raw: list[str]) -> tuple[float, ...]:
+    """--lr_values as floats; raises flags.ValidationError (one line) unless all finite and > 0."""
+    message = f"--lr_values must be finite learning rates > 0, comma-separated. Received: {','.join(raw)}."
+    try:
+        values = tuple(float(v.strip()) for v in raw)
+    except ValueError:
+        raise flags.ValidationError(message) from None
+    _error_unless(all(math.isfinite(v) and v > 0 for v in values), message)
+    return values
+
+
+def _check_piecewise(f: dict[str, Any]) -> bool:
+    boundaries, values = f["lr_boundaries"] or [], f["lr_values"] or []
+    if f["policy"] != "piecewise":
+        _error_unless(not boundaries and not values,
+                      f"--lr_boundaries and --lr_values only apply to --policy=piecewise. "
+                      f"Received: --policy={f['policy']}.")
+        return True
+    _error_unless(bool(values), "--policy=piecewise needs --lr_values (e.g. --lr_values=0.001,0.0001,0.00001 "
+                                "--lr_boundaries=60000,65000).")
+    bounds, lrs = _parse_boundaries(boundaries), _parse_values(values)
+    _error_unless(len(lrs) == len(bounds) + 1,
+                  f"--lr_values needs one more entry than --lr_boundaries. Received: {len(lrs)} values, "
+                  f"{len(bounds)} boundaries.")
+    return True
+
+
 def _register_validators() -> None:
     flags.register_validator("logdir", check_logdir)
     flags.register_multi_flags_validator(
@@ -259,6 +308,7 @@ def _register_validators() -> None:
     flags.register_multi_flags_validator(
         ["policy", "step_size", "step_size_epochs", "step_size_down", "gamma", "scale_mode", "pct_start",
          "final_div_factor", "steps", "trainer", "lr_control"], _check_steps)
+    flags.register_multi_flags_validator(["policy", "lr_boundaries", "lr_values"], _check_piecewise)
 
 
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
@@ -319,6 +369,8 @@ class TrainConfig:
     trainer: str = "custom_loop"
     lr_control: str = "schedule"
     bounds_from: str | None = None
+    lr_boundaries: tuple[int, ...] = ()  # piecewise: first step of each later stage
+    lr_values: tuple[float, ...] = ()  # piecewise: the LR of each stage
 
     def resolve_step_size(self, steps_per_epoch: int) -> int:
         """Half-cycle length in steps, from --step_size or --step_size_epochs (default 4 epochs)."""
@@ -360,6 +412,8 @@ def config_from_flags() -> TrainConfig:
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     values = {name: FLAGS[name].value for name in names if name in FLAGS}
     values["logdir"] = FLAGS.logdir or default_logdir()
+    values["lr_boundaries"] = _parse_boundaries(FLAGS.lr_boundaries or [])
+    values["lr_values"] = _parse_values(FLAGS.lr_values or [])
     if FLAGS.bounds_from:
         values["base_lr"], values["max_lr"] = read_bounds(FLAGS.bounds_from)
     return TrainConfig(**values)
@@ -369,10 +423,12 @@ def flagfile_text(config: TrainConfig) -> str:
     """Every setting of `config` in --flagfile form: `--flagfile=flags.txt` reruns (or resumes) the run."""
     lines = ["# Written by clrlab.train; rerun or resume with: python -m clrlab.train --flagfile=THIS_FILE"]
     for name, value in dataclasses.asdict(config).items():
-        if value is None or name == "bounds_from":
-            continue  # None = flag default; bounds_from was already resolved into base_lr/max_lr.
+        if value is None or value == () or name == "bounds_from":
+            continue  # None/() = flag default; bounds_from was already resolved into base_lr/max_lr.
         if isinstance(value, bool):
             lines.append(f"--{name}" if value else f"--no{name}")
+        elif isinstance(value, (tuple, list)):
+            lines.append(f"--{name}={','.join(str(v) for v in value)}")  # absl list flag: a,b,c
         else:
             lines.append(f"--{name}={value}")
     return "\n".join(lines) + "\n"

@@ -12,7 +12,8 @@ import keras
 import tensorflow as tf
 
 from clrlab import data, models, schedules
-from clrlab.cli import TrainConfig, UserError
+from clrlab.cli import TrainConfig
+from clrlab.errors import UserError
 
 
 @dataclasses.dataclass
@@ -102,7 +103,8 @@ def make_lr_schedule(config: TrainConfig, steps_per_epoch: int) -> tuple[keras.o
             config.policy, base_lr=config.base_lr, max_lr=config.max_lr, step_size=step_size,
             step_size_down=config.step_size_down, gamma=config.gamma, scale_mode=config.scale_mode,
             total_steps=total, pct_start=config.pct_start, final_div_factor=config.final_div_factor,
-            anneal_strategy=config.anneal_strategy, three_phase=config.three_phase)
+            anneal_strategy=config.anneal_strategy, three_phase=config.three_phase,
+            boundaries=list(config.lr_boundaries), values=list(config.lr_values) or None)
     except ValueError as e:  # values the flag validators cannot see (e.g. a step size from epochs)
         raise UserError(f"invalid policy settings: {e}") from None
     return schedule, step_size

@@ -58,7 +58,7 @@ from absl import logging
 
 from clrlab import schedules
 from clrlab.callbacks import CyclicLR, StepRecorder
-from clrlab.cli import UserError
+from clrlab.errors import UserError
 from trainers.controller import (History, LearningRateConflictError, Outcome, _LR_CALLBACK_TYPES,
                                  _StopRequests)
 from trainers.custom_loop import NonFiniteLossError, StepRecords, uses_loss_scaling
