@@ -28,6 +28,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainers.evaluation import Evaluator
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf in full precision. `step` and `learning_rate` name the first bad step;
@@ -111,13 +113,10 @@ class CustomLoopTrainer:
                 self.optimizer.build(self.model.trainable_variables)
             self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-            self.val_loss = keras.metrics.Mean(name="val_loss")
-            self.val_accuracy = keras.metrics.SparseCategoricalAccuracy(name="val_accuracy")
         # XLA compiles the per-replica step only: dataset iterators cannot be compiled.
         self._replica_step = tf.function(self._step_fn, jit_compile=True) if self.jit_compile else self._step_fn
         self._loop_fn = tf.function(self._loop, reduce_retracing=True)
-        self._eval_fn = None
-        self._predict_fn = None
+        self.evaluator = Evaluator(model, self.strategy, self.loss_fn)
 
     # ----------------------------------------------------------------------------------- graph code
     def _step_fn(self, x: tf.Tensor, y: tf.Tensor):
@@ -213,36 +212,13 @@ class CustomLoopTrainer:
                 raise NonFiniteLossError(records.step[i], records.lr[i], records.loss[i], records)
         return records
 
-    def _eval_step(self, x, y):
-        logits = self.model(x, training=False)
-        self.val_loss.update_state(tf.cast(self.loss_fn(y, logits), tf.float32))
-        self.val_accuracy.update_state(y, tf.cast(logits, tf.float32))
-
     def evaluate(self, dataset: tf.data.Dataset) -> dict[str, float]:
-        """Mean loss and accuracy over a finite dataset (no regularisation term), eagerly returned."""
-        if self._eval_fn is None:
-            @tf.function
-            def eval_fn(ds):
-                for x, y in ds:
-                    self.strategy.run(self._eval_step, args=(x, y))
-            self._eval_fn = eval_fn
-        self.val_loss.reset_state()
-        self.val_accuracy.reset_state()
-        if self.strategy.num_replicas_in_sync > 1:
-            dataset = self.strategy.experimental_distribute_dataset(dataset)
-        self._eval_fn(dataset)
-        return {"loss": float(self.val_loss.result()), "accuracy": float(self.val_accuracy.result())}
+        """Mean loss (no regularisation term) and accuracy over a finite dataset (eager)."""
+        return self.evaluator.evaluate(dataset)
 
     def predict_classes(self, dataset: tf.data.Dataset) -> np.ndarray:
-        """Argmax class per example of a finite dataset of (x, y) or x batches, as int32 numpy."""
-        if self._predict_fn is None:
-            self._predict_fn = tf.function(lambda x: tf.argmax(self.model(x, training=False), axis=-1,
-                                                               output_type=tf.int32))
-        out = []
-        for batch in dataset:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            out.append(self._predict_fn(x).numpy())
-        return np.concatenate(out) if out else np.zeros([0], np.int32)
+        """Argmax class per example of a finite dataset, as int32 numpy (eager)."""
+        return self.evaluator.predict_classes(dataset)
 
     @property
     def learning_rate(self) -> float:

@@ -61,6 +61,7 @@ from clrlab.callbacks import CyclicLR, StepRecorder
 from clrlab.errors import UserError
 from trainers.controller import (History, LearningRateConflictError, Outcome, _LR_CALLBACK_TYPES,
                                  _StopRequests)
+from trainers.evaluation import Evaluator
 from trainers.custom_loop import NonFiniteLossError, StepRecords, uses_loss_scaling
 
 __all__ = ["KerasFitTrainer", "chunk_size"]
@@ -165,11 +166,8 @@ class KerasFitTrainer:
             self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-            self._val_loss = keras.metrics.Mean(name="val_loss")
-            self._val_accuracy = keras.metrics.SparseCategoricalAccuracy(name="val_accuracy")
-        self._loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-        self._eval_fn = None
-        self._predict_fn = None
+        self.evaluator = Evaluator(self.model, self.strategy,
+                                   keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None))
         self.checkpoint_manager = None
         if checkpoint_dir is not None:
             checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
@@ -204,34 +202,11 @@ class KerasFitTrainer:
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self, dataset: tf.data.Dataset) -> dict[str, float]:
         """Mean cross-entropy (no L2 term) and accuracy over a finite dataset, as the custom loop."""
-        if self._eval_fn is None:
-            def step(x, y):
-                logits = self.model(x, training=False)
-                self._val_loss.update_state(tf.cast(self._loss_fn(y, logits), tf.float32))
-                self._val_accuracy.update_state(y, tf.cast(logits, tf.float32))
-
-            @tf.function
-            def eval_fn(ds):
-                for x, y in ds:
-                    self.strategy.run(step, args=(x, y))
-            self._eval_fn = eval_fn
-        self._val_loss.reset_state()
-        self._val_accuracy.reset_state()
-        if self.strategy.num_replicas_in_sync > 1:
-            dataset = self.strategy.experimental_distribute_dataset(dataset)
-        self._eval_fn(dataset)
-        return {"loss": float(self._val_loss.result()), "accuracy": float(self._val_accuracy.result())}
+        return self.evaluator.evaluate(dataset)
 
     def predict_classes(self, dataset: tf.data.Dataset) -> np.ndarray:
-        """Argmax class per example of a finite dataset of (x, y) or x batches, as int32 numpy."""
-        if self._predict_fn is None:
-            self._predict_fn = tf.function(lambda x: tf.argmax(self.model(x, training=False), axis=-1,
-                                                               output_type=tf.int32))
-        out = []
-        for batch in dataset:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            out.append(self._predict_fn(x).numpy())
-        return np.concatenate(out) if out else np.zeros([0], np.int32)
+        """Argmax class per example of a finite dataset, as int32 numpy (eager)."""
+        return self.evaluator.predict_classes(dataset)
 
     # ----------------------------------------------------------------------------- training
     def steps_per_execution(self, start_step: int) -> int:
