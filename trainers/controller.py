@@ -278,11 +278,15 @@ class Controller:
                     logs["skipped_steps"] = self.history.skipped_steps
                 callbacks.on_train_batch_end(in_epoch + chunk - 1, logs)
                 self._check_lr_untouched(lr, "on_train_batch_end")
-                if progbar is not None and self.progress == "bar":
-                    progbar.update(in_epoch + chunk, [(k, v) for k, v in logs.items() if k != "batch_loss"])
                 epoch_done = (in_epoch + chunk == epoch_len)
+                bar_values = [(k, v) for k, v in logs.items() if k != "batch_loss"]
+                if self.progress == "bar" and not epoch_done:
+                    progbar.update(in_epoch + chunk, bar_values)
                 if epoch_done:
                     epoch_logs = self._end_epoch(epoch, step, logs, time.time() - epoch_start)
+                    if self.progress == "bar":  # the epoch's last line shows validation too, like fit
+                        progbar.update(epoch_len, bar_values + [(k, epoch_logs[k]) for k in ("val_loss", "val_accuracy")
+                                                                if k in epoch_logs])
                     callbacks.on_epoch_end(epoch, epoch_logs)
                     self._check_lr_untouched(lr, "on_epoch_end")
                     self.epoch.assign(epoch + 1)
@@ -317,8 +321,8 @@ class Controller:
             return True  # a non-None marker: the epoch has begun
         total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         print(f"Epoch {epoch + 1}/{total_epochs}")
-        bar = keras.utils.Progbar(epoch_len, stateful_metrics=["loss", "accuracy", "learning_rate",
-                                                                "loss_scale", "skipped_steps"])
+        bar = keras.utils.Progbar(epoch_len, stateful_metrics=["loss", "accuracy", "learning_rate", "loss_scale",
+                                                                "skipped_steps", "val_loss", "val_accuracy"])
         if in_epoch:
             bar.update(in_epoch)
         return bar
