@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from clrlab import lr_suggest, schedules
+from clrlab.sweep_state import RangeTestResult, StateSnapshot, SweepOptions
 
 __all__ = ["CyclicLR", "LRRangeTest", "StepRecorder", "deaverage"]
 
@@ -666,11 +667,6 @@ class LRRangeTest(keras.callbacks.Callback):
                  beta=0.98, divergence_factor=4.0, restore=True, validation_data=None, eval_every=None,
                  eval_batch_size=None, accuracy_key="auto", verbose=1):
         super().__init__()
-        # Deferred import: range_test.py is the command-line layer above this module (absl, clrlab.cli;
-        # the trainers only inside run_sweep) and imports nothing from callbacks, so this cannot cycle,
-        # and StateSnapshot / RangeTestResult / SweepOptions stay in one place.
-        from clrlab.range_test import SweepOptions
-
         if not isinstance(sweep, str) or sweep not in lr_suggest.SWEEPS:
             raise ValueError(f"Argument `sweep` must be one of {lr_suggest.SWEEPS}. Received: sweep={sweep!r}.")
         start_lr = _real("start_lr", start_lr, "a finite number > 0", lambda v: v > 0)
@@ -748,7 +744,6 @@ class LRRangeTest(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------------------------ hooks
     def on_train_begin(self, logs=None):
-        from clrlab.range_test import StateSnapshot  # deferred: see __init__
 
         model = self.model
         optimizer = getattr(model, "optimizer", None)
@@ -924,7 +919,6 @@ class LRRangeTest(keras.callbacks.Callback):
         """`result` from the records, as `clrlab.range_test.run_sweep` makes it."""
         import dataclasses
 
-        from clrlab.range_test import RangeTestResult  # deferred: see __init__
 
         accs = self.history.get("accuracy")
         try:
