@@ -43,13 +43,14 @@ __all__ = [
     "HalvingScale",
     "LinearSweep",
     "OneCycle",
+    "PiecewiseConstant",
     "make_schedule",
 ]
 
 MODES = ("triangular", "triangular2", "exp_range")
 SCALE_MODES = ("cycle", "iterations")
 ANNEAL_STRATEGIES = ("cos", "linear")
-POLICIES = ("triangular", "triangular2", "exp_range", "one_cycle", "constant")
+POLICIES = ("triangular", "triangular2", "exp_range", "one_cycle", "constant", "piecewise")
 
 # The scale mode each built-in mode implies (Smith / bckenstler / PyTorch).
 _IMPLIED_SCALE_MODE = {"triangular": "cycle", "triangular2": "cycle", "exp_range": "iterations"}
@@ -802,6 +803,8 @@ def make_schedule(policy, **kwargs):
       is not given but `base_lr` is, `div_factor = max_lr / base_lr`, so `base_lr` is the starting
       LR; a given `div_factor` wins over `base_lr`.
     * `'constant'`: `Constant(base_lr, name)`; `base_lr` defaults to 0.001.
+    * `'piecewise'`: `PiecewiseConstant(boundaries, values, name)` (`values` required; `boundaries`
+      defaults to none, i.e. one constant stage).
 
     Args:
         policy: One of `POLICIES`.
@@ -819,6 +822,10 @@ def make_schedule(policy, **kwargs):
         return CyclicalLearningRate(mode=policy, **{k: given[k] for k in _CLR_KEYS if k in given})
     if policy == "constant":
         return Constant(given.get("base_lr", 0.001), name=given.get("name"))
+    if policy == "piecewise":
+        if "values" not in given:
+            raise ValueError("Policy 'piecewise' needs `values` (one LR per stage). Received: values=None.")
+        return PiecewiseConstant(given.get("boundaries", ()), given["values"], name=given.get("name"))
     # one_cycle
     for required in ("max_lr", "total_steps"):
         if required not in given:
@@ -836,3 +843,80 @@ def make_schedule(policy, **kwargs):
         )
         args["div_factor"] = float(max_lr) / float(base_lr)
     return OneCycle(**args)
+
+
+# --------------------------------------------------------------------------------------------------
+# Staged (piecewise-constant) LR: the CLR paper's "fixed" baseline.
+# --------------------------------------------------------------------------------------------------
+@_register
+class PiecewiseConstant(keras.optimizers.schedules.LearningRateSchedule):
+    """Staged learning rate, as Caffe's `lr_policy: "multistep"` (`height(t) = 0`).
+
+    Formula (`t` = 0-based step, `b` = boundaries, `v` = values)::
+
+        lr(t) = v[i]  with  i = number of boundaries b[j] <= t
+
+    so each boundary is the FIRST step of the next stage: `boundaries=[60000, 65000]`,
+    `values=[1e-3, 1e-4, 1e-5]` trains steps 0..59999 at 1e-3, 60000..64999 at 1e-4 and 65000 on at
+    1e-5: the CLR paper's "fixed" CIFAR-10 baseline, Caffe's `cifar10_full` recipe of three fixed-LR
+    solvers, each resumed from the previous one's snapshot at step 60k / 65k (60k + 5k + 5k steps). Keras'
+    `PiecewiseConstantDecay` switches one step later (`step > boundary`), so Caffe's schedule is not
+    reproduced by it exactly. Each output is exactly one of `values` rounded to float32 (a lookup, no
+    arithmetic). Boundaries are compared in float32: exact up to 2**24 steps.
+
+    `height(t)` is 0: the stages are a decay, not a cycle, so `CyclicalMomentum` over this schedule holds
+    its `max_momentum`.
+
+    Args:
+        boundaries: Increasing integer steps > 0 (possibly empty).
+        values: One LR per stage, `len(boundaries) + 1` of them, each finite and >= 0.
+        name: Optional name for the op scope. Defaults to `"PiecewiseConstant"`.
+
+    Raises:
+        ValueError: For a boundary that is not a positive integer larger than the previous one, a value
+            that is negative or not finite, or the wrong number of values.
+    """
+
+    def __init__(self, boundaries, values, name=None):
+        super().__init__()
+        if isinstance(boundaries, (str, bytes)) or not hasattr(boundaries, "__iter__"):
+            _fail("boundaries", boundaries, "a sequence of increasing integers > 0")
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            _fail("values", values, "a sequence of finite numbers >= 0")
+        bounds = []
+        for b in boundaries:
+            previous = bounds[-1] if bounds else 0
+            bounds.append(_integer(
+                "boundaries", b,
+                f"increasing integers > 0, each above the previous one ({previous})" if bounds
+                else "increasing integers > 0",
+                lambda v, p=previous: v > p,
+            ))
+        vals = [float(_real("values", v, "finite numbers >= 0", lambda x: x >= 0)) for v in values]
+        if len(vals) != len(bounds) + 1:
+            _fail("values", list(values), f"{len(bounds) + 1} numbers (one more than the {len(bounds)} "
+                  "boundaries)")
+        self.boundaries = bounds
+        self.values = vals
+        self.name = _name(name)
+
+    def _index(self, t):
+        index = tf.zeros_like(t, dtype=tf.int32)
+        for b in self.boundaries:
+            index += tf.cast(t >= float(b), tf.int32)
+        return index
+
+    def height(self, step):
+        """Always 0 (a staged decay has no cycle); float32, same shape as `step`."""
+        with tf.name_scope(self.name or "PiecewiseConstant"):
+            return tf.zeros_like(_as_float32_step(step))
+
+    def __call__(self, step):
+        with tf.name_scope(self.name or "PiecewiseConstant"):
+            t = _as_float32_step(step)
+            if not self.boundaries:
+                return tf.zeros_like(t) + self.values[0]
+            return tf.gather(tf.constant(self.values, tf.float32), self._index(t))
+
+    def get_config(self):
+        return {"boundaries": list(self.boundaries), "values": list(self.values), "name": self.name}

@@ -539,7 +539,7 @@ def test_make_schedule_each_policy():
 
 
 def test_make_schedule_errors():
-    allowed = r"one of \('triangular', 'triangular2', 'exp_range', 'one_cycle', 'constant'\)"
+    allowed = r"one of \('triangular', 'triangular2', 'exp_range', 'one_cycle', 'constant', 'piecewise'\)"
     with pytest.raises(ValueError, match=allowed + r"\. Received: policy='1cycle'\.$"):
         S.make_schedule("1cycle")
     with pytest.raises(ValueError, match="total_steps"):
@@ -548,3 +548,63 @@ def test_make_schedule_errors():
         S.make_schedule("one_cycle", max_lr=0.1, total_steps=10, base_lr=0.5)
     with pytest.raises(ValueError, match="Received: step_size=0"):
         S.make_schedule("triangular", step_size=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# PiecewiseConstant: the CLR paper's staged "fixed" baseline (issue 4).
+# ------------------------------------------------------------------------------------------------
+CAFFE_FIXED = dict(boundaries=[60_000, 65_000], values=[1e-3, 1e-4, 1e-5])
+
+
+def test_piecewise_values_switch_at_the_boundary_step_as_caffe():
+    lr = S.make_schedule("piecewise", base_lr=0.5, max_lr=0.9, step_size=10, **CAFFE_FIXED)
+    assert isinstance(lr, S.PiecewiseConstant)
+    steps = [0, 1, 59_999, 60_000, 64_999, 65_000, 69_999, 70_000, 10**6]
+    want = np.float32([1e-3, 1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5, 1e-5, 1e-5])
+    for dtype in (np.int32, np.int64, np.float32, np.float64):
+        np.testing.assert_array_equal(values(lr, steps, dtype), want)  # a lookup: exact float32 values
+    counts = np.unique(values(lr, np.arange(70_000)), return_counts=True)
+    assert dict(zip(counts[0].tolist(), counts[1].tolist())) == {
+        np.float32(1e-5).item(): 5_000, np.float32(1e-4).item(): 5_000, np.float32(1e-3).item(): 60_000}
+    xla = tf.function(lambda t: lr(t), jit_compile=True)
+    assert xla(tf.constant(60_000, tf.int64)).numpy() == np.float32(1e-4)
+    assert lr(tf.constant([[0, 60_000]])).shape == (1, 2) and lr(7).dtype == tf.float32
+    np.testing.assert_array_equal(lr.height(tf.constant([0, 60_000, 70_000])).numpy(), [0.0, 0.0, 0.0])
+    momentum = S.CyclicalMomentum(lr, 0.85, 0.95)  # height 0: momentum holds its maximum
+    np.testing.assert_allclose(values(momentum, [0, 65_000]), [0.95, 0.95], rtol=1e-7)
+    one_stage = S.PiecewiseConstant([], [0.02])
+    np.testing.assert_array_equal(values(one_stage, [0, 10**6]), np.float32([0.02, 0.02]))
+
+
+def test_piecewise_serialization_round_trip(tmp_path):
+    lr = S.PiecewiseConstant(name="fixed", **CAFFE_FIXED)
+    config = lr.get_config()
+    assert config == {"boundaries": [60_000, 65_000], "values": [1e-3, 1e-4, 1e-5], "name": "fixed"}
+    assert set(config) == set(inspect.signature(S.PiecewiseConstant).parameters)
+    assert S.PiecewiseConstant.from_config(json.loads(json.dumps(config))).get_config() == config
+    restored = _round_trip(tmp_path, lr)  # .keras file, no custom_objects
+    assert type(restored) is S.PiecewiseConstant and restored.get_config() == config
+    steps = [0, 59_999, 60_000, 65_000, 70_000]
+    np.testing.assert_array_equal(values(restored, steps), values(lr, steps))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(boundaries=[0], values=[1e-3, 1e-4]), r"boundaries.*> 0.*Received: boundaries=0\."),
+    (dict(boundaries=[5, 5], values=[1, 2, 3]), r"above the previous one \(5\)\. Received: boundaries=5\."),
+    (dict(boundaries=[5, 3], values=[1, 2, 3]), r"Received: boundaries=3\."),
+    (dict(boundaries=[5.5], values=[1, 2]), r"Received: boundaries=5\.5\."),
+    (dict(boundaries=[5], values=[1]), r"2 numbers \(one more than the 1 boundaries\)"),
+    (dict(boundaries=[5], values=[1, 2, 3]), r"2 numbers"),
+    (dict(boundaries=[5], values=[1, float("nan")]), r"finite numbers >= 0\. Received: values=nan\."),
+    (dict(boundaries=[5], values=[1, -1e-3]), r"Received: values=-0\.001\."),
+    (dict(boundaries="60000", values=[1, 2]), r"sequence"),
+    (dict(boundaries=[5], values=None), r"sequence"),
+])
+def test_piecewise_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        S.PiecewiseConstant(**kwargs)
+
+
+def test_make_schedule_piecewise_needs_values():
+    with pytest.raises(ValueError, match="needs `values`"):
+        S.make_schedule("piecewise", boundaries=[10])
