@@ -144,8 +144,18 @@ def _run(config: cli.TrainConfig, *, callbacks, progress) -> RunResult:
 
 def _announce(config: cli.TrainConfig, job, logdir: str, resumed_from: int | None) -> None:
     s = job.splits
-    print(f"clrlab: {config.policy} policy, lr {config.base_lr:g}..{config.max_lr:g}, half cycle "
-          f"{job.step_size} steps ({job.step_size / job.steps_per_epoch:.3g} epochs); {s.name}: "
+    if config.policy == "piecewise":
+        policy = (f"piecewise policy, lr {', '.join(f'{v:g}' for v in config.lr_values)} switching at steps "
+                  f"{', '.join(str(b) for b in config.lr_boundaries)}")
+    elif config.policy == "constant":
+        policy = f"constant policy, lr {config.base_lr:g}"
+    elif config.policy == "one_cycle":
+        policy = (f"one_cycle policy, lr {config.base_lr:g} -> {config.max_lr:g} -> "
+                  f"{config.base_lr / config.final_div_factor:g} over {job.total_steps} steps")
+    else:
+        policy = (f"{config.policy} policy, lr {config.base_lr:g}..{config.max_lr:g}, half cycle {job.step_size} "
+                  f"steps ({job.step_size / job.steps_per_epoch:.3g} epochs)")
+    print(f"clrlab: {policy}; {s.name}: "
           f"{len(s.x_train)} train / {len(s.x_test)} test examples, {job.steps_per_epoch} steps per epoch, "
           f"{job.total_steps} steps; model {job.model.name} ({job.model.count_params():,} parameters); "
           f"logdir {logdir}", flush=True)
