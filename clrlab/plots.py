@@ -45,7 +45,7 @@ PathLike = str | os.PathLike | None
 
 _LOSS_COLOR = "tab:blue"
 _VAL_COLOR = "tab:orange"
-_ACC_COLOR = "tab:green"
+_ACC_COLOR = "tab:orange"  # Not green: base_lr is green.
 _BASE_COLOR = "tab:green"
 _MAX_COLOR = "tab:red"
 _SUGGESTION_STYLES = ("--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 2)))
@@ -91,7 +91,7 @@ def _array(values: Any) -> np.ndarray:
 
 
 def _fmt(value: float) -> str:
-    return f"{value:.3g}" if 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"
+    return f"{value:.3g}"
 
 
 def _style(ax, *, title: str | None = None, xlabel: str | None = None,
@@ -280,7 +280,7 @@ def _range_test_figure(
                 f"`{name}` must have one value per learning rate. Received: {series.size} values "
                 f"for {lrs.size} learning rates")
 
-    fig = _new_figure(8.5, 6.6 if acc is not None else 4.8)
+    fig = _new_figure(11.0, 6.6 if acc is not None else 4.8)
     if acc is not None:
         ax, ax_acc = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     else:
@@ -302,14 +302,25 @@ def _range_test_figure(
                     label=f"accuracy ({window}-step mean)")
         _style(ax_acc, ylabel="Accuracy")
 
-    # Vertical markers: the chosen bounds (solid, labelled with their values), then the rest.
+    # Vertical markers: the chosen bounds (solid, labelled with their values), then the rest. A
+    # suggestion equal to a bound is named in the bound's label instead of drawn twice.
+    bounds = [(name, float(v), color) for name, v, color in (("base_lr", base_lr, _BASE_COLOR),
+                                                             ("max_lr", max_lr, _MAX_COLOR))
+              if v is not None and math.isfinite(v) and (not log_x or v > 0)]
+    aliases: dict[str, list[str]] = {name: [] for name, _, _ in bounds}
+    extra = []
+    for key, v in (suggestions or {}).items():
+        if v is None or not math.isfinite(v) or (log_x and v <= 0):
+            continue
+        same = [name for name, b, _ in bounds if math.isclose(float(v), b, rel_tol=1e-9)]
+        if same:
+            aliases[same[0]].append(str(key))
+        else:
+            extra.append((str(key), float(v)))
     markers: list[tuple[str, float, Any, Any, float]] = []
-    if base_lr is not None and math.isfinite(base_lr):
-        markers.append((f"base_lr = {_fmt(base_lr)}", base_lr, _BASE_COLOR, "-", 1.8))
-    if max_lr is not None and math.isfinite(max_lr):
-        markers.append((f"max_lr = {_fmt(max_lr)}", max_lr, _MAX_COLOR, "-", 1.8))
-    extra = [(k, float(v)) for k, v in (suggestions or {}).items()
-             if v is not None and math.isfinite(v) and (not log_x or v > 0)]
+    for name, value, color in bounds:
+        also = f" (= {', '.join(aliases[name])})" if aliases[name] else ""
+        markers.append((f"{name} = {_fmt(value)}{also}", value, color, "-", 2.0))
     for i, (name, value) in enumerate(extra):
         markers.append((f"{name} = {_fmt(value)}", value, _SUGGESTION_COLORS[i % 6],
                         _SUGGESTION_STYLES[i % 5], 1.1))
@@ -330,9 +341,14 @@ def _range_test_figure(
             pad = 0.02 * (hi - lo)
             ax.set_xlim(lo - pad, hi + pad)
     (ax_acc or ax).set_xlabel("Learning rate (log scale)" if log_x else "Learning rate")
-    ax.legend(loc="best", fontsize="small", ncols=2 if len(markers) > 3 else 1)
-    if ax_acc is not None:
-        ax_acc.legend(loc="best", fontsize="small")
+    # One legend outside the axes, so it never hides the curves.
+    handles, labels = ax.get_legend_handles_labels()
+    if ax_acc is not None:  # Series first (loss, accuracy), then the markers.
+        n_loss = len(handles) - len(markers)
+        more = ax_acc.get_legend_handles_labels()
+        handles = handles[:n_loss] + more[0] + handles[n_loss:]
+        labels = labels[:n_loss] + more[1] + labels[n_loss:]
+    fig.legend(handles, labels, loc="outside right upper", fontsize="small")
     if note:
         ax.text(0.99, 0.02, note, transform=ax.transAxes, ha="right", va="bottom",
                 fontsize="small", color="0.35")
