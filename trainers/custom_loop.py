@@ -66,6 +66,39 @@ def uses_loss_scaling(optimizer: keras.optimizers.Optimizer) -> bool:
     return isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
 
+# Elementwise ops whose float results are exact or correctly rounded (IEEE-754 add, sub, mul, div,
+# comparisons, selection, rounding, casts), so that an element's value does not depend on whether it is
+# computed alone or inside a vector (SIMD or scalar code path, any position). Transcendental ops (exp, pow,
+# cos...) are NOT in the list: their vectorised kernels may differ from the scalar ones in the last bit.
+_EXACT_ELEMENTWISE_OPS = frozenset({
+    "Placeholder", "Const", "Identity", "IdentityN", "NoOp", "StopGradient", "Cast", "Shape", "Reshape",
+    "ExpandDims", "Squeeze", "ZerosLike", "OnesLike", "Fill", "AddV2", "Add", "Sub", "Mul", "RealDiv", "Div",
+    "DivNoNan", "FloorDiv", "FloorMod", "Floor", "Ceil", "Round", "Rint", "Neg", "Abs", "Sign", "Maximum",
+    "Minimum", "ClipByValue", "Less", "LessEqual", "Greater", "GreaterEqual", "Equal", "NotEqual",
+    "LogicalAnd", "LogicalOr", "LogicalNot", "Select", "SelectV2",
+})
+
+
+def exactly_vectorizable(schedule: Callable[[tf.Tensor], tf.Tensor]) -> bool:
+    """True when `schedule(steps)` for a vector of steps gives, element by element, bit for bit what
+    `schedule(step)` gives for each step alone: the schedule maps a [n] int64 tensor to [n] values using
+    only `_EXACT_ELEMENTWISE_OPS` (no control flow, no transcendental functions). Traced, never run."""
+    fn = tf.function(lambda t: schedule(t), autograph=False)
+    try:
+        scalar = fn.get_concrete_function(tf.TensorSpec([], tf.int64))
+        vector = fn.get_concrete_function(tf.TensorSpec([None], tf.int64))
+    except Exception:  # noqa: BLE001 - any schedule that cannot take a vector is simply not vectorised
+        return False
+    for concrete, rank in ((scalar, 0), (vector, 1)):
+        outputs = concrete.structured_outputs
+        if not isinstance(outputs, tf.Tensor) or outputs.shape.rank != rank:
+            return False
+        graph_def = concrete.graph.as_graph_def()
+        if graph_def.library.function or any(node.op not in _EXACT_ELEMENTWISE_OPS for node in graph_def.node):
+            return False
+    return True
+
+
 class CustomLoopTrainer:
     """Runs compiled training steps that set the optimizer's learning rate from `schedule` every step.
 
@@ -115,6 +148,9 @@ class CustomLoopTrainer:
                                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         # XLA compiles the per-replica step only: dataset iterators cannot be compiled.
         self._replica_step = tf.function(self._step_fn, jit_compile=True) if self.jit_compile else self._step_fn
+        # Schedules made only of exactly rounded elementwise ops (triangular CLR, Constant, LinearSweep...)
+        # are evaluated for a whole call in one vectorised op chain: same values, bit for bit.
+        self._lr_table = exactly_vectorizable(schedule)
         self._loop_fn = tf.function(self._loop, reduce_retracing=True)
         self.evaluator = Evaluator(model, self.strategy, self.loss_fn)
 
@@ -126,7 +162,10 @@ class CustomLoopTrainer:
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
             per_example = tf.cast(self.loss_fn(y, logits), tf.float32)
-            global_batch = tf.shape(per_example)[0] * num_replicas
+            # A static batch size (drop_remainder=True pipelines) makes compute_average_loss's
+            # "non-negative batch size" check a constant instead of three ops per step.
+            batch = per_example.shape[0] if per_example.shape[0] is not None else tf.shape(per_example)[0]
+            global_batch = batch * num_replicas
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(l, tf.float32) for l in model.losses]))
@@ -144,40 +183,75 @@ class CustomLoopTrainer:
         return loss, correct, count, tf.cast(finite, tf.int32)
 
     def _loop(self, iterator, num_steps: tf.Tensor):
-        """`num_steps` training steps; runs inside one tf.function (cross-replica context)."""
-        strategy = self.strategy
-        step_fn = self._replica_step
-        records = {name: tf.TensorArray(dtype, size=num_steps) for name, dtype in
-                   (("step", tf.int64), ("lr", tf.float32), ("loss", tf.float32), ("accuracy", tf.float32),
-                    ("applied", tf.bool), ("loss_scale", tf.float32))}
+        """`num_steps` training steps; runs inside one tf.function (cross-replica context).
+
+        Per-step cost matters here (a small model's step is ~1 ms on a CPU, and every op in the loop body
+        costs a few microseconds of executor time), so the body is kept lean; each choice was measured
+        with scripts/bench.py (see BENCHMARKS.md):
+          * the per-step records go into ONE float32 TensorArray ([lr, loss, accuracy] plus
+            [loss_scale, applied] under loss scaling): one write and one loop variable per step instead
+            of six. The step numbers are not recorded: they are `first_step + arange(n)`, since
+            `global_step` advances by exactly one per iteration;
+          * when the schedule is built only from exactly rounded elementwise ops (`exactly_vectorizable`:
+            triangular CLR, Constant, LinearSweep; not exp/pow/cos schedules), its values for the whole
+            call are computed once before the loop from `global_step + range(n)`; each step gathers its
+            own (one op instead of the schedule's dozen). The values are bit for bit those of the
+            per-step evaluation, which other schedules keep;
+          * the summary gate is decided once at trace time when it can be: with `summary_every == 1` the
+            scalars are written unconditionally (no per-scalar `record_if` callable and cond), otherwise
+            ONE `tf.cond` on `step % summary_every == 0` guards all of them; without `summary_writer` no
+            summary op is built at all.
+        """
+        first_step = self.global_step.read_value()
+        lr_table = None
+        if self._lr_table:  # the schedule of steps first_step .. first_step + n - 1, computed at once
+            lr_table = tf.cast(self.schedule(first_step + tf.range(tf.cast(num_steps, tf.int64))), tf.float32)
+            tf.debugging.assert_equal(tf.shape(lr_table), tf.reshape(num_steps, [1]),
+                                      message="the schedule must map a vector of steps to one LR per step")
+        records = tf.TensorArray(tf.float32, size=num_steps, element_shape=[5 if self.loss_scaling else 3])
         for i in tf.range(num_steps):
             with tf.name_scope(""):
-                step = self.global_step.read_value()
-                lr = tf.cast(self.schedule(step), tf.float32)
-                self.optimizer.learning_rate.assign(lr)
-                loss_scale = (tf.cast(self.optimizer.dynamic_scale, tf.float32) if self.loss_scaling
-                              else tf.constant(1.0))
-                x, y = next(iterator)
-                loss, correct, count, finite = strategy.run(step_fn, args=(x, y))
-                loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
-                correct = strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None)
-                count = strategy.reduce(tf.distribute.ReduceOp.SUM, count, axis=None)
-                applied = tf.equal(strategy.reduce(tf.distribute.ReduceOp.SUM, finite, axis=None),
-                                   strategy.num_replicas_in_sync)
-                accuracy = correct / count
-                with tf.summary.record_if(lambda: tf.equal(step % self.summary_every, 0)):
+                lr = None if lr_table is None else tf.gather(lr_table, i)
+                records = records.write(i, self._train_one_step(iterator, lr))
+        return {"first_step": first_step, "records": records.stack()}
+
+    def _train_one_step(self, iterator, lr: tf.Tensor | None) -> tf.Tensor:
+        """The body of `_loop`: one step at `global_step`, with `lr` = schedule(global_step) precomputed by
+        the loop (or None: computed here). Returns the step's record row (float32)."""
+        strategy = self.strategy
+        step = self.global_step.read_value()
+        if lr is None:
+            lr = tf.cast(self.schedule(step), tf.float32)
+        self.optimizer.learning_rate.assign(lr)
+        # The loss scale this step uses (read before the step may change it).
+        loss_scale = tf.cast(self.optimizer.dynamic_scale, tf.float32) if self.loss_scaling else None
+        x, y = next(iterator)
+        loss, correct, count, finite = strategy.run(self._replica_step, args=(x, y))
+        loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+        correct = strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None)
+        count = strategy.reduce(tf.distribute.ReduceOp.SUM, count, axis=None)
+        accuracy = correct / count
+        row = [lr, loss, accuracy]
+        if self.loss_scaling:  # the scale the step used, and whether the update was applied
+            applied = tf.equal(strategy.reduce(tf.distribute.ReduceOp.SUM, finite, axis=None),
+                               strategy.num_replicas_in_sync)
+            row += [loss_scale, tf.cast(applied, tf.float32)]
+        if self.summary_writer is not None:  # documented: None writes no summaries
+            def write_scalars():
+                with tf.name_scope(""), tf.summary.record_if(True):  # tags without a "cond/" prefix
                     tf.summary.scalar("learning_rate", lr, step=step)
                     tf.summary.scalar("loss", loss, step=step)
                     tf.summary.scalar("accuracy", accuracy, step=step)
                     if self.loss_scaling:
                         tf.summary.scalar("loss_scale", loss_scale, step=step)
-                self.global_step.assign_add(1)
-                records = {"step": records["step"].write(i, step), "lr": records["lr"].write(i, lr),
-                           "loss": records["loss"].write(i, loss),
-                           "accuracy": records["accuracy"].write(i, accuracy),
-                           "applied": records["applied"].write(i, applied),
-                           "loss_scale": records["loss_scale"].write(i, loss_scale)}
-        return {name: ta.stack() for name, ta in records.items()}
+                return tf.constant(True)
+
+            if self.summary_every == 1:
+                write_scalars()
+            else:
+                tf.cond(tf.equal(step % self.summary_every, 0), write_scalars, lambda: tf.constant(False))
+        self.global_step.assign_add(1)
+        return tf.stack(row)
 
     # ----------------------------------------------------------------------------------- eager API
     def make_iterator(self, dataset: tf.data.Dataset):
@@ -202,9 +276,14 @@ class CustomLoopTrainer:
                 out = self._loop_fn(iterator, n)
         else:
             out = self._loop_fn(iterator, n)
-        out = {k: v.numpy() for k, v in out.items()}
-        records = StepRecords(step=out["step"], lr=out["lr"], loss=out["loss"], accuracy=out["accuracy"],
-                              applied=out["applied"], loss_scale=out["loss_scale"] if self.loss_scaling else None)
+        first, columns = int(out["first_step"]), np.ascontiguousarray(out["records"].numpy().T)
+        step = np.arange(first, first + num_steps, dtype=np.int64)
+        if self.loss_scaling:
+            records = StepRecords(step=step, lr=columns[0], loss=columns[1], accuracy=columns[2],
+                                  applied=columns[4] != 0, loss_scale=columns[3])
+        else:
+            records = StepRecords(step=step, lr=columns[0], loss=columns[1], accuracy=columns[2],
+                                  applied=np.ones([num_steps], bool), loss_scale=None)
         if not self.loss_scaling:
             bad = np.flatnonzero(~np.isfinite(records.loss))
             if bad.size:
