@@ -121,7 +121,7 @@ def _run(config: cli.TrainConfig, *, callbacks, progress) -> RunResult:
     else:
         trainer = CustomLoopTrainer(job.model, job.optimizer, job.schedule, strategy=job.strategy,
                                     jit_compile=config.jit_compile, summary_writer=train_writer,
-                                    summary_every=config.summary_every)
+                                    summary_every=config.summary_every, fused_updates=config.fused_updates)
         controller = Controller(trainer, train_data_fn=job.train_data_fn, steps_per_epoch=job.steps_per_epoch,
                                 total_steps=job.total_steps, steps_per_loop=config.steps_per_loop,
                                 eval_dataset=job.eval_dataset(), checkpoint_dir=os.path.join(logdir, "checkpoints"),

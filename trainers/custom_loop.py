@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainers.evaluation import Evaluator
+from trainers.fused_update import make_apply_fn
 
 
 class NonFiniteLossError(RuntimeError):
@@ -118,12 +119,15 @@ class CustomLoopTrainer:
       summary_every: write per-step scalars when `global_step % summary_every == 0`.
       loss_fn: per-example loss `(labels, logits) -> [batch]`; default sparse categorical cross-entropy
         on logits.
+      fused_updates: apply plain SGD updates (momentum, Nesterov or none) with TensorFlow's fused
+        training kernels, bit for bit Keras' arithmetic (`trainers/fused_update.py`); other optimizers
+        and settings always use `optimizer.apply`. `fused_update_reason` says why a trainer is not fused.
     """
 
     def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer,
                  schedule: Callable[[tf.Tensor], tf.Tensor], *, strategy: tf.distribute.Strategy | None = None,
                  jit_compile: bool = False, summary_writer: Any = None, summary_every: int = 1,
-                 loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None):
+                 loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None, fused_updates: bool = True):
         if isinstance(getattr(optimizer, "_learning_rate", None), keras.optimizers.schedules.LearningRateSchedule) \
                 or isinstance(_inner(optimizer)._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
             raise ValueError("The custom loop assigns the learning rate itself every step: build the optimizer "
@@ -146,6 +150,9 @@ class CustomLoopTrainer:
                 self.optimizer.build(self.model.trainable_variables)
             self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        # The optimizer update: fused SGD kernels where they give Keras' exact arithmetic, else optimizer.apply.
+        self._apply_updates, self.fused_update_reason = make_apply_fn(self.optimizer, self.strategy,
+                                                                      fused=fused_updates)
         # XLA compiles the per-replica step only: dataset iterators cannot be compiled.
         self._replica_step = tf.function(self._step_fn, jit_compile=True) if self.jit_compile else self._step_fn
         # Schedules made only of exactly rounded elementwise ops (triangular CLR, Constant, LinearSweep...)
@@ -176,7 +183,7 @@ class CustomLoopTrainer:
             finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
         else:
             finite = tf.constant(True)
-        optimizer.apply(grads, variables)
+        self._apply_updates(grads, variables)
         predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
         correct = tf.reduce_sum(tf.cast(tf.equal(predictions, tf.cast(tf.reshape(y, [-1]), tf.int32)), tf.float32))
         count = tf.cast(tf.shape(per_example)[0], tf.float32)
