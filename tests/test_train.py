@@ -191,6 +191,7 @@ def test_mixed_precision_trains_on_cpu(tmp_path, precision):
 
 # ----------------------------------------------------------------------------- invalid flags
 BAD_FLAGS = {
+    "non-boolean fused_updates": ["--fused_updates=maybe"],
     "unknown policy": ["--policy=cosine"],
     "negative base_lr": ["--base_lr=-0.1"],
     "inverted bounds": ["--base_lr=0.01", "--max_lr=0.001"],
