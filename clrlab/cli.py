@@ -77,7 +77,7 @@ def define_data_model_flags() -> None:
     flags.DEFINE_boolean("fused_updates", True,
                          "Custom loop: apply plain SGD updates (--optimizer=sgd/nesterov, no loss scaling) "
                          "with TensorFlow's fused training kernels, the arithmetic of Keras SGD and "
-                         "about 20% faster per step for small models on a CPU; --nofused_updates uses "
+                         "up to about 20% faster per step for small models on a CPU; --nofused_updates uses "
                          "optimizer.apply. Other optimizers always use optimizer.apply.")
     flags.DEFINE_integer("steps_per_loop", 100,
                          "Steps run inside one compiled tf.function call. The LR is still set every "

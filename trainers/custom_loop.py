@@ -120,7 +120,7 @@ class CustomLoopTrainer:
       loss_fn: per-example loss `(labels, logits) -> [batch]`; default sparse categorical cross-entropy
         on logits.
       fused_updates: apply plain SGD updates (momentum, Nesterov or none) with TensorFlow's fused
-        training kernels, bit for bit Keras' arithmetic (`trainers/fused_update.py`); other optimizers
+        training kernels, which do Keras' SGD arithmetic (`trainers/fused_update.py`); other optimizers
         and settings always use `optimizer.apply`. `fused_update_reason` says why a trainer is not fused.
     """
 
