@@ -1,4 +1,4 @@
-"""Image classifiers for the CLR experiments; every model outputs float32 LOGITS.
+"""Classifiers for the CLR experiments, for images and 1-D sequences; every model outputs float32 LOGITS.
 
 The trainer pairs them with ``SparseCategoricalCrossentropy(from_logits=True)``. Under a mixed-precision
 global policy (``mixed_float16`` / ``mixed_bfloat16``) the layers compute in half precision, but the final
@@ -22,6 +22,13 @@ Models (`MODEL_NAMES`):
   subsamples by 2 and zero-pads the new channels. 0.27M and 0.86M parameters (the paper: 0.27M, 0.85M).
   Built from stock layers only (the option-A shortcut is MaxPooling2D(1, strides=2) + a ZeroPadding3D
   over a reshaped channel axis), so saved models load without custom objects.
+- ``mnist1d_cnn`` / ``mnist1d_mlp`` / ``linear``: the MNIST-1D baselines of Greydanus & Kobak, "Scaling
+  down deep learning with MNIST-1D" (ICML 2024, arXiv 2011.14439), as written in greydanus/mnist1d,
+  notebooks/models.py (``ConvBase``, ``MLPBase``, ``LinearBase``), initialised as PyTorch initialises
+  them (see `_Builder.torch_uniform`). 5,210 / 15,210 / 410 parameters on the paper's ``(40, 1)`` sequences.
+
+Input shapes: ``(H, W, C)`` images for ``small_cnn``, ``minigooglenet`` and the ResNets, ``(length,
+channels)`` sequences for ``mnist1d_cnn``; ``mlp``, ``mnist1d_mlp`` and ``linear`` flatten either.
 
 Weight decay is coupled L2, as in Caffe and He et al.: every Conv/Dense kernel (not biases, not BN) gets
 ``keras.regularizers.L2(weight_decay / 2)``, i.e. ``0.5 * weight_decay * ||w||^2`` in ``model.losses``,
@@ -34,24 +41,42 @@ scope when there is one; ``seed`` makes the initial weights reproducible (each l
 
 from __future__ import annotations
 
+import itertools
+
 import keras
 import numpy as np
 
 __all__ = ["MODEL_NAMES", "auto_model_name", "build_model"]
 
-MODEL_NAMES = ("auto", "small_cnn", "mlp", "minigooglenet", "resnet20", "resnet56")
+MODEL_NAMES = (
+    "auto", "small_cnn", "mlp", "minigooglenet", "resnet20", "resnet56", "mnist1d_cnn", "mnist1d_mlp", "linear",
+)
+# The input ranks each model accepts: 3 = (H, W, C) images, 2 = (length, channels) sequences.
+_INPUT_RANKS = {
+    "small_cnn": (3,), "mlp": (2, 3), "minigooglenet": (3,), "resnet20": (3,), "resnet56": (3,),
+    "mnist1d_cnn": (2,), "mnist1d_mlp": (2, 3), "linear": (2, 3),
+}
+# Smallest spatial size (H and W, or the length) each model's strides and pools leave non-empty.
+_MIN_SIZE = {
+    "small_cnn": 2, "mlp": 1, "minigooglenet": 7, "resnet20": 4, "resnet56": 4,
+    "mnist1d_cnn": 3, "mnist1d_mlp": 1, "linear": 1,
+}
 
 
 def auto_model_name(dataset_name: str, input_shape) -> str:
     """The default model for a dataset.
 
+    - ``mnist1d`` (also with a ``mnist1d:...`` spec) and any other ``(length, channels)`` sequence:
+      ``mnist1d_cnn``, the MNIST-1D paper's best small model;
     - ``digits``, 8x8 inputs, and 28x28x1 (MNIST, Fashion-MNIST): ``small_cnn``;
     - 32x32x3 (CIFAR-10 and the like): ``resnet20``: the super-convergence paper's smallest CIFAR
       ResNet (Smith & Topin report ResNet-20/56/110 results), cheaper than MiniGoogLeNet (0.27M vs
       1.66M parameters); ask for ``minigooglenet`` to follow the PyImageSearch tutorial instead;
-    - anything else: ``small_cnn`` (it adapts to any size >= 4x4).
+    - any other image: ``small_cnn`` (it adapts to any size >= 4x4).
     """
     shape = tuple(int(d) for d in input_shape)
+    if dataset_name.split(":", 1)[0] == "mnist1d" or len(shape) == 2:
+        return "mnist1d_cnn"
     if dataset_name == "digits" or shape[:2] == (8, 8):
         return "small_cnn"
     if shape == (32, 32, 3):
@@ -70,19 +95,17 @@ class _Seeds:
 
 
 class _Builder:
-    """Shared layer factories: kernel initializer with per-layer seed, coupled L2, channels last."""
+    """Shared layer factories: per-layer initializer seeds, coupled L2 on kernels, channels last."""
 
-    def __init__(self, weight_decay: float, seed, kernel_initializer: str):
+    def __init__(self, weight_decay: float, seed, conv_initializer: str = "he_normal"):
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0. Received: weight_decay={weight_decay}")
         self.weight_decay = float(weight_decay)
         self.seeds = _Seeds(seed)
-        self.kernel_initializer = kernel_initializer
+        self.conv_initializer = conv_initializer
 
-    def _init(self, name=None):
-        cls = {"he_normal": keras.initializers.HeNormal, "glorot_uniform": keras.initializers.GlorotUniform}[
-            name or self.kernel_initializer
-        ]
+    def _init(self, name):
+        cls = {"he_normal": keras.initializers.HeNormal, "glorot_uniform": keras.initializers.GlorotUniform}[name]
         return cls(seed=self.seeds.next())
 
     def _reg(self):
@@ -91,7 +114,7 @@ class _Builder:
     def conv(self, filters, kernel_size, strides=1, padding="same", use_bias=True, name=None):
         return keras.layers.Conv2D(
             filters, kernel_size, strides=strides, padding=padding, use_bias=use_bias,
-            kernel_initializer=self._init(), kernel_regularizer=self._reg(), name=name,
+            kernel_initializer=self._init(self.conv_initializer), kernel_regularizer=self._reg(), name=name,
         )
 
     def dense(self, units, activation=None, dtype=None, name=None, initializer="glorot_uniform"):
@@ -103,6 +126,43 @@ class _Builder:
     def logits(self, x, num_classes):
         # float32 whatever the global policy: logits and loss stay in full precision.
         return self.dense(num_classes, dtype="float32", name="logits")(x)
+
+    # PyTorch-initialised layers, for the MNIST-1D models (whose published numbers are PyTorch's).
+
+    def torch_uniform(self, fan_in: int):
+        """PyTorch's default init for ``nn.Linear`` / ``nn.Conv1d``, weights and biases alike.
+
+        ``reset_parameters`` in torch/nn/modules/linear.py and conv.py draws the weight with
+        ``kaiming_uniform_(a=sqrt(5))``, i.e. U(-b, b) with b = sqrt(6 / ((1 + a^2) fan_in)) =
+        1 / sqrt(fan_in), and the bias from U(-1/sqrt(fan_in), 1/sqrt(fan_in)); fan_in = input features,
+        or input channels * kernel size for a convolution (Keras counts it the same way).
+        """
+        bound = 1.0 / float(np.sqrt(fan_in))
+        return keras.initializers.RandomUniform(-bound, bound, seed=self.seeds.next())
+
+    def torch_conv1d(self, x, filters, kernel_size, strides, padding, name):
+        """PyTorch ``nn.Conv1d(padding=p)`` on channels-last input: symmetric zero padding, then 'valid'.
+
+        Keras' 'same' would pad 40 -> 20 steps at stride 2 (asymmetrically); PyTorch pads ``p`` on both
+        sides, so the output length is ``(length + 2p - kernel_size) // strides + 1``.
+        """
+        fan_in = int(x.shape[-1]) * kernel_size
+        x = keras.layers.ZeroPadding1D(padding, name=f"{name}_pad")(x)
+        return keras.layers.Conv1D(
+            filters, kernel_size, strides=strides, padding="valid", kernel_initializer=self.torch_uniform(fan_in),
+            bias_initializer=self.torch_uniform(fan_in), kernel_regularizer=self._reg(), name=name,
+        )(x)
+
+    def torch_dense(self, x, units, activation=None, dtype=None, name=None):
+        """PyTorch ``nn.Linear`` (its default init) as a Keras ``Dense`` on ``x`` of shape (batch, features)."""
+        fan_in = int(x.shape[-1])
+        return keras.layers.Dense(
+            units, activation=activation, kernel_initializer=self.torch_uniform(fan_in),
+            bias_initializer=self.torch_uniform(fan_in), kernel_regularizer=self._reg(), dtype=dtype, name=name,
+        )(x)
+
+    def torch_logits(self, x, num_classes):
+        return self.torch_dense(x, num_classes, dtype="float32", name="logits")
 
 
 def _small_cnn(inputs, num_classes, b: _Builder):
@@ -126,7 +186,7 @@ def _mlp(inputs, num_classes, b: _Builder):
 
 
 def _minigooglenet(inputs, num_classes, b: _Builder, seed):
-    counter = iter(range(1, 1000))
+    counter = itertools.count(1)
 
     def conv_module(x, filters, k, strides, padding="same"):
         i = next(counter)
@@ -192,6 +252,45 @@ def _resnet_cifar(inputs, num_classes, b: _Builder, n: int):
     return b.logits(x, num_classes)
 
 
+def _mnist1d_cnn(inputs, num_classes, b: _Builder):
+    """``ConvBase`` of greydanus/mnist1d notebooks/models.py: three Conv1d(25 channels, kernel 5/3/3,
+    stride 2, padding 1) + ReLU, flatten, one linear classifier.
+
+    On (40, 1): lengths 40 -> 19 -> 10 -> 5, 25 * 5 = 125 features (the source's ``linear_in=125``),
+    150 + 1,900 + 1,900 + 1,260 = 5,210 parameters with 10 classes (the source prints 5210). PyTorch
+    flattens channels-first (feature c * 5 + t), Keras length-first (t * 25 + c): the same function
+    class and, with i.i.d. init, the same initial distribution; only the order of the rows differs.
+    """
+    x = inputs
+    for i, kernel_size in enumerate((5, 3, 3), start=1):
+        x = b.torch_conv1d(x, 25, kernel_size, strides=2, padding=1, name=f"conv{i}")
+        x = keras.layers.ReLU(name=f"relu{i}")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    return b.torch_logits(x, num_classes)
+
+
+def _mnist1d_mlp(inputs, num_classes, b: _Builder):
+    """``MLPBase`` of greydanus/mnist1d notebooks/models.py (hidden_size=100, its default, as the paper's
+    notebooks build it): ``h = relu(W1 x); h = h + relu(W2 h); logits = W3 h``.
+
+    On (40, 1) with 10 classes: 4,100 + 10,100 + 1,010 = 15,210 parameters (the source prints 15210).
+    """
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    h = b.torch_dense(x, 100, activation="relu", name="hidden1")
+    r = b.torch_dense(h, 100, activation="relu", name="hidden2")
+    h = keras.layers.Add(name="residual")([h, r])
+    return b.torch_logits(h, num_classes)
+
+
+def _linear(inputs, num_classes, b: _Builder):
+    """``LinearBase`` of greydanus/mnist1d notebooks/models.py: multinomial logistic regression.
+
+    On (40, 1) with 10 classes: 40 * 10 + 10 = 410 parameters (the source prints 410).
+    """
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    return b.torch_logits(x, num_classes)
+
+
 def build_model(
     name: str,
     input_shape,
@@ -207,40 +306,50 @@ def build_model(
 
     Args:
       name: one of `MODEL_NAMES`; ``"auto"`` picks `auto_model_name` (``dataset_name``, ``input_shape``).
-      input_shape: ``(H, W, C)``.
+      input_shape: ``(H, W, C)`` images or ``(length, channels)`` sequences (see the module docstring
+        for which model takes which).
       num_classes: number of output logits (>= 2).
       weight_decay: coupled L2 on kernels: ``0.5 * weight_decay * ||w||^2`` added to ``model.losses``.
       seed: seeds the initializers (and MiniGoogLeNet's dropout) for reproducible weights; None = random.
-      dataset_name: only used by ``"auto"`` (a clrlab extension of the agreed signature).
+      dataset_name: only used by ``"auto"``.
 
     Returns:
       A functional ``keras.Model`` named ``name`` (the resolved name for ``"auto"``).
 
     Raises:
-      ValueError: unknown ``name`` (the message lists `MODEL_NAMES`), bad ``input_shape``,
-        ``num_classes`` or ``weight_decay``, or an input too small for the architecture.
+      ValueError: unknown ``name`` (the message lists `MODEL_NAMES`), bad ``input_shape`` (also one of
+        the wrong rank for the model), ``num_classes`` or ``weight_decay``, or an input too small for
+        the architecture.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"Unknown model {name!r}: use one of {', '.join(MODEL_NAMES)}. Received: name={name!r}")
     input_shape = tuple(int(d) for d in input_shape)
-    if len(input_shape) != 3 or min(input_shape) < 1:
-        raise ValueError(f"input_shape must be (H, W, C) with positive sizes. Received: input_shape={input_shape}")
+    if len(input_shape) not in (2, 3) or min(input_shape) < 1:
+        raise ValueError(
+            "input_shape must be (H, W, C) or (length, channels) with positive sizes. "
+            f"Received: input_shape={input_shape}"
+        )
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be >= 2. Received: num_classes={num_classes}")
     if name == "auto":
         name = auto_model_name(dataset_name, input_shape)
-    min_size = {"small_cnn": 2, "mlp": 1, "minigooglenet": 7, "resnet20": 4, "resnet56": 4}[name]
-    if min(input_shape[:2]) < min_size:
-        raise ValueError(f"{name} needs inputs of at least {min_size}x{min_size}. Received: input_shape={input_shape}")
-    inputs = keras.Input(shape=input_shape, name="images")
-    if name == "small_cnn":
-        outputs = _small_cnn(inputs, num_classes, _Builder(weight_decay, seed, "he_normal"))
-    elif name == "mlp":
-        outputs = _mlp(inputs, num_classes, _Builder(weight_decay, seed, "he_normal"))
-    elif name == "minigooglenet":
+    if len(input_shape) not in _INPUT_RANKS[name]:
+        layouts = " or ".join({3: "(H, W, C)", 2: "(length, channels)"}[r] for r in _INPUT_RANKS[name])
+        raise ValueError(f"{name} needs an input_shape of {layouts}. Received: input_shape={input_shape}")
+    spatial = input_shape[:-1]
+    min_size = _MIN_SIZE[name]
+    if min(spatial) < min_size:
+        needed = "x".join([str(min_size)] * len(spatial))
+        raise ValueError(f"{name} needs inputs of at least {needed}. Received: input_shape={input_shape}")
+    inputs = keras.Input(shape=input_shape, name="images" if len(input_shape) == 3 else "sequences")
+    builder = _Builder(weight_decay, seed)
+    if name == "minigooglenet":
         # Keras' default glorot_uniform, as the tutorial's network.
         outputs = _minigooglenet(inputs, num_classes, _Builder(weight_decay, seed, "glorot_uniform"), seed)
+    elif name in ("resnet20", "resnet56"):
+        outputs = _resnet_cifar(inputs, num_classes, builder, n={"resnet20": 3, "resnet56": 9}[name])
     else:
-        n = {"resnet20": 3, "resnet56": 9}[name]
-        outputs = _resnet_cifar(inputs, num_classes, _Builder(weight_decay, seed, "he_normal"), n)
+        build = {"small_cnn": _small_cnn, "mlp": _mlp, "mnist1d_cnn": _mnist1d_cnn, "mnist1d_mlp": _mnist1d_mlp,
+                 "linear": _linear}[name]
+        outputs = build(inputs, num_classes, builder)
     return keras.Model(inputs, outputs, name=name)
