@@ -1,4 +1,5 @@
-"""Tests for clrlab.models: sizes, logits dtype, weight decay, one training step per dtype policy."""
+"""Tests for clrlab.models: sizes, logits dtype, weight decay, one training step per dtype policy, and the
+MNIST-1D models against their PyTorch definitions (greydanus/mnist1d notebooks/models.py)."""
 
 import keras
 import numpy as np
@@ -19,7 +20,14 @@ STEP_SHAPES = {
     "minigooglenet": (32, 32, 3),
     "resnet20": (32, 32, 3),
     "resnet56": (32, 32, 3),
+    "mnist1d_cnn": (40, 1),
+    "mnist1d_mlp": (40, 1),
+    "linear": (40, 1),
 }
+# The parameter counts greydanus/mnist1d's models print for (40, 1) inputs and 10 classes.
+MNIST1D_PARAMS = {"mnist1d_cnn": 5210, "mnist1d_mlp": 15210, "linear": 410}
+# A layer that runs in half precision under a mixed policy (linear has none: Flatten + float32 logits).
+HALF_PRECISION_LAYER = {"mnist1d_cnn": "conv1", "mnist1d_mlp": "hidden1", "linear": "flatten"}
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
@@ -66,7 +74,8 @@ def test_one_training_step(name, policy):
     logits_layer = model.get_layer("logits")
     assert logits_layer.dtype_policy.name == "float32"
     if policy != "float32":
-        assert model.get_layer(index=2).compute_dtype == policy.split("_")[1]  # body runs in half precision
+        body = model.get_layer(HALF_PRECISION_LAYER[name]) if name in HALF_PRECISION_LAYER else model.get_layer(index=2)
+        assert body.compute_dtype == policy.split("_")[1]  # body runs in half precision
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, *shape)).astype(np.float32)
     y = rng.integers(0, 10, size=batch).astype(np.int32)
@@ -86,7 +95,7 @@ def test_one_training_step(name, policy):
     assert loss.dtype == tf.float32
     assert np.isfinite(loss.numpy())
     assert all(v.dtype == "float32" for v in model.trainable_variables)  # float32 master weights
-    changed = [not np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables)]
+    changed = [not np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables, strict=True)]
     assert sum(changed) > len(changed) // 2
 
 
@@ -109,10 +118,11 @@ def test_seed_makes_weights_reproducible_and_layers_distinct():
     a = models.build_model("resnet20", (32, 32, 3), 10, seed=3)
     b = models.build_model("resnet20", (32, 32, 3), 10, seed=3)
     c = models.build_model("resnet20", (32, 32, 3), 10, seed=4)
-    for va, vb in zip(a.weights, b.weights):
+    for va, vb in zip(a.weights, b.weights, strict=True):
         np.testing.assert_array_equal(va.numpy(), vb.numpy())
     assert not np.array_equal(a.weights[0].numpy(), c.weights[0].numpy())
-    same_shape = [l.kernel.numpy() for l in a.layers if l.name in ("stage1_block1_conv1", "stage1_block1_conv2")]
+    names = ("stage1_block1_conv1", "stage1_block1_conv2")
+    same_shape = [layer.kernel.numpy() for layer in a.layers if layer.name in names]
     assert not np.array_equal(*same_shape)  # each layer gets its own seed
 
 
@@ -123,6 +133,12 @@ def test_auto_model_name_and_auto_build():
     assert models.auto_model_name("npz:x.npz", (64, 64, 3)) == "small_cnn"
     model = models.build_model("auto", (8, 8, 1), 10, dataset_name="digits")
     assert model.name == "small_cnn"
+    assert models.auto_model_name("mnist1d", (40, 1)) == "mnist1d_cnn"
+    assert models.auto_model_name("mnist1d:num_samples=500,seed=7", (40, 1)) == "mnist1d_cnn"
+    assert models.auto_model_name("npz:x.npz", (100, 3)) == "mnist1d_cnn"  # any (length, channels) input
+    model = models.build_model("auto", (40, 1), 10, dataset_name="mnist1d")
+    assert model.name == "mnist1d_cnn"
+    assert model.count_params() == MNIST1D_PARAMS["mnist1d_cnn"]
 
 
 def test_bad_arguments():
@@ -139,6 +155,24 @@ def test_bad_arguments():
         models.build_model("minigooglenet", (4, 4, 1), 10)
 
 
+@pytest.mark.parametrize(
+    "name, shape, message",
+    [
+        ("mnist1d_cnn", (32, 32, 3), r"mnist1d_cnn needs an input_shape of \(length, channels\)\. Received"),
+        ("small_cnn", (40, 1), r"small_cnn needs an input_shape of \(H, W, C\)\. Received"),
+        ("resnet20", (40, 1), r"resnet20 needs an input_shape of \(H, W, C\)\. Received"),
+        ("mnist1d_cnn", (2, 1), r"mnist1d_cnn needs inputs of at least 3\. Received: input_shape=\(2, 1\)"),
+        ("linear", (40,), r"input_shape must be \(H, W, C\) or \(length, channels\)"),
+        ("mnist1d_mlp", (40, 1, 1, 1), r"input_shape must be"),
+        ("mnist1d_mlp", (40, 0), r"positive sizes"),
+    ],
+)
+def test_input_shape_that_does_not_fit_the_model_is_a_clear_error(name, shape, message):
+    with pytest.raises(ValueError, match=message) as err:
+        models.build_model(name, shape, 10)
+    assert "\n" not in str(err.value)
+
+
 def test_saved_model_reloads_without_custom_objects(tmp_path):
     model = models.build_model("resnet20", (16, 16, 3), 10, weight_decay=1e-4, seed=0)
     path = tmp_path / "m.keras"
@@ -146,3 +180,99 @@ def test_saved_model_reloads_without_custom_objects(tmp_path):
     loaded = keras.models.load_model(path)
     x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
     np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(MNIST1D_PARAMS))
+def test_mnist1d_parameter_counts_match_the_pytorch_source(name):
+    model = models.build_model(name, (40, 1), 10, seed=0)
+    assert model.count_params() == MNIST1D_PARAMS[name]
+    assert model.name == name
+    assert model.input.name == "sequences"
+
+
+def test_mnist1d_cnn_layer_sizes_follow_pytorch_padding():
+    model = models.build_model("mnist1d_cnn", (40, 1), 10, seed=0)
+    # PyTorch Conv1d(padding=1, stride=2): 40 -> 19 -> 10 -> 5 (Keras "same" would give 20 -> 10 -> 5).
+    assert [tuple(model.get_layer(f"conv{i}").output.shape) for i in (1, 2, 3)] == [
+        (None, 19, 25), (None, 10, 25), (None, 5, 25)]
+    assert [model.get_layer(f"conv{i}").kernel_size for i in (1, 2, 3)] == [(5,), (3,), (3,)]
+    assert tuple(model.get_layer("flatten").output.shape) == (None, 125)  # the source's linear_in=125
+
+
+def _conv1d_torch(x, kernel, bias, stride=2, padding=1):
+    """nn.Conv1d's arithmetic in NumPy on channels-last x (B, L, C); kernel (k, C, F) as Keras stores it."""
+    xp = np.pad(x, ((0, 0), (padding, padding), (0, 0)))
+    k = kernel.shape[0]
+    n = (xp.shape[1] - k) // stride + 1
+    windows = np.stack([xp[:, i * stride:i * stride + k, :] for i in range(n)], axis=1)  # (B, n, k, C)
+    return np.einsum("bnkc,kcf->bnf", windows, kernel) + bias
+
+
+def _relu(v):
+    return np.maximum(v, 0.0)
+
+
+def _weights(model, layer):
+    return [v.numpy().astype(np.float64) for v in model.get_layer(layer).weights]
+
+
+def test_mnist1d_forward_passes_match_the_pytorch_source():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 40, 1)).astype(np.float32)
+
+    cnn = models.build_model("mnist1d_cnn", (40, 1), 10, seed=0)
+    h = x.astype(np.float64)
+    for i in (1, 2, 3):
+        h = _relu(_conv1d_torch(h, *_weights(cnn, f"conv{i}")))
+    kernel, bias = _weights(cnn, "logits")
+    np.testing.assert_allclose(cnn(x).numpy(), h.reshape(3, -1) @ kernel + bias, rtol=1e-4, atol=1e-5)
+
+    mlp = models.build_model("mnist1d_mlp", (40, 1), 10, seed=0)
+    (w1, b1), (w2, b2), (w3, b3) = (_weights(mlp, n) for n in ("hidden1", "hidden2", "logits"))
+    h = _relu(x.reshape(3, 40) @ w1 + b1)
+    h = h + _relu(h @ w2 + b2)  # MLPBase.forward: the residual second layer
+    np.testing.assert_allclose(mlp(x).numpy(), h @ w3 + b3, rtol=1e-4, atol=1e-5)
+
+    linear = models.build_model("linear", (40, 1), 10, seed=0)
+    kernel, bias = _weights(linear, "logits")
+    np.testing.assert_allclose(linear(x).numpy(), x.reshape(3, 40) @ kernel + bias, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(MNIST1D_PARAMS))
+def test_mnist1d_models_use_pytorch_default_init(name):
+    # nn.Linear / nn.Conv1d: weight kaiming_uniform_(a=sqrt(5)) = U(+-1/sqrt(fan_in)), bias the same bound.
+    model = models.build_model(name, (40, 1), 10, seed=0)
+    layers = [layer for layer in model.layers if layer.weights]
+    for layer in layers:
+        kernel, bias = (v.numpy() for v in layer.weights)
+        fan_in = int(np.prod(kernel.shape[:-1]))
+        bound = 1.0 / np.sqrt(fan_in)
+        for values in (kernel, bias):
+            assert np.abs(values).max() <= bound
+        assert np.abs(kernel).max() > 0.9 * bound  # uniform up to the bound, not a narrower law
+        assert np.std(kernel) == pytest.approx(bound / np.sqrt(3.0), rel=0.15)
+        assert np.abs(bias).max() > 0.5 * bound  # biases are not zero-initialised (Keras' default)
+    first = [v.numpy() for v in models.build_model(name, (40, 1), 10, seed=0).weights]
+    for a, b in zip(first, model.weights, strict=True):
+        np.testing.assert_array_equal(a, b.numpy())  # seeded
+    other = models.build_model(name, (40, 1), 10, seed=1)
+    assert not np.array_equal(other.weights[0].numpy(), model.weights[0].numpy())
+
+
+def test_mnist1d_weight_decay_covers_kernels_only():
+    model = models.build_model("mnist1d_cnn", (40, 1), 10, weight_decay=1e-3, seed=0)
+    kernels = [layer.kernel for layer in model.layers if hasattr(layer, "kernel")]
+    assert len(model.losses) == len(kernels) == 4  # 3 convs + logits
+    expected = 0.5 * 1e-3 * sum(float(np.sum(np.square(k.numpy()))) for k in kernels)
+    assert float(tf.add_n(model.losses)) == pytest.approx(expected, rel=1e-5)
+    assert models.build_model("mnist1d_cnn", (40, 1), 10).losses == []
+
+
+@pytest.mark.parametrize("policy", POLICIES, indirect=True)
+@pytest.mark.parametrize("name", sorted(MNIST1D_PARAMS))
+def test_mnist1d_models_output_float32_logits(name, policy):
+    model = models.build_model(name, (40, 1), 10, seed=0)
+    logits = model(np.random.default_rng(0).normal(size=(5, 40, 1)).astype(np.float32))
+    assert tuple(logits.shape) == (5, 10)
+    assert logits.dtype == tf.float32
+    assert model.count_params() == MNIST1D_PARAMS[name]  # the policy does not change the architecture
