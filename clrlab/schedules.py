@@ -30,11 +30,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from clrlab.config import ANNEAL_STRATEGIES, CLR_MODES, IMPLIED_SCALE_MODE, POLICIES, SCALE_MODES
+
 __all__ = [
-    "ANNEAL_STRATEGIES",
-    "MODES",
-    "POLICIES",
-    "SCALE_MODES",
     "Constant",
     "CyclicalLearningRate",
     "CyclicalMomentum",
@@ -47,13 +45,6 @@ __all__ = [
     "make_schedule",
 ]
 
-MODES = ("triangular", "triangular2", "exp_range")
-SCALE_MODES = ("cycle", "iterations")
-ANNEAL_STRATEGIES = ("cos", "linear")
-POLICIES = ("triangular", "triangular2", "exp_range", "one_cycle", "constant", "piecewise")
-
-# The scale mode each built-in mode implies (Smith / bckenstler / PyTorch).
-_IMPLIED_SCALE_MODE = {"triangular": "cycle", "triangular2": "cycle", "exp_range": "iterations"}
 _HALF_PI = math.pi / 2.0
 
 _register = keras.saving.register_keras_serializable(package="clrlab")
@@ -286,16 +277,16 @@ class CyclicalLearningRate(keras.optimizers.schedules.LearningRateSchedule):
                 "step_size_down", step_size_down, "a finite number > 0 or None", lambda v: v > 0
             )
         self.step_size_down = step_size_down
-        self.mode = _choice("mode", mode, MODES)
+        self.mode = _choice("mode", mode, CLR_MODES)
         self.gamma = _gamma(gamma)
         if scale_mode is not None:
             _choice("scale_mode", scale_mode, SCALE_MODES)
         if scale_fn is not None and not callable(scale_fn):
             _fail("scale_fn", scale_fn, "a callable or None")
-        if scale_fn is None and scale_mode is not None and scale_mode != _IMPLIED_SCALE_MODE[mode]:
+        if scale_fn is None and scale_mode is not None and scale_mode != IMPLIED_SCALE_MODE[mode]:
             raise ValueError(
                 f"Argument `scale_mode` conflicts with mode={mode!r}, which implies "
-                f"scale_mode={_IMPLIED_SCALE_MODE[mode]!r}; pass scale_mode=None (or the implied "
+                f"scale_mode={IMPLIED_SCALE_MODE[mode]!r}; pass scale_mode=None (or the implied "
                 "value), or give a custom `scale_fn` to choose the scale mode freely. "
                 f"Received: scale_mode={scale_mode!r}."
             )
@@ -304,7 +295,7 @@ class CyclicalLearningRate(keras.optimizers.schedules.LearningRateSchedule):
         self.name = _name(name)
 
         if scale_fn is None:
-            self._scale_mode = _IMPLIED_SCALE_MODE[mode]
+            self._scale_mode = IMPLIED_SCALE_MODE[mode]
         else:
             self._scale_mode = scale_mode or "cycle"
         self._up = float(self.step_size)
@@ -807,7 +798,7 @@ def make_schedule(policy, **kwargs):
       defaults to none, i.e. one constant stage).
 
     Args:
-        policy: One of `POLICIES`.
+        policy: One of `clrlab.config.POLICIES`.
         **kwargs: Schedule arguments, see above.
 
     Returns:
@@ -818,7 +809,7 @@ def make_schedule(policy, **kwargs):
     """
     _choice("policy", policy, POLICIES)
     given = {k: v for k, v in kwargs.items() if v is not None}
-    if policy in MODES:
+    if policy in CLR_MODES:
         return CyclicalLearningRate(mode=policy, **{k: given[k] for k in _CLR_KEYS if k in given})
     if policy == "constant":
         return Constant(given.get("base_lr", 0.001), name=given.get("name"))
