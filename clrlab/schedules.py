@@ -111,6 +111,14 @@ def _as_float32_step(step):
     return tf.cast(step, tf.float32)
 
 
+def _deserialized(config, key):
+    """A copy of `config` whose `key`, if it holds a serialized Keras object (a dict), is deserialized."""
+    config = dict(config)
+    if isinstance(config.get(key), dict):
+        config[key] = keras.saving.deserialize_keras_object(config[key])
+    return config
+
+
 def _is_registered(obj):
     """True if `obj` (a function, or an instance of a class) is in Keras' custom-object registry."""
     target = obj if isinstance(obj, types.FunctionType) else type(obj)
@@ -381,10 +389,7 @@ class CyclicalLearningRate(keras.optimizers.schedules.LearningRateSchedule):
     @classmethod
     def from_config(cls, config):
         """`cls(**config)`, after deserializing a serialized custom `scale_fn`."""
-        config = dict(config)
-        if isinstance(config.get("scale_fn"), dict):
-            config["scale_fn"] = keras.saving.deserialize_keras_object(config["scale_fn"])
-        return cls(**config)
+        return cls(**_deserialized(config, "scale_fn"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -619,10 +624,7 @@ class CyclicalMomentum(keras.optimizers.schedules.LearningRateSchedule):
     @classmethod
     def from_config(cls, config):
         """`cls(**config)`, after deserializing the nested `lr_schedule`."""
-        config = dict(config)
-        if isinstance(config.get("lr_schedule"), dict):
-            config["lr_schedule"] = keras.saving.deserialize_keras_object(config["lr_schedule"])
-        return cls(**config)
+        return cls(**_deserialized(config, "lr_schedule"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -215,20 +215,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _workload_list(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in WORKLOADS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"choose from {','.join(WORKLOADS)}, got {text!r}")
-    return names
+def _name_list(choices):
+    """An argparse type: a comma-separated, non-empty subset of `choices`."""
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names or any(n not in choices for n in names):
+            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)}, got {text!r}")
+        return names
 
-
-def _contender_list(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ALL_CONTENDERS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"choose from {','.join(ALL_CONTENDERS)}, got {text!r}")
-    return names
+    return parse
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -243,10 +238,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "--workloads says otherwise; checks the plumbing and the JSON, not the speed.")
     p.add_argument("--out", default=os.path.join("bench_results", "bench.json"),
                    help="JSON results file (folders are created). Default: bench_results/bench.json.")
-    p.add_argument("--workloads", type=_workload_list, default=None,
+    p.add_argument("--workloads", type=_name_list(WORKLOADS), default=None,
                    help=f"Comma-separated subset of {','.join(WORKLOADS)} (default: all; with --quick: "
                         f"{','.join(QUICK['workloads'])}).")
-    p.add_argument("--contenders", type=_contender_list, default=list(ALL_CONTENDERS),
+    p.add_argument("--contenders", type=_name_list(ALL_CONTENDERS), default=list(ALL_CONTENDERS),
                    help="Comma-separated subset of the contenders (default: all that each workload runs; "
                         "a ratio is reported only when both its contenders ran).")
     p.add_argument("--repeats", type=_positive_int, default=None,
