@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv train test bench range-test clean
+.PHONY: venv train test bench range-test lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -24,6 +24,9 @@ range-test: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py $(ARGS)

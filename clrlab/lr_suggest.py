@@ -9,14 +9,15 @@ Units and conventions used throughout:
 * ``lrs`` are learning rates, one per sweep step: the value the step trained with (logged before the
   update). They must be finite, strictly increasing and, where the analysis works on ``ln lr``,
   strictly positive.
-* ``losses`` are raw per-batch losses in the loss's own units (not Keras' running epoch mean; see
-  REFERENCE 4.6). They may be negative.
+* ``losses`` are raw per-batch losses in the loss's own units, not the running epoch mean that Keras 3
+  passes to ``on_train_batch_end`` as ``logs["loss"]`` (a mean over the epoch so far, which lags the
+  sweep). They may be negative.
 * "index" always means a 0-based sweep step, i.e. a position in these arrays.
 * ``accuracies`` are per-step (or per-evaluation) accuracies; the accuracy rule's thresholds are
   relative to the observed rise, except ``min_rise`` which is in accuracy units.
 
 The entry point a range test calls is :func:`recommend`; its :class:`Recommendation` serialises to
-the JSON result described in REFERENCE 4.5.
+the range test's JSON result (:meth:`Recommendation.to_dict` lists its fields).
 
 Example:
 
@@ -42,13 +43,14 @@ from typing import Any
 
 import numpy as np
 
+from clrlab.config import SWEEPS
+
 __all__ = [
     "ACCURACY_SMOOTHERS",
     "AccuracyBounds",
     "MIN_POINTS",
     "Recommendation",
     "SMOOTHERS",
-    "SWEEPS",
     "divergence_index",
     "first_nonfinite",
     "recommend",
@@ -65,9 +67,6 @@ SMOOTHERS = ("none", "ema_seeded", "ema_debiased")
 
 ACCURACY_SMOOTHERS = ("moving_average", "savgol")
 """Zero-lag (centred) smoothers accepted by :func:`suggest_from_accuracy`."""
-
-SWEEPS = ("linear", "exponential")
-"""LR sweep shapes; :func:`recommend` also accepts ``"auto"`` and infers one of these."""
 
 MIN_POINTS = 5
 """Fewest finite, non-diverged sweep points :func:`recommend` accepts (and keeps after trimming)."""
@@ -208,7 +207,7 @@ def divergence_index(smoothed: Any, factor: float = 4.0, skip: int = 5,
     4, torch-lr-finder and Ignite 5); unlike the ratio test it still works for negative losses
     (fastai #962), where ``s_t > 4 * best_t`` would fire at once. The first NaN/inf also stops the
     sweep, at any index (skip does not apply). The returned point is the diverged one; callers keep
-    it (REFERENCE 4.3).
+    it (as fastai's ``LRFinder`` records the batch that triggers its stop).
 
     Args:
       smoothed: 1-D (smoothed) losses in sweep order.
@@ -355,34 +354,6 @@ def suggest_valley(lrs: Any, losses: Any) -> float:
     """
     lr, loss = _curve(lrs, losses, min_len=1)
     return float(lr[_valley_index(_lds_lengths(loss))])
-
-
-def _lds_lengths_quadratic(losses: Sequence[float]) -> list[int]:
-    """O(n^2) reference for :func:`_lds_lengths` (test oracle), as in fastai's loop."""
-    n = len(losses)
-    lds = [1] * n
-    for i in range(1, n):
-        for j in range(i):
-            if losses[i] < losses[j] and lds[i] < lds[j] + 1:
-                lds[i] = lds[j] + 1
-    return lds
-
-
-def _valley_quadratic(lrs: Sequence[float], losses: Sequence[float]) -> float:
-    """O(n^2) reference for :func:`suggest_valley` (test oracle): fastai's loop plus the clamp."""
-    n = len(losses)
-    max_start, max_end = 0, 0
-    lds = [1] * n
-    for i in range(1, n):
-        for j in range(i):
-            if losses[i] < losses[j] and lds[i] < lds[j] + 1:
-                lds[i] = lds[j] + 1
-            if lds[max_end] < lds[i]:
-                max_end = i
-                max_start = max_end - lds[max_end]
-    sections = (max_end - max_start) / 3
-    idx = max(max_start + int(sections) + int(sections / 2), 0)
-    return float(lrs[idx])
 
 
 def suggest_slide(lrs: Any, losses: Any, *, lr_diff: int = 15, thresh: float = 0.005,
@@ -649,7 +620,7 @@ def _series(values: Any) -> tuple[float, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Recommendation:
-    """The machine-readable result of a range test (REFERENCE 4.5), made by :func:`recommend`.
+    """The machine-readable result of a range test, made by :func:`recommend`.
 
     The series hold the sweep up to where it stopped: through the diverged point for
     ``reason == "diverged"``, before the first non-finite value for ``reason == "nonfinite"``.

@@ -30,11 +30,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from clrlab.config import ANNEAL_STRATEGIES, CLR_MODES, IMPLIED_SCALE_MODE, POLICIES, SCALE_MODES
+
 __all__ = [
-    "ANNEAL_STRATEGIES",
-    "MODES",
-    "POLICIES",
-    "SCALE_MODES",
     "Constant",
     "CyclicalLearningRate",
     "CyclicalMomentum",
@@ -47,13 +45,6 @@ __all__ = [
     "make_schedule",
 ]
 
-MODES = ("triangular", "triangular2", "exp_range")
-SCALE_MODES = ("cycle", "iterations")
-ANNEAL_STRATEGIES = ("cos", "linear")
-POLICIES = ("triangular", "triangular2", "exp_range", "one_cycle", "constant", "piecewise")
-
-# The scale mode each built-in mode implies (Smith / bckenstler / PyTorch).
-_IMPLIED_SCALE_MODE = {"triangular": "cycle", "triangular2": "cycle", "exp_range": "iterations"}
 _HALF_PI = math.pi / 2.0
 
 _register = keras.saving.register_keras_serializable(package="clrlab")
@@ -118,6 +109,14 @@ def _tail(x):
 def _as_float32_step(step):
     """Casts a step (Python number, array, tensor or variable of any numeric dtype) to float32."""
     return tf.cast(step, tf.float32)
+
+
+def _deserialized(config, key):
+    """A copy of `config` whose `key`, if it holds a serialized Keras object (a dict), is deserialized."""
+    config = dict(config)
+    if isinstance(config.get(key), dict):
+        config[key] = keras.saving.deserialize_keras_object(config[key])
+    return config
 
 
 def _is_registered(obj):
@@ -286,16 +285,16 @@ class CyclicalLearningRate(keras.optimizers.schedules.LearningRateSchedule):
                 "step_size_down", step_size_down, "a finite number > 0 or None", lambda v: v > 0
             )
         self.step_size_down = step_size_down
-        self.mode = _choice("mode", mode, MODES)
+        self.mode = _choice("mode", mode, CLR_MODES)
         self.gamma = _gamma(gamma)
         if scale_mode is not None:
             _choice("scale_mode", scale_mode, SCALE_MODES)
         if scale_fn is not None and not callable(scale_fn):
             _fail("scale_fn", scale_fn, "a callable or None")
-        if scale_fn is None and scale_mode is not None and scale_mode != _IMPLIED_SCALE_MODE[mode]:
+        if scale_fn is None and scale_mode is not None and scale_mode != IMPLIED_SCALE_MODE[mode]:
             raise ValueError(
                 f"Argument `scale_mode` conflicts with mode={mode!r}, which implies "
-                f"scale_mode={_IMPLIED_SCALE_MODE[mode]!r}; pass scale_mode=None (or the implied "
+                f"scale_mode={IMPLIED_SCALE_MODE[mode]!r}; pass scale_mode=None (or the implied "
                 "value), or give a custom `scale_fn` to choose the scale mode freely. "
                 f"Received: scale_mode={scale_mode!r}."
             )
@@ -304,7 +303,7 @@ class CyclicalLearningRate(keras.optimizers.schedules.LearningRateSchedule):
         self.name = _name(name)
 
         if scale_fn is None:
-            self._scale_mode = _IMPLIED_SCALE_MODE[mode]
+            self._scale_mode = IMPLIED_SCALE_MODE[mode]
         else:
             self._scale_mode = scale_mode or "cycle"
         self._up = float(self.step_size)
@@ -390,10 +389,7 @@ class CyclicalLearningRate(keras.optimizers.schedules.LearningRateSchedule):
     @classmethod
     def from_config(cls, config):
         """`cls(**config)`, after deserializing a serialized custom `scale_fn`."""
-        config = dict(config)
-        if isinstance(config.get("scale_fn"), dict):
-            config["scale_fn"] = keras.saving.deserialize_keras_object(config["scale_fn"])
-        return cls(**config)
+        return cls(**_deserialized(config, "scale_fn"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -628,10 +624,7 @@ class CyclicalMomentum(keras.optimizers.schedules.LearningRateSchedule):
     @classmethod
     def from_config(cls, config):
         """`cls(**config)`, after deserializing the nested `lr_schedule`."""
-        config = dict(config)
-        if isinstance(config.get("lr_schedule"), dict):
-            config["lr_schedule"] = keras.saving.deserialize_keras_object(config["lr_schedule"])
-        return cls(**config)
+        return cls(**_deserialized(config, "lr_schedule"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -807,7 +800,7 @@ def make_schedule(policy, **kwargs):
       defaults to none, i.e. one constant stage).
 
     Args:
-        policy: One of `POLICIES`.
+        policy: One of `clrlab.config.POLICIES`.
         **kwargs: Schedule arguments, see above.
 
     Returns:
@@ -818,7 +811,7 @@ def make_schedule(policy, **kwargs):
     """
     _choice("policy", policy, POLICIES)
     given = {k: v for k, v in kwargs.items() if v is not None}
-    if policy in MODES:
+    if policy in CLR_MODES:
         return CyclicalLearningRate(mode=policy, **{k: given[k] for k in _CLR_KEYS if k in given})
     if policy == "constant":
         return Constant(given.get("base_lr", 0.001), name=given.get("name"))

@@ -40,7 +40,7 @@ Contenders (ids used in the table and the JSON):
   b_constant  a_default with schedules.Constant: the ceiling for (a).
   c_fit_cb    model.fit, steps_per_execution=1, a per-batch Python callback that sets
               `optimizer.learning_rate`: clrlab.callbacks.CyclicLR, the Keras 3 drop-in for bckenstler's
-              callback (the bench-local copy of c_classic where clrlab.callbacks is absent).
+              callback.
   c_classic   (linear, mlp; informational) the same with a minimal numpy copy of bckenstler's classic
               callback (Python counters; per batch: read the LR for its history, assign the next one).
   d_fit_sched model.fit with the optimizer built on schedules.CyclicalLearningRate (in graph) and
@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import math
 import os
@@ -97,7 +98,14 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+# TensorFlow, Keras, clrlab and trainers are imported inside the functions that use them, so that
+# `--help` and a bad flag answer without loading TensorFlow (seconds on 2 cores), and the tests can load
+# this module's tables cheaply.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -207,20 +215,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _workload_list(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in WORKLOADS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"choose from {','.join(WORKLOADS)}, got {text!r}")
-    return names
+def _name_list(choices):
+    """An argparse type: a comma-separated, non-empty subset of `choices`."""
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names or any(n not in choices for n in names):
+            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)}, got {text!r}")
+        return names
 
-
-def _contender_list(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ALL_CONTENDERS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"choose from {','.join(ALL_CONTENDERS)}, got {text!r}")
-    return names
+    return parse
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -235,10 +238,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "--workloads says otherwise; checks the plumbing and the JSON, not the speed.")
     p.add_argument("--out", default=os.path.join("bench_results", "bench.json"),
                    help="JSON results file (folders are created). Default: bench_results/bench.json.")
-    p.add_argument("--workloads", type=_workload_list, default=None,
+    p.add_argument("--workloads", type=_name_list(WORKLOADS), default=None,
                    help=f"Comma-separated subset of {','.join(WORKLOADS)} (default: all; with --quick: "
                         f"{','.join(QUICK['workloads'])}).")
-    p.add_argument("--contenders", type=_contender_list, default=list(ALL_CONTENDERS),
+    p.add_argument("--contenders", type=_name_list(ALL_CONTENDERS), default=list(ALL_CONTENDERS),
                    help="Comma-separated subset of the contenders (default: all that each workload runs; "
                         "a ratio is reported only when both its contenders ran).")
     p.add_argument("--repeats", type=_positive_int, default=None,
@@ -318,7 +321,6 @@ class PeakRSS:
 def _classic_callback_class():
     """bckenstler's CyclicLR (triangular) on Keras 3: Python counters, per batch: log, then set the LR."""
     import keras
-    import numpy as np
 
     class ClassicCyclicLR(keras.callbacks.Callback):
         def __init__(self, base_lr, max_lr, step_size):
@@ -339,7 +341,8 @@ def _classic_callback_class():
         def on_train_batch_end(self, batch, logs=None):
             self.trn_iterations += 1
             self.clr_iterations += 1
-            self.history.setdefault("lr", []).append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            self.history.setdefault("lr", []).append(lr)
             self.history.setdefault("iterations", []).append(self.trn_iterations)
             for k, v in (logs or {}).items():
                 self.history.setdefault(k, []).append(v)
@@ -349,15 +352,13 @@ def _classic_callback_class():
 
 
 def make_lr_callback(classic: bool = False):
-    """(callback, description): clrlab.callbacks.CyclicLR (when present and not `classic`) or the classic copy."""
-    if not classic:
-        try:
-            from clrlab.callbacks import CyclicLR  # type: ignore
-            return CyclicLR(base_lr=BASE_LR, max_lr=MAX_LR, step_size=STEP_SIZE), "clrlab.callbacks.CyclicLR"
-        except ImportError:
-            pass
-    cls = _classic_callback_class()
-    return cls(BASE_LR, MAX_LR, STEP_SIZE), "bench-local minimal copy of bckenstler's CyclicLR (numpy)"
+    """(callback, description): clrlab.callbacks.CyclicLR, or with `classic` the minimal numpy copy."""
+    if classic:
+        return (_classic_callback_class()(BASE_LR, MAX_LR, STEP_SIZE),
+                "bench-local minimal copy of bckenstler's CyclicLR (numpy)")
+    from clrlab.callbacks import CyclicLR
+
+    return CyclicLR(base_lr=BASE_LR, max_lr=MAX_LR, step_size=STEP_SIZE), "clrlab.callbacks.CyclicLR"
 
 
 class _FitTimer:
@@ -390,8 +391,15 @@ class Contender:
 
 
 def _tracing_count(fn) -> int | None:
+    """Traces of a `tf.function`; for a plain Python function (Keras 3's `model.train_function` is one),
+    the summed traces of the `tf.function`s it closes over (Keras' `multi_step_on_iterator`, in
+    keras/src/backend/tensorflow/trainer.py). None when there is none to count."""
     counter = getattr(fn, "experimental_get_tracing_count", None)
-    return int(counter()) if counter else None
+    if counter is not None:
+        return int(counter())
+    counts = [_tracing_count(cell.cell_contents) for cell in getattr(fn, "__closure__", None) or ()
+              if hasattr(cell.cell_contents, "experimental_get_tracing_count")]
+    return sum(counts) if counts else None
 
 
 def build_model(spec: dict, seed: int | None):
@@ -520,7 +528,6 @@ def build_contender(name: str, spec: dict, dataset, *, steps_total: int, tuned: 
 
 def make_dataset(spec: dict, batch_size: int, seed: int):
     """Random float32 images and int32 labels held in memory, as a repeated, batched, prefetched tf.data."""
-    import numpy as np
     import tensorflow as tf
 
     rng = np.random.default_rng(seed)
@@ -572,8 +579,6 @@ def profile_contender(contender: Contender, steps: int) -> dict:
     calls) are left out so that each op's time is counted once. Profiling slows everything down and op
     times overlap (2 threads), so compare contenders with each other, not with the timed runs.
     """
-    import glob
-
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
@@ -749,7 +754,8 @@ def format_table(result: dict) -> str:
                          f"{c['cpu_ms_per_step']['median']:>7.3f} {st['spread_pct']:>6.0f}% "
                          f"{c['peak_rss_mb']:>7.0f}M {c['peak_rss_delta_mb']:>5.0f}M {c['build_rss_delta_mb']:>6.0f}M  "
                          f"{c['description']}")
-        lines.append(f"  {'ratio (per-repeat median)':<30} {'wall':>6} {'[95% CI]':>15} {'cpu':>6} {'target':>8}  result")
+        lines.append(f"  {'ratio (per-repeat median)':<30} {'wall':>6} {'[95% CI]':>15} {'cpu':>6} "
+                     f"{'target':>8}  result")
         for key, r in w["ratios"].items():
             target = "-" if r["target"] is None else f"{r['comparison']} {r['target']:g}"
             verdict = r["verdict"] or ""
@@ -781,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
 
     own_logdir = args.logdir is None
     logdir = tempfile.mkdtemp(prefix="clrlab-bench-") if own_logdir else args.logdir
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     meta = {
         "date": started.isoformat(timespec="seconds"),
         "tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version(),
@@ -809,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         if own_logdir:
             shutil.rmtree(logdir, ignore_errors=True)
     meta["loadavg_end"] = _loadavg()
-    meta["seconds"] = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
+    meta["seconds"] = (datetime.datetime.now(datetime.UTC) - started).total_seconds()
     targets = [{"workload": w, "ratio": k, "value": r["value"], "target": r["target"], "comparison": r["comparison"],
                 "pass": r["pass"]}
                for w, wr in result["workloads"].items() for k, r in wr["ratios"].items() if r["target"] is not None]

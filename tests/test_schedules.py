@@ -1,9 +1,11 @@
 """Tests for clrlab.schedules against independent float64 references of the published formulas.
 
 References written here from the sources, not from clrlab's code:
-  * Smith's triangular family as in the CLR paper / bckenstler (REFERENCE 1.2),
-  * PyTorch `CyclicLR` for asymmetric cycles and its momentum (REFERENCE 1.4),
-  * PyTorch `OneCycleLR` phase table, anneal functions and momentum (REFERENCE 1.5).
+  * Smith's triangular family as in the CLR paper (Smith, "Cyclical Learning Rates for Training Neural
+    Networks", WACV 2017, arXiv:1506.01186, section 3.1) and bckenstler/CLR `clr_callback.py`,
+  * PyTorch `CyclicLR` for asymmetric cycles and its momentum (pytorch/pytorch
+    `torch/optim/lr_scheduler.py`),
+  * PyTorch `OneCycleLR` phase table, anneal functions and momentum (the same file).
 """
 
 import inspect
@@ -17,6 +19,7 @@ import tensorflow as tf
 
 import clrlab  # noqa: F401  (registers the schedules, as a user would)
 from clrlab import schedules as S
+from clrlab.config import ANNEAL_STRATEGIES, CLR_MODES, SCALE_MODES
 
 B, M, STEP = 0.001, 0.006, 2000
 GAMMA = 0.99994
@@ -129,7 +132,8 @@ def values(schedule, steps, dtype=np.int64):
 
 
 # ------------------------------------------------------------------------------------------------
-# Worked values (REFERENCE 1.3) and golden one-cycle values (1.5).
+# Worked values (by hand from the formula in bckenstler/CLR's README) and golden one-cycle values
+# (PyTorch `OneCycleLR` at the same arguments).
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "mode, steps, expected",
@@ -167,7 +171,7 @@ def test_one_cycle_golden_values_and_hold():
 # ------------------------------------------------------------------------------------------------
 # 50,000 steps against the float64 references.
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", S.MODES)
+@pytest.mark.parametrize("mode", CLR_MODES)
 def test_symmetric_modes_match_smith_formula(mode):
     scale, scale_mode = BUILTIN_SCALES[mode]
     lr = S.CyclicalLearningRate(B, M, STEP, mode=mode, gamma=GAMMA)
@@ -177,7 +181,7 @@ def test_symmetric_modes_match_smith_formula(mode):
 
 
 @pytest.mark.parametrize("up, down", [(2000, 500), (300, 1700), (2000, 2000)])
-@pytest.mark.parametrize("mode", S.MODES)
+@pytest.mark.parametrize("mode", CLR_MODES)
 def test_asymmetric_cycles_match_pytorch_cyclic_lr(mode, up, down):
     scale, scale_mode = BUILTIN_SCALES[mode]
     lr = S.CyclicalLearningRate(B, M, up, mode=mode, gamma=GAMMA, step_size_down=down)
@@ -212,7 +216,7 @@ def test_scale_fn_receives_float32_not_the_raw_step():
         seen.append(u.dtype)
         return tf.ones_like(u)
 
-    for scale_mode in S.SCALE_MODES:
+    for scale_mode in SCALE_MODES:
         lr = S.CyclicalLearningRate(scale_fn=checking_scale, scale_mode=scale_mode)
         lr(tf.constant(5, tf.int64))
     assert seen == [tf.float32, tf.float32]
@@ -229,7 +233,7 @@ def test_height_relates_lr_and_matches_pytorch_factor():
 
 
 @pytest.mark.parametrize("three_phase", [False, True])
-@pytest.mark.parametrize("anneal", S.ANNEAL_STRATEGIES)
+@pytest.mark.parametrize("anneal", ANNEAL_STRATEGIES)
 @pytest.mark.parametrize("total, pct", [(1000, 0.3), (1001, 0.25), (37, 0.45)])
 def test_one_cycle_matches_pytorch_over_all_steps(total, pct, anneal, three_phase):
     kwargs = dict(max_lr=0.1, total_steps=total, pct_start=pct, anneal_strategy=anneal,
@@ -257,7 +261,7 @@ def test_one_cycle_zero_length_first_phase_is_finite():
 
 
 def test_cyclical_momentum_matches_pytorch_cyclic_lr_momentum():
-    for mode in S.MODES:
+    for mode in CLR_MODES:
         scale, scale_mode = BUILTIN_SCALES[mode]
         lr = S.CyclicalLearningRate(B, M, 2000, mode=mode, gamma=GAMMA, step_size_down=500)
         mom = S.CyclicalMomentum(lr, base_momentum=0.8, max_momentum=0.9)
@@ -518,7 +522,7 @@ def test_scale_mode_rules():
 def test_make_schedule_each_policy():
     common = dict(base_lr=0.002, max_lr=0.01, step_size=100, step_size_down=300, gamma=0.999,
                   total_steps=1000, pct_start=0.25, epochs=3, scale_mode=None)
-    for mode in S.MODES:
+    for mode in CLR_MODES:
         lr = S.make_schedule(mode, **common)
         assert isinstance(lr, CLR)
         config = lr.get_config()
@@ -551,7 +555,7 @@ def test_make_schedule_errors():
 
 
 # ------------------------------------------------------------------------------------------------
-# PiecewiseConstant: the CLR paper's staged "fixed" baseline (issue 4).
+# PiecewiseConstant: the CLR paper's staged "fixed" baseline (Caffe's `cifar10_full` solvers).
 # ------------------------------------------------------------------------------------------------
 CAFFE_FIXED = dict(boundaries=[60_000, 65_000], values=[1e-3, 1e-4, 1e-5])
 
