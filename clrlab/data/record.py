@@ -30,7 +30,8 @@ class Dataset:
       download: the real ``keras.datasets.<name>.load_data``, called only when no local copy is found.
       cache_subdir: sub-folder of the Keras cache holding the copy (Keras' ``cache_subdir``).
       flip: whether `augment_batch` mirrors images by default; False when a mirror changes the class.
-      uses_data_dir: whether ``data_dir`` means something to this dataset (`validate_spec` checks it).
+      reads_data_dir: whether ``data_dir``, when given, holds a copy to read, so `validate_spec` requires it
+        to exist (False for ``digits``, which ignores it, and ``mnist1d``, which caches into it).
       spatial_dims: 2 for images ``(N, H, W, C)``, 1 for signals ``(N, L, C)``.
       parse_options: ``parse_options("k=v,...") -> dict`` for specs ``name:k=v,...``; None = no options.
     """
@@ -44,6 +45,6 @@ class Dataset:
     download: Callable[[], Any] | None = None
     cache_subdir: str = ""
     flip: bool = True
-    uses_data_dir: bool = True
+    reads_data_dir: bool = True
     spatial_dims: int = 2
     parse_options: Callable[[str], dict] | None = None

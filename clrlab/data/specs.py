@@ -4,8 +4,8 @@ A dataset is named by a *spec* string:
 
 - a built-in name (`BUILTIN_DATASETS`, one `Dataset` record each in `clrlab.data.readers.DATASETS`):
   ``digits`` (scikit-learn's bundled 8x8 digits, offline, the default), ``cifar10``, ``mnist`` or
-  ``fashion_mnist`` (the Keras datasets, read from the Keras cache or from ``data_dir``); a dataset
-  with options takes them as ``name:key=value,key=value``;
+  ``fashion_mnist`` (the Keras datasets, read from the Keras cache or from ``data_dir``), ``mnist1d``
+  (MNIST-1D, generated offline and cached; options as ``mnist1d:num_samples=10000,seed=7``);
 - ``npz:PATH``: a NumPy archive with ``x_train``, ``y_train``, ``x_test``, ``y_test`` (and optionally
   ``class_names``);
 - ``folder:PATH``: one sub-folder per class, read with ``keras.utils.image_dataset_from_directory``;
@@ -73,7 +73,7 @@ def validate_spec(spec: str, data_dir: str | None = None) -> None:
     """
     kind, arg, _ = _split_spec(spec)
     if kind == "builtin":
-        if data_dir is not None and DATASETS[arg].uses_data_dir and not os.path.exists(os.path.expanduser(data_dir)):
+        if data_dir is not None and DATASETS[arg].reads_data_dir and not os.path.exists(os.path.expanduser(data_dir)):
             raise DataError(f"data_dir {data_dir} does not exist: pass the folder (or file) holding the {arg} download")
     elif kind == "npz":
         if not os.path.isfile(arg):
@@ -113,6 +113,8 @@ def load(
           from the Keras cache `keras_datasets_dir` (the layouts Keras 3 and tf.keras 2 write), else
           downloaded by the real ``keras.datasets.<name>.load_data()``. Offline and not cached raises a
           `DataError` saying where to put the file.
+        - ``mnist1d[:key=value,...]``: MNIST-1D signals (N, 40, 1), 4000 train / 1000 test by default;
+          see `clrlab.data.readers.mnist1d` for the options and the cache (under ``data_dir`` if given).
         - ``npz:PATH``: arrays ``x_train, y_train, x_test, y_test`` (+ optional ``class_names``);
           images (N, H, W) or (N, H, W, C), uint8 0..255 (divided by 255) or float (taken as already in
           [0, 1]); labels integer class ids; ``num_classes`` = len(class_names) or max label + 1.

@@ -23,4 +23,4 @@ def _read(dataset: Dataset, data_dir, options):
 
 # A mirrored "2" or "7" is not a "2" or "7": no flips.
 DIGITS = Dataset(name="digits", title="digits", class_names=tuple(str(i) for i in range(10)), read=_read,
-                 flip=False, uses_data_dir=False)
+                 flip=False, reads_data_dir=False)
