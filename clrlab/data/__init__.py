@@ -5,8 +5,8 @@ Layout (each module imports only the ones above it):
 - `splits`: `DataError`, `Splits`, `from_arrays` (checks, scaling to [0, 1], train-only normalisation);
 - `record`: `Dataset`, the one record per named dataset (name, class names, files, downloader, flip...);
 - `readers`: one small reader per source (`readers.digits`, `readers.cifar10`, `readers.mnist` for
-  MNIST and Fashion-MNIST, `readers.mnist1d`, `readers.npz`, `readers.folder`, `readers.tfds`; `readers.keras_cache`), and
-  `DATASETS`, the records by name;
+  MNIST and Fashion-MNIST, `readers.mnist1d`, `readers.npz`, `readers.folder`, `readers.tfds`;
+  `readers.keras_cache`), and `DATASETS`, the records by name;
 - `specs`: spec parsing, `validate_spec`, `load`, `default_flip`;
 - `pipelines`: `train_dataset`, `eval_dataset`, `augment_batch`, `steps_per_epoch`.
 

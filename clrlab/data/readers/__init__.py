@@ -1,8 +1,9 @@
 """One small reader per data source, as Keras keeps one module per dataset in ``keras/src/datasets/``.
 
 Named datasets (`DATASETS`, one `clrlab.data.record.Dataset` record each): ``digits``, ``cifar10``,
-``mnist``, ``fashion_mnist``, ``mnist1d`` (generated, with options). Spec forms with a path or name: ``npz:`` (`npz`), ``folder:`` (`folder`),
-``tfds:`` (`tfds`). `keras_cache` holds the Keras cache lookup the Keras-downloadable datasets share.
+``mnist``, ``fashion_mnist``, ``mnist1d`` (generated, with options). Spec forms with a path or name:
+``npz:`` (`npz`), ``folder:`` (`folder`), ``tfds:`` (`tfds`). `keras_cache` holds the Keras cache
+lookup that the Keras-downloadable datasets share.
 """
 
 from __future__ import annotations
