@@ -67,7 +67,7 @@ def random_splits(n_train: int, seed: int = 0):
     x_train = rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8)
     x_test = rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8)
     y_train, y_test = rng.integers(0, 10, n_train), rng.integers(0, 10, 100)
-    return data._finalize("cifar10", x_train, y_train, x_test, y_test, data.CIFAR10_CLASSES, "mean")
+    return data.from_arrays("cifar10", x_train, y_train, x_test, y_test, data.DATASETS["cifar10"].class_names, "mean")
 
 
 def make_trainer(model_name: str, splits, steps_per_epoch: int):
