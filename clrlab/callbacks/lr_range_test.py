@@ -28,8 +28,9 @@ class LRRangeTest(keras.callbacks.Callback):
 
     The same sweep as `clrlab.sweep.run_sweep` (the range-test command), for users who train with
     `model.fit`; both drive `clrlab.sweep.SweepRecorder` (records, stop rule, held-out merge, result).
-    The learning rate rises from `start_lr` to `end_lr` over `num_steps` batches, the callback records every batch's LR, loss and accuracy, stops the fit when the loss diverges, then puts
-    the model and the optimizer back exactly as they were and recommends CLR bounds::
+    The learning rate rises from `start_lr` to `end_lr` over `num_steps` batches, the callback records
+    every batch's LR, loss and accuracy, stops the fit when the loss diverges, then puts the model and
+    the optimizer back exactly as they were and recommends CLR bounds::
 
         import keras
         from clrlab import data
