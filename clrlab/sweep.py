@@ -20,9 +20,9 @@ between compiled training calls.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import numbers
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +32,8 @@ from clrlab import config, lr_suggest
 
 __all__ = ["SWEEP_DEFAULTS", "RangeTestResult", "StateSnapshot", "SweepOptions", "SweepRecorder", "run_sweep",
            "sweep_schedule"]
+
+_log = logging.getLogger(__name__)
 
 # Defaults per sweep: Smith's linear test is long and judged on accuracy (the CLR paper runs 8 epochs);
 # the exponential test covers many decades in a few hundred steps.
@@ -180,6 +182,7 @@ class SweepRecorder:
 
     @property
     def done(self) -> bool:
+        """Whether the sweep has stopped (`stop_reason` is set)."""
         return self.stop_reason is not None
 
     def next_chunk(self) -> int:
@@ -239,7 +242,8 @@ class SweepRecorder:
         """Analyses the records (`clrlab.lr_suggest.recommend`, with the options' smoother, beta and
         divergence factor). With held-out evaluations, Smith's accuracy rule on them replaces the bounds
         (rule `heldout_<rule>`, suggestions `accuracy_base`/`accuracy_max`): held-out accuracy beats the
-        noisier per-batch training accuracy; too few evaluations keep the per-batch bounds, with a warning.
+        noisier per-batch training accuracy; too few evaluations keep the per-batch bounds (logged as a
+        warning).
 
         Raises:
           ValueError: when `recommend` cannot analyse the records (too few finite steps).
@@ -253,7 +257,7 @@ class SweepRecorder:
             try:
                 bounds = lr_suggest.suggest_from_accuracy(self.eval_lrs, self.eval_accuracies, sweep=options.sweep)
             except ValueError as e:
-                warnings.warn(f"Held-out accuracy not used for the bounds: {e}", stacklevel=2)
+                _log.warning("Held-out accuracy not used for the bounds: %s", e)
                 bounds = None
             if bounds is not None and bounds.base_lr is not None and bounds.max_lr is not None:
                 suggestions = dict(rec.suggestions, accuracy_base=bounds.base_lr, accuracy_max=bounds.max_lr)

@@ -4,6 +4,7 @@ state snapshot) and its custom-loop driver `run_sweep` (exact restore, the train
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import keras
@@ -174,13 +175,15 @@ def test_result_merges_held_out_accuracy_into_the_bounds_with_smiths_rule():
     assert not plain.result().recommendation.rule.startswith("heldout_")
 
 
-def test_result_keeps_the_per_batch_bounds_with_a_warning_when_too_few_evaluations():
+def test_result_keeps_the_per_batch_bounds_with_a_logged_warning_when_too_few_evaluations(caplog):
     options = SweepOptions(num_steps=30, eval_every=29, check_every=29)
     recorder = SweepRecorder(options)
     recorder.record(list(np.geomspace(1e-6, 1e-3, 29)), list(np.linspace(2.3, 1.0, 29)), [0.5] * 29,
                     evaluate=lambda: 0.5)
-    with pytest.warns(UserWarning, match="Held-out accuracy not used"):
+    with caplog.at_level(logging.WARNING, logger="clrlab.sweep"):
         result = recorder.result()
+    assert [r.getMessage() for r in caplog.records if r.name == "clrlab.sweep"] == [
+        "Held-out accuracy not used for the bounds: Need at least 10 points. Received: 1"]
     assert result.eval_steps == (28,) and not result.recommendation.rule.startswith("heldout_")
 
 
