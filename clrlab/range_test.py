@@ -26,98 +26,13 @@ import os
 import sys
 from typing import Any
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from clrlab import cli
-from clrlab.sweep_state import SWEEPS, RangeTestResult, StateSnapshot, SweepOptions  # noqa: F401  (public here too)
+from clrlab.config import SWEEPS
+from clrlab.sweep import SWEEP_DEFAULTS, SweepOptions, run_sweep
 
 FLAGS = flags.FLAGS
-
-# Defaults per sweep: Smith's linear test is long and judged on accuracy (the CLR paper runs 8 epochs);
-# the exponential test covers many decades in a few hundred steps.
-SWEEP_DEFAULTS = {
-    "linear": {"start_lr": 1e-4, "end_lr": 0.1, "epochs": 8.0},
-    "exponential": {"start_lr": 1e-6, "end_lr": 1.0, "steps": 300},
-}
-
-
-def _sweep_schedule(options: SweepOptions):
-    from clrlab import schedules
-
-    cls = schedules.LinearSweep if options.sweep == "linear" else schedules.ExponentialSweep
-    return cls(options.start_lr, options.end_lr, options.num_steps)
-
-
-def run_sweep(model, optimizer, train_dataset, options: SweepOptions, *, strategy=None, eval_dataset=None,
-              summary_writer=None, restore: bool = True, progress: bool = False) -> RangeTestResult:
-    """Runs the sweep on `model`/`optimizer` (eager driver; compiled steps), then restores their state.
-
-    Args:
-      model, optimizer: as for `CustomLoopTrainer` (float LR optimizer; built or not).
-      train_dataset: an (infinite or long enough) dataset of (x, y) training batches.
-      options: the sweep.
-      eval_dataset: finite held-out dataset, used every `options.eval_every` steps.
-      summary_writer: per-step `learning_rate`/`loss`/`accuracy` scalars go here (None: none).
-      restore: put weights and optimizer state back afterwards (default; the point of the test).
-      progress: show a Keras Progbar.
-    """
-    import keras
-    import numpy as np
-
-    from clrlab import lr_suggest
-    from trainers.custom_loop import CustomLoopTrainer, NonFiniteLossError
-
-    trainer = CustomLoopTrainer(model, optimizer, _sweep_schedule(options), strategy=strategy,
-                                summary_writer=summary_writer)
-    snapshot = StateSnapshot(model, optimizer)
-    lrs, losses, accs, eval_steps, eval_lrs, eval_accs = [], [], [], [], [], []
-    bar = keras.utils.Progbar(options.num_steps, stateful_metrics=["lr", "loss"]) if progress else None
-    try:
-        iterator = trainer.make_iterator(train_dataset)
-        step = 0
-        while step < options.num_steps:
-            n = min(options.check_every, options.num_steps - step)
-            if options.eval_every:
-                n = min(n, options.eval_every - step % options.eval_every)
-            try:
-                records = trainer.train_steps(iterator, n)
-                bad = None
-            except NonFiniteLossError as e:
-                records, bad = e.records, int(np.flatnonzero(~np.isfinite(e.records.loss))[0])
-            lrs.extend(records.lr.tolist())
-            losses.extend(records.loss.tolist())
-            accs.extend(records.accuracy.tolist())
-            step += n
-            if bar is not None:
-                bar.update(step, [("lr", float(records.lr[-1])), ("loss", float(records.loss[-1]))])
-            if bad is not None:
-                break  # NaN/inf: recommend() truncates at the first non-finite value
-            if options.eval_every and eval_dataset is not None and step % options.eval_every == 0:
-                eval_steps.append(step - 1)
-                eval_lrs.append(float(records.lr[-1]))
-                eval_accs.append(trainer.evaluate(eval_dataset)["accuracy"])
-            smoothed = lr_suggest.smooth(losses, options.smoother, options.beta)
-            if lr_suggest.divergence_index(smoothed, options.divergence_factor) is not None:
-                break
-    finally:
-        if restore:
-            snapshot.restore()
-    recommendation = lr_suggest.recommend(np.asarray(lrs), np.asarray(losses), np.asarray(accs),
-                                          sweep=options.sweep, smoother=options.smoother, beta=options.beta,
-                                          divergence_factor=options.divergence_factor)
-    bounds = None
-    if eval_accs:  # Smith's rule on held-out accuracy beats the noisier per-batch training accuracy
-        try:
-            bounds = lr_suggest.suggest_from_accuracy(eval_lrs, eval_accs, sweep=options.sweep)
-        except ValueError as e:  # too few evaluations: keep the per-batch recommendation
-            logging.warning("Held-out accuracy not used for the bounds: %s", e)
-    if bounds is not None:
-        if bounds.base_lr is not None and bounds.max_lr is not None:
-            suggestions = dict(recommendation.suggestions, accuracy_base=bounds.base_lr, accuracy_max=bounds.max_lr)
-            recommendation = dataclasses.replace(recommendation, base_lr=bounds.base_lr, max_lr=bounds.max_lr,
-                                                 rule=f"heldout_{bounds.rule}", suggestions=suggestions)
-    return RangeTestResult(recommendation=recommendation, eval_steps=tuple(eval_steps),
-                           eval_lrs=tuple(eval_lrs), eval_accuracies=tuple(eval_accs))
 
 
 # ------------------------------------------------------------------------------------ command line

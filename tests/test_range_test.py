@@ -3,94 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 
-import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from conftest import read_scalars, run_module, user_lines
-
-from clrlab import data, models
-from clrlab.range_test import RangeTestResult, StateSnapshot, SweepOptions, run_sweep
-from trainers.custom_loop import CustomLoopTrainer
-from clrlab import schedules
-
-
-def _digits():
-    return data.load("digits")
-
-
-def _setup(splits, precision="float32", optimizer="sgd"):
-    keras.mixed_precision.set_global_policy(precision)
-    keras.utils.set_random_seed(1)
-    model = models.build_model("small_cnn", splits.input_shape, splits.num_classes, weight_decay=1e-4, seed=1)
-    inner = (keras.optimizers.SGD(0.01, momentum=0.9) if optimizer == "sgd" else keras.optimizers.Adam(0.001))
-    opt = keras.optimizers.LossScaleOptimizer(inner) if precision == "mixed_float16" else inner
-    # Train a few steps first so slots, iterations, BN statistics and the LR are all non-trivial.
-    trainer = CustomLoopTrainer(model, opt, schedules.Constant(0.01))
-    trainer.train_steps(iter(data.train_dataset(splits, 64, seed=0)), 5)
-    return model, opt
-
-
-def _state(model, opt):
-    return [v.numpy().copy() for v in list(model.weights) + list(opt.variables)]
-
-
-@pytest.mark.parametrize("precision,optimizer", [("float32", "sgd"), ("float32", "adam"),
-                                                 ("mixed_float16", "sgd")])
-def test_sweep_restores_weights_bn_statistics_optimizer_and_counters_bitwise(precision, optimizer):
-    splits = _digits()
-    model, opt = _setup(splits, precision, optimizer)
-    before = _state(model, opt)
-    names = [v.path for v in list(model.weights) + list(opt.variables)]
-    assert any("moving_mean" in n for n in names) and any("iteration" in n for n in names)
-    result = run_sweep(model, opt, data.train_dataset(splits, 64, seed=3),
-                       SweepOptions(sweep="exponential", start_lr=1e-4, end_lr=1.0, num_steps=40, check_every=10),
-                       eval_dataset=data.eval_dataset(splits, 256))
-    after = _state(model, opt)
-    assert len(before) == len(after)
-    for name, a, b in zip(names, before, after):
-        np.testing.assert_array_equal(a, b, err_msg=name)
-    assert isinstance(result, RangeTestResult) and len(result.recommendation.lrs) >= 10
-    # The sweep trained for real: the recorded LRs follow the sweep schedule.
-    expected = schedules.ExponentialSweep(1e-4, 1.0, 40)(np.arange(len(result.recommendation.lrs))).numpy()
-    np.testing.assert_allclose(result.recommendation.lrs, expected, rtol=3e-7)
-
-
-def test_snapshot_detects_a_change_and_restores_it():
-    splits = _digits()
-    model, opt = _setup(splits)
-    snap = StateSnapshot(model, opt)
-    assert snap.matches()
-    model.weights[0].assign(model.weights[0] + 1.0)
-    opt.variables[-1].assign(opt.variables[-1] + 1.0)
-    assert not snap.matches()
-    snap.restore()
-    assert snap.matches()
-
-
-def test_divergent_sweep_stops_early_and_still_restores():
-    splits = _digits()
-    model, opt = _setup(splits)
-    before = _state(model, opt)
-    result = run_sweep(model, opt, data.train_dataset(splits, 64, seed=0),
-                       SweepOptions(sweep="exponential", start_lr=1e-3, end_lr=1e4, num_steps=200, check_every=5))
-    rec = result.recommendation
-    assert rec.stopped_early and rec.reason in ("diverged", "nonfinite")
-    assert len(rec.lrs) < 200
-    for a, b in zip(before, _state(model, opt)):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_range_test_step_is_the_training_step():
-    # No second implementation: run_sweep drives CustomLoopTrainer (the same class clrlab.train uses).
-    import inspect
-    import clrlab.range_test as rt
-
-    assert "CustomLoopTrainer(" in inspect.getsource(rt.run_sweep)
-    assert "GradientTape" not in inspect.getsource(rt)
 
 
 @pytest.mark.slow

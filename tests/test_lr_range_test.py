@@ -1,4 +1,4 @@
-"""clrlab.callbacks.LRRangeTest (issue 6): the LR range test inside `model.fit`.
+"""clrlab.callbacks.LRRangeTest: the LR range test inside `model.fit`, over the clrlab.sweep engine.
 
 Several fits use a one-weight model `y = w * x` with a known loss, so the LR the optimizer trained at,
 the batch's own loss and the divergence point can be checked directly:
@@ -19,9 +19,10 @@ import keras
 import numpy as np
 import pytest
 
-from clrlab import data, models, schedules
-from clrlab.callbacks import LRRangeTest, _GraphLR, deaverage
-from clrlab.range_test import RangeTestResult, SweepOptions
+from clrlab import data, schedules
+from clrlab.callbacks import LRRangeTest, deaverage
+from clrlab.callbacks.step_values import GraphLR
+from clrlab.sweep import RangeTestResult, SweepOptions
 
 
 class Probe(keras.callbacks.Callback):
@@ -71,7 +72,11 @@ def test_fit_with_the_callback_leaves_weights_bn_statistics_and_optimizer_bitwis
     keras.mixed_precision.set_global_policy(precision)  # conftest restores the global policy
     splits = data.load("digits")
     keras.utils.set_random_seed(1)
-    model = models.build_model("small_cnn", splits.input_shape, splits.num_classes, seed=1)
+    # A conv layer, batch norm (moving statistics) and a float32 head: what small_cnn has, 10x smaller.
+    model = keras.Sequential([keras.Input(splits.input_shape), keras.layers.Conv2D(4, 3, padding="same"),
+                              keras.layers.BatchNormalization(), keras.layers.ReLU(),
+                              keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(splits.num_classes, dtype="float32")])
     inner = keras.optimizers.SGD(0.01, momentum=0.9) if optimizer == "sgd" else keras.optimizers.Adam(1e-3)
     opt = keras.optimizers.LossScaleOptimizer(inner) if precision == "mixed_float16" else inner
     model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
@@ -87,12 +92,12 @@ def test_fit_with_the_callback_leaves_weights_bn_statistics_and_optimizer_bitwis
     model.fit(x, y, batch_size=64, epochs=10, callbacks=[probe, rt], verbose=0)
     assert len(probe.lr) == 16 and rt.stop_reason == "num_steps"
     # The sweep really changed weights, BN statistics and optimizer state ...
-    changed = [n for n, a, b in zip(names, before, probe.state_at_train_end) if not np.array_equal(a, b)]
+    changed = [n for n, a, b in zip(names, before, probe.state_at_train_end, strict=True) if not np.array_equal(a, b)]
     assert any("moving_mean" in n for n in changed) and any("iteration" in n for n in changed)
     # ... and every variable is back, bitwise.
     after = _state(model, opt)
     assert len(after) == len(before)
-    for name, a, b in zip(names, before, after):
+    for name, a, b in zip(names, before, after, strict=True):
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
@@ -109,13 +114,13 @@ def test_unbuilt_loss_scale_optimizer_is_built_once_and_restored_to_its_initial_
     assert not opt.built
     weights = [v.numpy().copy() for v in model.weights]
     model.fit(x, y, batch_size=8, epochs=5, callbacks=[LRRangeTest(1e-3, 1.0, num_steps=12, verbose=0)], verbose=0)
-    for a, v in zip(weights, model.weights):
+    for a, v in zip(weights, model.weights, strict=True):
         np.testing.assert_array_equal(a, v.numpy(), err_msg=v.path)
     fresh = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05, momentum=0.9))
     fresh.build(model.trainable_variables)
     assert [v.name for v in fresh.variables] == [v.name for v in opt.variables]
     assert any("scale" in v.name for v in opt.variables) and any("momentum" in v.name for v in opt.variables)
-    for a, b in zip(fresh.variables, opt.variables):
+    for a, b in zip(fresh.variables, opt.variables, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=b.path)
 
 
@@ -137,12 +142,12 @@ def test_lrs_are_the_sweep_and_losses_accuracies_are_each_batchs_own():
     assert rt.stop_reason == "num_steps" and len(probe.lr) == 15 and probe.batches[-1] == (2, 2)
     # LR batch k used = sweep(k): bitwise the in-graph schedule, and what the optimizer held.
     sweep = schedules.ExponentialSweep(1e-3, 0.3, 15)
-    assert rt.history["lr"] == _GraphLR(sweep)(range(15)) == probe.lr
+    assert rt.history["lr"] == GraphLR(sweep)(range(15)) == probe.lr
     np.testing.assert_allclose(rt.history["lr"], sweep(np.arange(15)).numpy(), rtol=3e-7)
 
     # The true loss/accuracy of each batch, from the weights the batch started with.
     true_loss, true_acc = [], []
-    for (epoch, b), (kernel, bias) in zip(probe.batches, probe.weights):
+    for (_, b), (kernel, bias) in zip(probe.batches, probe.weights, strict=True):
         xb, yb = x[b * batch:(b + 1) * batch], y[b * batch:(b + 1) * batch]
         logits = xb @ kernel + bias
         true_loss.append(float(loss_fn(yb, logits)))
@@ -152,7 +157,7 @@ def test_lrs_are_the_sweep_and_losses_accuracies_are_each_batchs_own():
     assert rt.loss_source == "metric_state"
     # ... which is not what the logs hold (running means since the epoch began) ...
     running = [lg["loss"] for lg in probe.logs]
-    assert max(abs(a - b) for a, b in zip(running, true_loss)) > 1e-2
+    assert max(abs(a - b) for a, b in zip(running, true_loss, strict=True)) > 1e-2
     # ... and de-averaging the logs is wrong for the smaller last batch (index 5), unlike the metric state.
     naive = deaverage(running[5], 6, running[4], 5)
     assert abs(naive - true_loss[5]) > 1e-3 and abs(rt.history["loss"][5] - true_loss[5]) < 1e-5
@@ -199,7 +204,8 @@ def test_nan_loss_stops_at_once_and_the_series_end_there():
     model = _linear()
     x = np.ones((100, 1), np.float32)
     x[14:16] = np.nan  # batch 7 (batch_size 2) is NaN
-    before = _state(model, model.optimizer) if model.optimizer.built else None
+    model.optimizer.build(model.trainable_variables)  # so that every variable exists before the sweep
+    before = _state(model, model.optimizer)
     rt = LRRangeTest(start_lr=1e-4, end_lr=1e-2, num_steps=40, verbose=0)
     probe = Probe()
     model.fit(x, np.ones_like(x), batch_size=2, epochs=2, shuffle=False, callbacks=[rt, probe], verbose=0)
@@ -207,9 +213,11 @@ def test_nan_loss_stops_at_once_and_the_series_end_there():
     assert math.isnan(rt.history["loss"][-1]) and all(math.isfinite(v) for v in rt.history["loss"][:-1])
     rec = rt.result.recommendation
     assert rec.stopped_early and rec.reason == "nonfinite" and rec.stop_index == 7 and len(rec.lrs) == 7
-    assert float(model.weights[0].numpy().ravel()[0]) == 1.0
-    assert int(model.optimizer.iterations.numpy()) == 0
-    assert before is None or all(np.array_equal(a, b) for a, b in zip(before, _state(model, model.optimizer)))
+    after = _state(model, model.optimizer)
+    assert len(after) == len(before) == 2 + len(model.weights)  # iterations, the LR variable, the kernel
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert float(model.weights[0].numpy().ravel()[0]) == 1.0 and int(model.optimizer.iterations.numpy()) == 0
 
 
 def test_fit_ending_first_warns_and_still_recommends():
@@ -284,7 +292,7 @@ def test_invalid_arguments_raise_one_clear_value_error(kwargs, match):
 def test_schedule_optimizer_and_steps_per_execution_are_refused_and_no_result_before_fit():
     rt = LRRangeTest(verbose=0)
     with pytest.raises(RuntimeError, match="has not run"):
-        rt.result
+        _ = rt.result
     x = np.ones((8, 1), np.float32)
     model = _linear(optimizer=keras.optimizers.SGD(schedules.Constant(0.01)))
     with pytest.raises(ValueError, match="LearningRateSchedule"):

@@ -1,0 +1,227 @@
+"""`CyclicLR`: bckenstler's cyclical learning rate callback (bckenstler/CLR, clr_callback.py), on Keras 3.
+
+The same constructor, defaults, attributes and per-batch semantics, with the Keras 3 API underneath
+(no `optimizer.lr`, no `keras.backend.set_value`). Its values come from
+`clrlab.schedules.CyclicalLearningRate`, the code the in-graph schedule runs, so the callback and the
+schedule give the same learning rates at the same steps.
+
+The hooks run eagerly, on the host, between compiled training calls of `model.fit`, with a host read
+per batch: the price of driving the learning rate from Python. For the fastest exact option pass a
+`clrlab.schedules.CyclicalLearningRate` as the optimizer's `learning_rate` instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+
+from clrlab import config, keras_internals, schedules
+from clrlab.callbacks.step_values import GraphLR, deaverage
+
+__all__ = ["CyclicLR"]
+
+
+class CyclicLR(keras.callbacks.Callback):
+    """Cyclical learning rate callback: bckenstler's `CyclicLR`, working on Keras 3.
+
+    A drop-in replacement for `clr_callback.CyclicLR` (bckenstler/CLR, also the PyImageSearch CLR
+    tutorial's `pyimagesearch/clr_callback.py`): only the import line changes::
+
+        from clrlab.callbacks import CyclicLR
+
+        clr = CyclicLR(base_lr=0.001, max_lr=0.006, step_size=2000., mode='triangular')
+        model.fit(x, y, callbacks=[clr])
+        plt.plot(clr.history['iterations'], clr.history['lr'])
+
+    Policy (step = training batch, `t` = `clr_iterations`, 0-based for the first batch)::
+
+        cycle = floor(1 + t / (2 * step_size))
+        x     = |t / step_size - 2 * cycle + 1|
+        lr    = base_lr + (max_lr - base_lr) * max(0, 1 - x) * scale_fn(cycle or t)
+
+    with `'triangular'` (scale 1), `'triangular2'` (amplitude halved every cycle) and `'exp_range'`
+    (amplitude scaled by `gamma ** t`). The values are computed by `clrlab.schedules.CyclicalLearningRate`
+    in float32, exactly as the in-graph schedule computes them. `step_size` is the number of batches in
+    HALF a cycle (Smith: 2-8x the batches per epoch).
+
+    Semantics kept from bckenstler (so existing code and plots do not change):
+
+    * `on_train_begin` sets the optimizer's LR to `base_lr` when `clr_iterations == 0`, else to `clr()`:
+      the first batch trains at `base_lr` whatever LR was given to `compile`. Calling `fit` again with
+      the same instance continues the cycle.
+    * After every batch (`on_batch_end`): (1) both counters go up by one; (2) `history` gets the LR that
+      batch trained with, `trn_iterations` and every batch-log value; (3) only then the LR for the next
+      batch is set. So `history['lr'][k]` is the LR batch `k` used.
+    * `_reset(new_base_lr=None, new_max_lr=None, new_step_size=None)` replaces the bounds given, zeroes
+      `clr_iterations`, and keeps `history` and `trn_iterations`; the LR is written at the next
+      `on_train_begin` or after the next batch (so a `_reset` from another callback mid-epoch takes
+      effect from the batch after next, as in bckenstler).
+    * A built-in `mode` silently implies its scale mode (`'cycle'` for triangular/triangular2,
+      `'iterations'` for exp_range) whatever `scale_mode` says, so `CyclicLR(mode='exp_range')` works
+      with the default `scale_mode='cycle'`; an explicit `scale_mode='iterations'` with a triangular
+      mode only adds a warning. `scale_mode` matters only with a custom `scale_fn`.
+
+    Additions (none changes the above):
+
+    * Arguments are validated in the constructor (a `mode` typo, `max_lr <= base_lr`, ...), not at the
+      first batch.
+    * **Resume rule.** At `on_train_begin`, if `model.optimizer.iterations` is ahead of
+      `trn_iterations` (a model restored from a `.keras` file or checkpoint, typically with
+      `fit(initial_epoch=...)`), both counters advance by the difference, so the cycle continues from
+      the optimizer's step count instead of restarting at zero. The counters never move backwards
+      (after `_reset`, or when a `LossScaleOptimizer` skipped steps, `iterations` is not ahead).
+      `initial_epoch` alone does not move the cycle: the optimizer's step count does. You may also set
+      `clr_iterations` / `trn_iterations` yourself before `fit`.
+    * **Per-batch loss.** Batch logs are running averages since the epoch began, so `history['loss']`
+      (like every `history[<log key>]`) is NOT the batch's loss. `history['batch_loss']` holds the
+      batch's own loss, de-averaged as `x_t = t m_t - (t-1) m_{t-1}` (`t` 1-based within the epoch):
+      exact only for equal-size, unweighted batches (no `sample_weight`/`class_weight`; a smaller last
+      batch of an epoch is averaged with a smaller weight, so its value is off).
+    * `on_epoch_end` adds `logs['learning_rate']` (the LR of the epoch's last batch), so Keras' `History`,
+      `CSVLogger` and TensorBoard see it when this callback comes before them.
+    * `sets_learning_rate = True` marks it as an LR-setting callback: clrlab's custom loop, which sets
+      the LR in graph every step, refuses it rather than silently overwriting it.
+
+    Keras 3 requirements (each a clear error at `on_train_begin`):
+
+    * The optimizer must hold a FLOAT learning rate (a variable). If it was built with a
+      `LearningRateSchedule` the LR cannot be set: pass a float learning rate or use
+      `clrlab.schedules.CyclicalLearningRate` instead of the callback. Any optimizer works, also
+      wrapped in `keras.optimizers.LossScaleOptimizer` (the LR is set through the `learning_rate`
+      property, which forwards to the inner optimizer).
+    * `compile(steps_per_execution=N)` with `N > 1` is refused: the batch hooks would fire once per N
+      batches, so the LR would only change every N batches and `history` would miss N-1 of them. For
+      cycles exact at any `steps_per_execution`, use the in-graph `CyclicalLearningRate` schedule.
+
+    Args:
+      base_lr: lower bound of the cycle, the LR of the first batch (finite, >= 0).
+      max_lr: upper bound of the unscaled cycle (finite, > base_lr).
+      step_size: batches in half a cycle (> 0; may be a float, as in bckenstler's `2000.`).
+      mode: `'triangular'`, `'triangular2'` or `'exp_range'`; ignored when `scale_fn` is given.
+      gamma: `'exp_range'` decay per batch, in (0, 1].
+      scale_fn: optional custom amplitude scale `u -> factor` (overrides `mode`). It is called eagerly
+        with a float32 scalar tensor `u` (the cycle number or the step count, see `scale_mode`);
+        NumPy functions such as `lambda x: 0.5 * (1 + np.sin(x * np.pi / 2.))` work.
+      scale_mode: `'cycle'` or `'iterations'`: what `scale_fn` receives. `'iterations'` passes
+        `clr_iterations` (batches since the last `_reset`), not the position within the cycle.
+
+    Attributes:
+      history: dict of lists: `'lr'`, `'iterations'`, `'batch_loss'` (when logs have `'loss'`) and
+        one list per batch-log key (running means).
+      clr_iterations: batches since the last `_reset` (drives the policy).
+      trn_iterations: batches trained with this callback (never reset).
+
+    Raises:
+      ValueError: for invalid arguments (constructor or `_reset`); at `on_train_begin` for an optimizer
+        built with a `LearningRateSchedule`, a model without an optimizer, or `steps_per_execution > 1`.
+    """
+
+    sets_learning_rate = True
+
+    def __init__(self, base_lr=0.001, max_lr=0.006, step_size=2000., mode='triangular', gamma=1.,
+                 scale_fn=None, scale_mode='cycle'):
+        super().__init__()
+        if scale_fn is None:
+            if not isinstance(mode, str) or mode not in config.CLR_MODES:
+                raise ValueError(f"Argument `mode` must be one of {config.CLR_MODES}. Received: mode={mode!r}.")
+        if not isinstance(scale_mode, str) or scale_mode not in config.SCALE_MODES:
+            raise ValueError(f"Argument `scale_mode` must be one of {config.SCALE_MODES}. "
+                             f"Received: scale_mode={scale_mode!r}.")
+        if scale_fn is None and config.IMPLIED_SCALE_MODE[mode] == "cycle" and scale_mode == "iterations":
+            warnings.warn(f"CyclicLR: mode={mode!r} implies scale_mode='cycle'; scale_mode='iterations' is "
+                          "ignored (it only applies to a custom scale_fn), as in bckenstler's CyclicLR.",
+                          stacklevel=2)
+        self.mode = mode
+        self.gamma = gamma
+        self.scale_fn = scale_fn
+        self.scale_mode = scale_mode if scale_fn is not None else config.IMPLIED_SCALE_MODE[mode]
+        self.base_lr, self.max_lr, self.step_size = base_lr, max_lr, step_size
+        self._schedule = self._make_schedule(base_lr, max_lr, step_size)
+        self._lr_at = GraphLR(self._schedule)
+        self.clr_iterations = 0
+        self.trn_iterations = 0
+        self.history: dict[str, list] = {}
+        self._last_mean: float | None = None
+        self._last_batch = -1
+
+    # ------------------------------------------------------------------------------------ policy
+    def _make_schedule(self, base_lr, max_lr, step_size):
+        """A validated `CyclicalLearningRate` (raises ValueError naming the bad argument)."""
+        if self.scale_fn is None:
+            return schedules.CyclicalLearningRate(base_lr=base_lr, max_lr=max_lr, step_size=step_size,
+                                                  mode=self.mode, gamma=self.gamma)
+        return schedules.CyclicalLearningRate(base_lr=base_lr, max_lr=max_lr, step_size=step_size,
+                                              gamma=self.gamma, scale_fn=self.scale_fn,
+                                              scale_mode=self.scale_mode)
+
+    def clr(self) -> float:
+        """The learning rate for the current `clr_iterations` (float32 value as a Python float)."""
+        return self._lr_at([self.clr_iterations])[0]
+
+    def _reset(self, new_base_lr=None, new_max_lr=None, new_step_size=None):
+        """Replaces the bounds given (None keeps one) and restarts the cycle (`clr_iterations = 0`).
+
+        `history` and `trn_iterations` are kept. Validated: on a ValueError nothing changes.
+        """
+        base_lr = self.base_lr if new_base_lr is None else new_base_lr
+        max_lr = self.max_lr if new_max_lr is None else new_max_lr
+        step_size = self.step_size if new_step_size is None else new_step_size
+        self._schedule = self._make_schedule(base_lr, max_lr, step_size)
+        self._lr_at = GraphLR(self._schedule)
+        self.base_lr, self.max_lr, self.step_size = base_lr, max_lr, step_size
+        self.clr_iterations = 0
+
+    # ------------------------------------------------------------------------------------ hooks
+    def _set_lr(self, value: float) -> None:
+        self.model.optimizer.learning_rate = float(value)
+
+    def on_train_begin(self, logs=None):
+        model = self.model
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is None:
+            raise ValueError("CyclicLR needs a compiled model: call model.compile(optimizer=...) first.")
+        schedule = keras_internals.held_schedule(optimizer)
+        if schedule is not None:
+            raise ValueError(
+                "CyclicLR cannot set the learning rate of an optimizer built with a LearningRateSchedule "
+                f"({type(schedule).__name__}): pass a float learning rate or use "
+                "clrlab.schedules.CyclicalLearningRate instead of the callback.")
+        spe = getattr(model, "steps_per_execution", 1) or 1
+        if int(spe) > 1:
+            raise ValueError(
+                f"CyclicLR sets the learning rate from Python between batches, but compile(steps_per_execution="
+                f"{spe}) runs {spe} batches per call, so the LR would change only every {spe} batches. "
+                "Compile with steps_per_execution=1, or pass clrlab.schedules.CyclicalLearningRate as the "
+                "optimizer's learning_rate (exact at any steps_per_execution).")
+        done = keras_internals.read_iterations(optimizer)
+        if done > self.trn_iterations:  # resume rule: a restored optimizer is ahead of our counters
+            ahead = done - self.trn_iterations
+            self.trn_iterations += ahead
+            self.clr_iterations += ahead
+        if self.clr_iterations == 0:
+            self._set_lr(self.base_lr)
+        else:
+            self._set_lr(self.clr())
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._last_mean, self._last_batch = None, -1
+
+    def on_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        self.trn_iterations += 1
+        self.clr_iterations += 1
+        self.history.setdefault('lr', []).append(keras_internals.read_learning_rate(self.model.optimizer))
+        self.history.setdefault('iterations', []).append(self.trn_iterations)
+        for k, v in logs.items():
+            self.history.setdefault(k, []).append(v)
+        if 'loss' in logs:
+            mean = float(logs['loss'])
+            seen = self._last_batch + 1 if (self._last_mean is not None and batch > self._last_batch) else 0
+            self.history.setdefault('batch_loss', []).append(deaverage(mean, batch + 1, self._last_mean, seen))
+            self._last_mean, self._last_batch = mean, batch
+        self._set_lr(self.clr())
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self.history.get('lr'):
+            logs['learning_rate'] = self.history['lr'][-1]
