@@ -20,7 +20,7 @@ train: $(STAMP)
 	$(PY) -m clrlab.train --policy=exp_range --gamma=0.99994 $(ARGS)
 
 range-test: $(STAMP)
-	$(PY) scripts/range_test.py $(ARGS)
+	$(PY) -m clrlab.range_finder $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q $(ARGS)

@@ -1,10 +1,17 @@
-"""Command-line flags shared by `python -m clrlab.train` and the range test, their validators, and the
-conversion of parsed flags into one frozen `TrainConfig`.
+"""The command line of `python -m clrlab.train` and of the range test (`python -m clrlab.range_finder`):
+flag definitions, their validators, parsing, and the conversion of parsed flags into a
+`clrlab.config.TrainConfig` (`config_from_flags`, used by both entry points) and, for the range test,
+into the plain dict of sweep settings (`sweep_options_from_flags`).
 
 Everything here runs eagerly at start-up, before any data is loaded or any model is built. Every
 validator is an absl flag validator, so a bad value or combination is rejected while the flags are
 parsed: the entry points turn that into ONE line on stderr (`error: ...`) and exit code 1, and nothing
 has been written to `--logdir` yet.
+
+The two entry points define different flag sets on the one global `FLAGS` (`--epochs` is a whole
+number of training epochs for one, a fraction of sweep epochs for the other), so a process defines one
+set: `define_train_flags()` or `define_range_test_flags(...)`, each idempotent. `reset_flags()` removes
+them again (tests define and reset flags around each test).
 
 Units used throughout:
   * a *step* (= iteration) is one optimizer update, i.e. one batch of `--batch_size` examples;
@@ -15,36 +22,59 @@ Units used throughout:
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import math
 import os
 import sys
-from typing import Any
+from typing import Any, Mapping
 
 from absl import flags
 
-from clrlab import errors
-
-POLICIES = ("triangular", "triangular2", "exp_range", "one_cycle", "constant", "piecewise")
-OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop")
-PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
-DISTRIBUTIONS = ("default", "mirrored")
-TRAINERS = ("custom_loop", "keras_fit")
-LR_CONTROLS = ("schedule", "callback")
-# Default half-cycle length when neither --step_size nor --step_size_epochs is given (Smith: 2-10x an epoch).
-DEFAULT_STEP_SIZE_EPOCHS = 4.0
+from clrlab import config
+from clrlab.config import TrainConfig
+from clrlab.errors import UserError
 
 FLAGS = flags.FLAGS
 
-_DEFINED = False
+# The range test's own flags (the sweep): `sweep_options_from_flags` returns them.
+SWEEP_FLAGS = ("sweep", "start_lr", "end_lr", "steps", "epochs", "eval_every", "smoother", "beta",
+               "divergence_factor", "step_size_epochs")
 
 
-def default_logdir() -> str:
-    """A new timestamped folder under `runs/` (relative to the current directory)."""
-    return os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+class _Defined:
+    """Which flag set this process defined: its name, every flag name it added to FLAGS, and the names
+    that are `TrainConfig` settings (what `config_from_flags` reads)."""
+
+    kind: str | None = None
+    names: tuple[str, ...] = ()
+    config_names: tuple[str, ...] = ()
 
 
-def define_data_model_flags() -> None:
+def _define(kind: str, define_config_flags, define_other_flags=None) -> None:
+    if _Defined.kind == kind:
+        return
+    if _Defined.kind is not None:
+        raise RuntimeError(f"The {_Defined.kind} flags are already defined; call cli.reset_flags() first.")
+    before = set(FLAGS)
+    define_config_flags()
+    config_names = set(FLAGS) - before
+    if define_other_flags is not None:
+        define_other_flags()
+    _Defined.kind = kind
+    _Defined.names = tuple(sorted(set(FLAGS) - before))
+    _Defined.config_names = tuple(sorted(config_names))
+
+
+def reset_flags() -> None:
+    """Undefines the flags `define_train_flags`/`define_range_test_flags` added (with their validators),
+    after restoring every flag to its default. For tests; a no-op when none are defined."""
+    FLAGS.unparse_flags()
+    for name in _Defined.names:
+        if name in FLAGS:
+            delattr(FLAGS, name)
+    _Defined.kind, _Defined.names, _Defined.config_names = None, (), ()
+
+
+def _define_data_model_flags() -> None:
     """Flags for the dataset, model, optimizer and numerics: shared by training and the range test."""
     flags.DEFINE_string(
         "dataset", "digits",
@@ -55,7 +85,7 @@ def define_data_model_flags() -> None:
         "data_dir", None,
         "Folder or file holding an already downloaded copy of the dataset (e.g. cifar-10-python.tar.gz "
         "or the extracted cifar-10-batches-py folder). Default: the Keras cache (~/.keras/datasets).")
-    flags.DEFINE_enum("normalization", "mean", ["mean", "standardize", "none"],
+    flags.DEFINE_enum("normalization", "mean", list(config.NORMALIZATIONS),
                       "Input normalisation computed on the training split: mean = subtract the per-pixel "
                       "mean (the CLR tutorial), standardize = per-channel mean/std.")
     flags.DEFINE_boolean("augment", False,
@@ -66,11 +96,11 @@ def define_data_model_flags() -> None:
     flags.DEFINE_float("weight_decay", 5e-4, "L2 weight decay added to the loss (coupled, as in Caffe).",
                        lower_bound=0.0)
     flags.DEFINE_integer("batch_size", 32, "Examples per step (global batch size).", lower_bound=1)
-    flags.DEFINE_enum("optimizer", "sgd", list(OPTIMIZERS),
+    flags.DEFINE_enum("optimizer", "sgd", list(config.OPTIMIZERS),
                       "Optimizer; its learning rate is driven by the policy every step.")
     flags.DEFINE_float("momentum", 0.9,
                        "SGD/RMSprop momentum, or Adam's beta_1 (held constant during training).")
-    flags.DEFINE_enum("mixed_precision", "none", list(PRECISIONS),
+    flags.DEFINE_enum("mixed_precision", "none", list(config.PRECISIONS),
                       "Numerics: none (float32), mixed_float16 (with dynamic loss scaling; skipped "
                       "non-finite steps are counted and logged) or mixed_bfloat16.")
     flags.DEFINE_boolean("jit_compile", False, "Compile the training step with XLA.")
@@ -83,7 +113,7 @@ def define_data_model_flags() -> None:
                          "Steps run inside one compiled tf.function call. The LR is still set every "
                          "step in graph; progress, Keras callbacks and checkpoints run between calls.",
                          lower_bound=1)
-    flags.DEFINE_enum("distribute", "default", list(DISTRIBUTIONS),
+    flags.DEFINE_enum("distribute", "default", list(config.DISTRIBUTIONS),
                       "tf.distribute strategy: default (one device) or mirrored (all local GPUs, or the "
                       "CPU devices from --cpu_devices).")
     flags.DEFINE_integer("cpu_devices", 1,
@@ -96,13 +126,13 @@ def define_data_model_flags() -> None:
 
 
 def define_train_flags() -> None:
-    """Defines every flag of `python -m clrlab.train` (idempotent)."""
-    global _DEFINED
-    if _DEFINED:
-        return
-    _DEFINED = True
-    define_data_model_flags()
-    flags.DEFINE_enum("policy", "triangular", list(POLICIES),
+    """Defines every flag of `python -m clrlab.train` and its validators (idempotent)."""
+    _define("train", _define_train_config_flags)
+
+
+def _define_train_config_flags() -> None:
+    _define_data_model_flags()
+    flags.DEFINE_enum("policy", "triangular", list(config.POLICIES),
                       "LR policy: triangular, triangular2, exp_range (Smith's CLR), one_cycle "
                       "(PyTorch OneCycleLR), constant (= --base_lr), piecewise (staged: --lr_values "
                       "changing at --lr_boundaries, e.g. the CLR paper's 'fixed' baseline).")
@@ -112,7 +142,7 @@ def define_train_flags() -> None:
     flags.DEFINE_float("max_lr", 0.006, "Upper LR bound (the peak of the first cycle).")
     flags.DEFINE_integer("step_size", None,
                          "Steps (batches) in HALF a cycle, the rising half. Mutually exclusive with "
-                         "--step_size_epochs. Default: %g epochs." % DEFAULT_STEP_SIZE_EPOCHS)
+                         "--step_size_epochs. Default: %g epochs." % config.DEFAULT_STEP_SIZE_EPOCHS)
     flags.DEFINE_float("step_size_epochs", None,
                        "Half-cycle length in epochs (Smith advises 2-10; the PyImageSearch tutorial "
                        "uses 8). Converted to steps with the dataset's steps per epoch.")
@@ -121,12 +151,12 @@ def define_train_flags() -> None:
                          "equal to the rising half).")
     flags.DEFINE_float("gamma", 0.99994,
                        "exp_range decay per STEP: the amplitude is scaled by gamma**global_step.")
-    flags.DEFINE_enum("scale_mode", None, ["cycle", "iterations"],
+    flags.DEFINE_enum("scale_mode", None, list(config.SCALE_MODES),
                       "Override the amplitude scaling argument; built-in policies imply it "
                       "(triangular/triangular2: cycle, exp_range: iterations) and reject a conflict.")
     flags.DEFINE_float("pct_start", 0.3, "one_cycle: fraction of the steps spent increasing the LR.")
     flags.DEFINE_float("final_div_factor", 1e4, "one_cycle: final LR = base_lr / final_div_factor.")
-    flags.DEFINE_enum("anneal_strategy", "cos", ["cos", "linear"], "one_cycle: annealing shape.")
+    flags.DEFINE_enum("anneal_strategy", "cos", list(config.ANNEAL_STRATEGIES), "one_cycle: annealing shape.")
     flags.DEFINE_boolean("three_phase", False, "one_cycle: the paper's three-phase form.")
     flags.DEFINE_list("lr_boundaries", None,
                       "piecewise: comma-separated increasing STEPS at which the next --lr_values entry "
@@ -144,17 +174,82 @@ def define_train_flags() -> None:
                          lower_bound=1)
     flags.DEFINE_integer("checkpoint_every", 1000,
                          "Also checkpoint every N steps (0: only at epoch ends).", lower_bound=0)
-    flags.DEFINE_enum("trainer", "custom_loop", list(TRAINERS),
+    flags.DEFINE_enum("trainer", "custom_loop", list(config.TRAINERS),
                       "custom_loop: the compiled GradientTape loop; keras_fit: the same job via model.fit.")
-    flags.DEFINE_enum("lr_control", "schedule", list(LR_CONTROLS),
+    flags.DEFINE_enum("lr_control", "schedule", list(config.LR_CONTROLS),
                       "keras_fit only: drive the LR with the in-graph schedule or with the CyclicLR "
                       "callback (per batch, from Python).")
     flags.DEFINE_string("bounds_from", None,
-                        "Take --base_lr/--max_lr from a range test's range_test.json.")
-    _register_validators()
+                        "Take --base_lr/--max_lr from a range test's range_test.json (python -m clrlab.range_finder).")
+    flags.register_validator("logdir", check_logdir)
+    _register_data_model_validator()
+    flags.register_multi_flags_validator(
+        ["policy", "base_lr", "max_lr", "gamma", "step_size_epochs", "pct_start", "final_div_factor",
+         "bounds_from"], _check_schedule)
+    flags.register_multi_flags_validator(
+        ["policy", "step_size", "step_size_epochs", "step_size_down", "gamma", "scale_mode", "pct_start",
+         "final_div_factor", "steps", "trainer", "lr_control"], _check_steps)
+    flags.register_multi_flags_validator(["policy", "lr_boundaries", "lr_values"], _check_piecewise)
 
 
-UserError = errors.UserError  # re-exported: the entry points catch cli.UserError
+def define_range_test_flags(sweep_defaults: Mapping[str, Mapping[str, float]]) -> None:
+    """Defines every flag of the range test and its validators (idempotent).
+
+    `sweep_defaults`: {sweep: {"start_lr", "end_lr", and "epochs" or "steps"}}, the engine's defaults
+    for the flags left unset (`clrlab.range_finder.SWEEP_DEFAULTS`); the validator checks the LRs the
+    sweep will really use.
+    """
+    def config_flags():
+        _define_data_model_flags()
+        flags.DEFINE_string("logdir", None, "Output folder (default: runs/range_test-<timestamp>).")
+        flags.register_validator("logdir", check_logdir)
+        _register_data_model_validator()
+
+    def sweep_flags():
+        flags.DEFINE_enum("sweep", "linear", list(config.SWEEPS),
+                          "linear: Smith's test, LR rises linearly (judge it on accuracy: see --eval_every); "
+                          "exponential: the LR rises by a constant factor per step. Bounds come from Smith's "
+                          "accuracy rule when the accuracy rises, else from the loss curve (valley).")
+        flags.DEFINE_float("start_lr", None, "First LR of the sweep (default: 1e-4 linear, 1e-6 exponential).")
+        flags.DEFINE_float("end_lr", None, "Last LR of the sweep (default: 0.1 linear, 1.0 exponential).")
+        flags.DEFINE_integer("steps", None, "Sweep length in steps (default: 300 for exponential).")
+        flags.DEFINE_float("epochs", None, "Sweep length in epochs (default: 8 for linear, as in the CLR paper).")
+        flags.DEFINE_integer("eval_every", 0, "Evaluate held-out accuracy every N steps (0: off; Smith's rule "
+                             "then uses the per-batch training accuracy).", lower_bound=0)
+        flags.DEFINE_enum("smoother", "ema_debiased", ["none", "ema_seeded", "ema_debiased"], "Loss smoothing.")
+        flags.DEFINE_float("beta", 0.98, "Smoothing factor of the moving average (0 <= beta < 1).")
+        flags.DEFINE_float("divergence_factor", 4.0, "Stop when the smoothed loss exceeds this x its best (> 1).")
+        flags.DEFINE_float("step_size_epochs", 4.0, "Half-cycle length (epochs) in the printed train command.",
+                           lower_bound=0.0)
+
+        def check(f: dict[str, Any]) -> bool:
+            for name in ("start_lr", "end_lr", "beta", "divergence_factor"):
+                _finite(name, f[name])
+            defaults = sweep_defaults[f["sweep"]]
+            start = f["start_lr"] if f["start_lr"] is not None else defaults["start_lr"]
+            end = f["end_lr"] if f["end_lr"] is not None else defaults["end_lr"]
+            _error_unless(start > 0, f"--start_lr must be > 0. Received: {start}.")
+            _error_unless(end > start, f"--end_lr must be greater than --start_lr. Received: --start_lr={start}, "
+                                       f"--end_lr={end}.")
+            _error_unless(not (f["steps"] is not None and f["epochs"] is not None),
+                          "Give either --steps or --epochs, not both.")
+            _error_unless(f["steps"] is None or f["steps"] >= 10, f"--steps must be >= 10. Received: {f['steps']}.")
+            _error_unless(f["epochs"] is None or f["epochs"] > 0, f"--epochs must be > 0. Received: {f['epochs']}.")
+            _error_unless(0 <= f["beta"] < 1, f"--beta must be in [0, 1). Received: {f['beta']}.")
+            _error_unless(f["divergence_factor"] > 1,
+                          f"--divergence_factor must be > 1. Received: {f['divergence_factor']}.")
+            return True
+
+        flags.register_multi_flags_validator(
+            ["sweep", "start_lr", "end_lr", "steps", "epochs", "beta", "divergence_factor"], check)
+
+    _define("range_test", config_flags, sweep_flags)
+
+
+def _register_data_model_validator() -> None:
+    flags.register_multi_flags_validator(
+        ["dataset", "data_dir", "model", "weight_decay", "momentum", "distribute", "jit_compile"],
+        _check_data_model)
 
 
 def _error_unless(condition: bool, message: str) -> None:
@@ -188,11 +283,11 @@ def check_logdir(path: str | None) -> bool:
 
 def _check_data_model(f: dict[str, Any]) -> bool:
     """Multi-flag validator for the data/model flags (shared with the range test)."""
-    from clrlab import data, models  # deferred: these import TensorFlow.
+    from clrlab import data, models  # deferred: they import TensorFlow, which --help does not need.
 
     try:
         data.validate_spec(f["dataset"], f["data_dir"])
-    except data.DataError as e:
+    except UserError as e:
         raise flags.ValidationError(str(e)) from None
     _error_unless(f["model"] in models.MODEL_NAMES,
                   f"--model must be one of {', '.join(models.MODEL_NAMES)}. Received: {f['model']}.")
@@ -213,10 +308,10 @@ def _check_schedule(f: dict[str, Any]) -> bool:
     if f["bounds_from"] is not None:
         _error_unless(os.path.isfile(f["bounds_from"]),
                       f"--bounds_from={f['bounds_from']}: no such file (give the range_test.json "
-                      "written by scripts/range_test.py).")
+                      "written by python -m clrlab.range_finder).")
         try:
-            read_bounds(f["bounds_from"])
-        except ValueError as e:
+            config.read_bounds(f["bounds_from"])
+        except UserError as e:
             raise flags.ValidationError(str(e)) from None
         return True  # the file's bounds replace --base_lr/--max_lr in `config_from_flags`.
     if policy == "piecewise":
@@ -246,7 +341,7 @@ def _check_steps(f: dict[str, Any]) -> bool:
                       f"--step_size_down must be > 0 steps. Received: {f['step_size_down']}.")
     _error_unless(0.0 < f["gamma"] <= 1.0, f"--gamma must be in (0, 1]. Received: {f['gamma']}.")
     scale_mode = f["scale_mode"]
-    implied = {"triangular": "cycle", "triangular2": "cycle", "exp_range": "iterations"}.get(f["policy"])
+    implied = config.IMPLIED_SCALE_MODE.get(f["policy"])
     if scale_mode is not None:
         _error_unless(implied is not None,
                       f"--scale_mode only applies to triangular, triangular2 and exp_range. "
@@ -271,7 +366,8 @@ def _parse_boundaries(raw: list[str]) -> tuple[int, ...]:
         bounds = tuple(int(v.strip()) for v in raw)
     except ValueError:
         raise flags.ValidationError(message) from None
-    _error_unless(all(b > 0 for b in bounds) and all(a < b for a, b in zip(bounds, bounds[1:])), message)
+    increasing = all(a < b for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    _error_unless(all(b > 0 for b in bounds) and increasing, message)
     return bounds
 
 
@@ -302,25 +398,11 @@ def _check_piecewise(f: dict[str, Any]) -> bool:
     return True
 
 
-def _register_validators() -> None:
-    flags.register_validator("logdir", check_logdir)
-    flags.register_multi_flags_validator(
-        ["dataset", "data_dir", "model", "weight_decay", "momentum", "distribute", "jit_compile"],
-        _check_data_model)
-    flags.register_multi_flags_validator(
-        ["policy", "base_lr", "max_lr", "gamma", "step_size_epochs", "pct_start", "final_div_factor",
-         "bounds_from"], _check_schedule)
-    flags.register_multi_flags_validator(
-        ["policy", "step_size", "step_size_epochs", "step_size_down", "gamma", "scale_mode", "pct_start",
-         "final_div_factor", "steps", "trainer", "lr_control"], _check_steps)
-    flags.register_multi_flags_validator(["policy", "lr_boundaries", "lr_values"], _check_piecewise)
-
-
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
     """absl `flags_parser` for `app.run`: a bad flag prints one line `error: ...` and exits 1."""
     try:
         return FLAGS(argv)
-    except SystemExit as e:  # absl exits 1 after printing --help; asking for help is not an error
+    except SystemExit:  # absl exits 1 after printing --help; asking for help is not an error
         if any(a.split("=")[0] in ("--help", "-h", "--helpfull", "--helpshort", "-?") for a in argv[1:]):
             sys.exit(0)
         raise
@@ -330,111 +412,29 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
         sys.exit(1)
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run needs, resolved from flags (or built directly by library users).
-
-    `step_size`/`step_size_down` are in steps; `step_size_epochs` is kept only to resolve `step_size`
-    once the dataset's steps per epoch are known (`resolve_step_size`).
-    """
-
-    policy: str = "triangular"
-    base_lr: float = 0.001
-    max_lr: float = 0.006
-    step_size: int | None = None
-    step_size_epochs: float | None = None
-    step_size_down: int | None = None
-    gamma: float = 0.99994
-    scale_mode: str | None = None
-    pct_start: float = 0.3
-    final_div_factor: float = 1e4
-    anneal_strategy: str = "cos"
-    three_phase: bool = False
-    epochs: int = 16
-    steps: int | None = None
-    batch_size: int = 32
-    dataset: str = "digits"
-    data_dir: str | None = None
-    normalization: str = "mean"
-    augment: bool = False
-    model: str = "auto"
-    weight_decay: float = 5e-4
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    mixed_precision: str = "none"
-    jit_compile: bool = False
-    fused_updates: bool = True
-    steps_per_loop: int = 100
-    distribute: str = "default"
-    cpu_devices: int = 1
-    seed: int = 0
-    deterministic: bool = False
-    logdir: str = ""
-    summary_every: int = 1
-    checkpoint_every: int = 1000
-    trainer: str = "custom_loop"
-    lr_control: str = "schedule"
-    bounds_from: str | None = None
-    lr_boundaries: tuple[int, ...] = ()  # piecewise: first step of each later stage
-    lr_values: tuple[float, ...] = ()  # piecewise: the LR of each stage
-
-    def resolve_step_size(self, steps_per_epoch: int) -> int:
-        """Half-cycle length in steps, from --step_size or --step_size_epochs (default 4 epochs)."""
-        if self.step_size is not None:
-            return int(self.step_size)
-        epochs = self.step_size_epochs if self.step_size_epochs is not None else DEFAULT_STEP_SIZE_EPOCHS
-        return max(1, int(round(epochs * steps_per_epoch)))
-
-    def total_steps(self, steps_per_epoch: int) -> int:
-        """Training length in steps: --steps if given, else epochs * steps_per_epoch."""
-        return int(self.steps) if self.steps is not None else int(self.epochs) * steps_per_epoch
-
-
-def read_bounds(path: str) -> tuple[float, float]:
-    """(base_lr, max_lr) from a range test's JSON; raises ValueError with one line on bad content."""
-    import json
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            result = json.load(fh)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--bounds_from={path}: cannot read it as JSON ({e.__class__.__name__}: "
-                         f"{' '.join(str(e).split())}).") from None
-    if not isinstance(result, dict):
-        raise ValueError(f"--bounds_from={path}: expected a JSON object with base_lr and max_lr.")
-    try:
-        base_lr, max_lr = float(result["base_lr"]), float(result["max_lr"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"--bounds_from={path}: needs numeric 'base_lr' and 'max_lr' fields "
-                         "(is it a range_test.json?).") from None
-    if not (math.isfinite(base_lr) and math.isfinite(max_lr) and 0 < base_lr < max_lr):
-        raise ValueError(f"--bounds_from={path}: need 0 < base_lr < max_lr. Received: base_lr={base_lr}, "
-                         f"max_lr={max_lr}.")
-    return base_lr, max_lr
-
-
 def config_from_flags() -> TrainConfig:
-    """Freezes the parsed FLAGS into a `TrainConfig` (default logdir filled in, bounds file read)."""
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    values = {name: FLAGS[name].value for name in names if name in FLAGS}
-    values["logdir"] = FLAGS.logdir or default_logdir()
-    values["lr_boundaries"] = _parse_boundaries(FLAGS.lr_boundaries or [])
-    values["lr_values"] = _parse_values(FLAGS.lr_values or [])
-    if FLAGS.bounds_from:
-        values["base_lr"], values["max_lr"] = read_bounds(FLAGS.bounds_from)
+    """Freezes the parsed FLAGS into a `TrainConfig`, for either entry point.
+
+    Reads the settings the defined flag set has (the range test has only the data/model ones; the rest
+    keep `TrainConfig`'s defaults), fills in the default logdir (runs/<time>, or runs/range_test-<time>
+    for the range test) and replaces --base_lr/--max_lr by the --bounds_from file's.
+    """
+    if _Defined.kind is None:
+        raise RuntimeError("No flags defined: call cli.define_train_flags() or cli.define_range_test_flags().")
+    names = {f.name for f in dataclasses.fields(TrainConfig)} & set(_Defined.config_names)
+    values = {name: FLAGS[name].value for name in sorted(names)}
+    values["logdir"] = FLAGS.logdir or config.default_logdir("range_test-" if _Defined.kind == "range_test" else "")
+    if "lr_boundaries" in values:
+        values["lr_boundaries"] = _parse_boundaries(FLAGS.lr_boundaries or [])
+        values["lr_values"] = _parse_values(FLAGS.lr_values or [])
+    if values.get("bounds_from"):
+        values["base_lr"], values["max_lr"] = config.read_bounds(values["bounds_from"])
     return TrainConfig(**values)
 
 
-def flagfile_text(config: TrainConfig) -> str:
-    """Every setting of `config` in --flagfile form: `--flagfile=flags.txt` reruns (or resumes) the run."""
-    lines = ["# Written by clrlab.train; rerun or resume with: python -m clrlab.train --flagfile=THIS_FILE"]
-    for name, value in dataclasses.asdict(config).items():
-        if value is None or value == () or name == "bounds_from":
-            continue  # None/() = flag default; bounds_from was already resolved into base_lr/max_lr.
-        if isinstance(value, bool):
-            lines.append(f"--{name}" if value else f"--no{name}")
-        elif isinstance(value, (tuple, list)):
-            lines.append(f"--{name}={','.join(str(v) for v in value)}")  # absl list flag: a,b,c
-        else:
-            lines.append(f"--{name}={value}")
-    return "\n".join(lines) + "\n"
+def sweep_options_from_flags() -> dict[str, Any]:
+    """The range test's sweep settings as parsed: {flag name: value} for every name in `SWEEP_FLAGS`
+    (None where a flag was left to the engine's per-sweep default)."""
+    if _Defined.kind != "range_test":
+        raise RuntimeError("The range test flags are not defined: call cli.define_range_test_flags().")
+    return {name: FLAGS[name].value for name in SWEEP_FLAGS}

@@ -1,10 +1,22 @@
 """Run settings and every name table clrlab uses, in one place. Pure Python: no absl, no TensorFlow.
 
 Each table is the single source for the names it lists: the flags, the schedules, the data loaders
-and the sweep engine all read it from here.
+and the sweep engine all read it from here. `TrainConfig` is one training run's settings (what the
+command line's flags resolve to, or what a library user builds directly); `flagfile_text` writes it
+back as an absl `--flagfile`; `read_bounds` reads the LR bounds a range test recommended.
+
+Units: a *step* is one optimizer update (one batch); `step_size` is HALF a cycle, in steps.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+
+from clrlab.errors import UserError
 
 # LR policies of `python -m clrlab.train --policy` (clrlab.schedules.make_schedule builds each).
 POLICIES = ("triangular", "triangular2", "exp_range", "one_cycle", "constant", "piecewise")
@@ -24,3 +36,106 @@ NORMALIZATIONS = ("mean", "standardize", "none")
 SWEEPS = ("linear", "exponential")
 # Default half-cycle length when neither a step size in steps nor in epochs is given (Smith: 2-10x an epoch).
 DEFAULT_STEP_SIZE_EPOCHS = 4.0
+
+
+def default_logdir(prefix: str = "") -> str:
+    """A new timestamped folder under `runs/` (relative to the current directory): runs/<prefix><time>."""
+    return os.path.join("runs", prefix + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs, resolved from flags (or built directly by library users).
+
+    Each field is the flag of the same name (`python -m clrlab.train --helpfull` documents it).
+    `step_size`/`step_size_down` are in steps; `step_size_epochs` is kept only to resolve `step_size`
+    once the dataset's steps per epoch are known (`resolve_step_size`).
+    """
+
+    policy: str = "triangular"
+    base_lr: float = 0.001
+    max_lr: float = 0.006
+    step_size: int | None = None
+    step_size_epochs: float | None = None
+    step_size_down: int | None = None
+    gamma: float = 0.99994
+    scale_mode: str | None = None
+    pct_start: float = 0.3
+    final_div_factor: float = 1e4
+    anneal_strategy: str = "cos"
+    three_phase: bool = False
+    epochs: int = 16
+    steps: int | None = None
+    batch_size: int = 32
+    dataset: str = "digits"
+    data_dir: str | None = None
+    normalization: str = "mean"
+    augment: bool = False
+    model: str = "auto"
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    mixed_precision: str = "none"
+    jit_compile: bool = False
+    fused_updates: bool = True
+    steps_per_loop: int = 100
+    distribute: str = "default"
+    cpu_devices: int = 1
+    seed: int = 0
+    deterministic: bool = False
+    logdir: str = ""
+    summary_every: int = 1
+    checkpoint_every: int = 1000
+    trainer: str = "custom_loop"
+    lr_control: str = "schedule"
+    bounds_from: str | None = None
+    lr_boundaries: tuple[int, ...] = ()  # piecewise: first step of each later stage
+    lr_values: tuple[float, ...] = ()  # piecewise: the LR of each stage
+
+    def resolve_step_size(self, steps_per_epoch: int) -> int:
+        """Half-cycle length in steps, from `step_size` or `step_size_epochs` (default
+        `DEFAULT_STEP_SIZE_EPOCHS`)."""
+        if self.step_size is not None:
+            return int(self.step_size)
+        epochs = self.step_size_epochs if self.step_size_epochs is not None else DEFAULT_STEP_SIZE_EPOCHS
+        return max(1, int(round(epochs * steps_per_epoch)))
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Training length in steps: `steps` if given, else epochs * steps_per_epoch."""
+        return int(self.steps) if self.steps is not None else int(self.epochs) * steps_per_epoch
+
+
+def flagfile_text(config: TrainConfig) -> str:
+    """Every setting of `config` in --flagfile form: `--flagfile=flags.txt` reruns (or resumes) the run."""
+    lines = ["# Written by clrlab.train; rerun or resume with: python -m clrlab.train --flagfile=THIS_FILE"]
+    for name, value in dataclasses.asdict(config).items():
+        if value is None or value == () or name == "bounds_from":
+            continue  # None/() = flag default; bounds_from was already resolved into base_lr/max_lr.
+        if isinstance(value, bool):
+            lines.append(f"--{name}" if value else f"--no{name}")
+        elif isinstance(value, (tuple, list)):
+            lines.append(f"--{name}={','.join(str(v) for v in value)}")  # absl list flag: a,b,c
+        else:
+            lines.append(f"--{name}={value}")
+    return "\n".join(lines) + "\n"
+
+
+def read_bounds(path: str) -> tuple[float, float]:
+    """(base_lr, max_lr) from a range test's range_test.json; raises `UserError` (one line) on bad content."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            result = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--bounds_from={path}: cannot read it as JSON ({e.__class__.__name__}: "
+                        f"{' '.join(str(e).split())}).") from None
+    if not isinstance(result, dict):
+        raise UserError(f"--bounds_from={path}: expected a JSON object with base_lr and max_lr.")
+    try:
+        base_lr, max_lr = float(result["base_lr"]), float(result["max_lr"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"--bounds_from={path}: needs numeric 'base_lr' and 'max_lr' fields "
+                        "(is it a range_test.json?).") from None
+    if not (math.isfinite(base_lr) and math.isfinite(max_lr) and 0 < base_lr < max_lr):
+        raise UserError(f"--bounds_from={path}: need 0 < base_lr < max_lr. Received: base_lr={base_lr}, "
+                        f"max_lr={max_lr}.")
+    return base_lr, max_lr

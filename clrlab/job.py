@@ -1,7 +1,9 @@
-"""Builds the pieces of one training job from a `TrainConfig`: runtime settings, data, strategy, model,
-optimizer and LR policy. Shared by `clrlab.train` and the range test so both build the same job.
+"""Builds the pieces of one training job from a `clrlab.config.TrainConfig`: runtime settings, data,
+strategy, model, optimizer, LR policy and (for `model.fit` with `--lr_control=callback`) the classic
+`CyclicLR` callback. Shared by `clrlab.train` and the range test (`clrlab.range_finder`) so both build
+the same job; the trainers get the pieces as explicit arguments and never see the config.
 
-All of it runs eagerly, once, before training.
+All of it runs eagerly, once, before training. Step sizes and lengths are in steps (batches).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import dataclasses
 import keras
 import tensorflow as tf
 
+from clrlab import config as config_lib
 from clrlab import data, models, schedules
-from clrlab.cli import TrainConfig
+from clrlab.callbacks import CyclicLR
+from clrlab.config import TrainConfig
 from clrlab.errors import UserError
 
 
@@ -48,7 +52,8 @@ def setup_runtime(config: TrainConfig) -> None:
     if config.cpu_devices > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         try:
-            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * config.cpu_devices)
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * config.cpu_devices)
         except RuntimeError:
             if len(tf.config.list_logical_devices("CPU")) != config.cpu_devices:
                 raise RuntimeError(f"--cpu_devices={config.cpu_devices} must be set before TensorFlow "
@@ -90,11 +95,12 @@ def make_optimizer(name: str, learning_rate, momentum: float, *,
     elif name == "rmsprop":
         opt = keras.optimizers.RMSprop(learning_rate=lr, momentum=momentum)
     else:
-        raise ValueError(f"Unknown optimizer. Expected one of sgd, nesterov, adam, adamw, rmsprop. Received: {name}.")
+        raise ValueError(f"Unknown optimizer. Expected one of {', '.join(config_lib.OPTIMIZERS)}. Received: {name}.")
     return keras.optimizers.LossScaleOptimizer(opt) if loss_scaling else opt
 
 
-def make_lr_schedule(config: TrainConfig, steps_per_epoch: int) -> tuple[keras.optimizers.schedules.LearningRateSchedule, int]:
+def make_lr_schedule(config: TrainConfig,
+                     steps_per_epoch: int) -> tuple[keras.optimizers.schedules.LearningRateSchedule, int]:
     """The LR policy of `config` and its half-cycle length in steps."""
     step_size = config.resolve_step_size(steps_per_epoch)
     total = config.total_steps(steps_per_epoch)
@@ -129,3 +135,23 @@ def build_job(config: TrainConfig, *, splits: data.Splits | None = None) -> Job:
                                    loss_scaling=config.mixed_precision == "mixed_float16")
     return Job(config=config, splits=splits, strategy=strategy, model=model, optimizer=optimizer,
                schedule=schedule, steps_per_epoch=steps_per_epoch, total_steps=total_steps, step_size=step_size)
+
+
+def make_lr_callback(config: TrainConfig, step_size: int) -> CyclicLR | None:
+    """The classic `CyclicLR` callback that drives the LR per batch for `model.fit`, or None.
+
+    Only for `--trainer=keras_fit --lr_control=callback`; otherwise the optimizer holds the schedule
+    (keras_fit) or the custom loop assigns it in graph. `step_size` is the half cycle in steps (from
+    `make_lr_schedule`). The callback has only bckenstler's symmetric cycles (clr_callback.py of
+    github.com/bckenstler/CLR): any other policy, or `step_size_down`, is a `UserError`.
+    """
+    if config.trainer != "keras_fit" or config.lr_control != "callback":
+        return None
+    if config.policy not in config_lib.CLR_MODES or config.step_size_down is not None:
+        raise UserError(
+            f"--lr_control=callback uses the classic CyclicLR callback, which has only the symmetric "
+            f"triangular, triangular2 and exp_range cycles. Received: --policy={config.policy}"
+            + (f", --step_size_down={config.step_size_down}" if config.step_size_down is not None else "")
+            + "; use --lr_control=schedule for it.")
+    return CyclicLR(base_lr=config.base_lr, max_lr=config.max_lr, step_size=step_size, mode=config.policy,
+                    gamma=config.gamma)

@@ -4,13 +4,16 @@
     python -m clrlab.train --flagfile=flags/cifar10_minigooglenet_triangular.cfg
     python -m clrlab.train --helpfull                                  # every flag, with units
 
-Flags -> `TrainConfig` (clrlab.cli) -> data, model, optimizer, policy (clrlab.job) -> trainer
-(trainers/). A run leaves in --logdir: TensorBoard events (train/, validation/), checkpoints/,
+Flags (clrlab.cli) -> `TrainConfig` (clrlab.config) -> data, model, optimizer, policy (clrlab.job) ->
+trainer (trainers/) -> report. A run leaves in --logdir: TensorBoard events (train/, validation/), checkpoints/,
 clr_plot.png, training_plot.png, history.json, flags.txt, run_config.json, classification_report.txt.
 Rerunning the same command with the same --logdir resumes from the last checkpoint.
 
 Exit codes: 0 done (or stopped by SIGTERM after saving a checkpoint), 1 bad input or a NaN/inf loss,
 130 Ctrl-C (after saving a checkpoint).
+
+TensorFlow, Keras and scikit-learn are imported inside the functions that use them: they take seconds
+to load, and `--help` (or importing this module for `RunResult`) answers without them.
 """
 
 from __future__ import annotations
@@ -24,18 +27,15 @@ from typing import Any, Iterable
 from absl import app, flags
 
 from clrlab import cli
-
-cli.define_train_flags()
-flags.adopt_module_key_flags(cli)  # so that --help lists them (absl shows the main module's key flags)
+from clrlab import config as config_lib
+from clrlab.config import TrainConfig
+from clrlab.errors import UserError
 
 EXIT_INTERRUPTED = 130
 
 # Settings that must match for a --logdir to be resumed (the LR policy is compared by its config).
 _RESUME_KEYS = ("dataset", "normalization", "augment", "model", "weight_decay", "batch_size", "optimizer",
                 "momentum", "mixed_precision", "seed", "trainer", "lr_control")
-
-
-UserError = cli.UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +51,8 @@ class RunResult:
     signal: str | None = None
 
 
-def _run_identity(config: cli.TrainConfig, schedule) -> dict[str, Any]:
-    import keras
+def _run_identity(config: TrainConfig, schedule) -> dict[str, Any]:
+    import keras  # deferred: see the module docstring
 
     ident = {k: getattr(config, k) for k in _RESUME_KEYS}
     ident["schedule"] = keras.saving.serialize_keras_object(schedule)
@@ -71,13 +71,13 @@ def _check_resumable(logdir: str, identity: dict[str, Any]) -> None:
                         "rerun with the same flags to resume it, or use a new --logdir.")
 
 
-def run(config: cli.TrainConfig, *, callbacks: Iterable[Any] | None = None, progress: str = "auto") -> RunResult:
+def run(config: TrainConfig, *, callbacks: Iterable[Any] | None = None, progress: str = "auto") -> RunResult:
     """Runs (or resumes) the training job of `config`, writing everything under `config.logdir`.
 
     Library entry point behind the command line (eager). Raises `UserError` for problems the user can
     fix, `trainers.custom_loop.NonFiniteLossError` when the loss diverges in full precision.
     """
-    import keras
+    import keras  # deferred: see the module docstring
 
     policy = keras.mixed_precision.global_policy().name
     try:
@@ -86,15 +86,18 @@ def run(config: cli.TrainConfig, *, callbacks: Iterable[Any] | None = None, prog
         keras.mixed_precision.set_global_policy(policy)  # setup_runtime changed it for this run only
 
 
-def _run(config: cli.TrainConfig, *, callbacks, progress) -> RunResult:
-    import tensorflow as tf
+def _run(config: TrainConfig, *, callbacks, progress) -> RunResult:
+    import tensorflow as tf  # deferred, with the modules below that import it: see the module docstring
 
-    from clrlab import job as job_lib, plots
+    from clrlab import job as job_lib
+    from clrlab import plots
     from trainers.controller import Controller
     from trainers.custom_loop import CustomLoopTrainer
+    from trainers.keras_fit import KerasFitTrainer
 
     job_lib.setup_runtime(config)
     job = job_lib.build_job(config)
+    lr_callback = job_lib.make_lr_callback(config, job.step_size)  # before any output: it may refuse the policy
     logdir = os.path.abspath(config.logdir)
     identity = _run_identity(config, job.schedule)
     _check_resumable(logdir, identity)
@@ -102,7 +105,7 @@ def _run(config: cli.TrainConfig, *, callbacks, progress) -> RunResult:
     with open(os.path.join(logdir, "run_config.json"), "w", encoding="utf-8") as fh:
         json.dump(identity, fh, indent=1)
     with open(os.path.join(logdir, "flags.txt"), "w", encoding="utf-8") as fh:
-        fh.write(cli.flagfile_text(dataclasses.replace(config, logdir=logdir)))
+        fh.write(config_lib.flagfile_text(dataclasses.replace(config, logdir=logdir)))
 
     train_writer = tf.summary.create_file_writer(os.path.join(logdir, "train"))
     val_writer = tf.summary.create_file_writer(os.path.join(logdir, "validation"))
@@ -111,20 +114,22 @@ def _run(config: cli.TrainConfig, *, callbacks, progress) -> RunResult:
                       loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"])
 
+    checkpoint_dir = os.path.join(logdir, "checkpoints")
     if config.trainer == "keras_fit":  # model.fit, same outputs; it is its own controller (restore/run)
-        from trainers.keras_fit import KerasFitTrainer
-
         trainer = controller = KerasFitTrainer(
-            job, summary_writer=train_writer, validation_writer=val_writer,
-            checkpoint_dir=os.path.join(logdir, "checkpoints"), history_path=history_path, callbacks=callbacks,
-            progress=progress)
+            job.model, job.optimizer, train_data_fn=job.train_data_fn, eval_dataset=job.eval_dataset(),
+            steps_per_epoch=job.steps_per_epoch, total_steps=job.total_steps, strategy=job.strategy,
+            lr_callback=lr_callback, steps_per_loop=config.steps_per_loop,
+            checkpoint_every=config.checkpoint_every, summary_every=config.summary_every,
+            jit_compile=config.jit_compile, summary_writer=train_writer, validation_writer=val_writer,
+            checkpoint_dir=checkpoint_dir, history_path=history_path, callbacks=callbacks, progress=progress)
     else:
         trainer = CustomLoopTrainer(job.model, job.optimizer, job.schedule, strategy=job.strategy,
                                     jit_compile=config.jit_compile, summary_writer=train_writer,
                                     summary_every=config.summary_every, fused_updates=config.fused_updates)
         controller = Controller(trainer, train_data_fn=job.train_data_fn, steps_per_epoch=job.steps_per_epoch,
                                 total_steps=job.total_steps, steps_per_loop=config.steps_per_loop,
-                                eval_dataset=job.eval_dataset(), checkpoint_dir=os.path.join(logdir, "checkpoints"),
+                                eval_dataset=job.eval_dataset(), checkpoint_dir=checkpoint_dir,
                                 checkpoint_every=config.checkpoint_every, history_path=history_path,
                                 validation_writer=val_writer, callbacks=callbacks, progress=progress)
     resumed_from = controller.restore()
@@ -142,7 +147,7 @@ def _run(config: cli.TrainConfig, *, callbacks, progress) -> RunResult:
                      history=outcome.history, resumed_from=resumed_from, signal=outcome.signal)
 
 
-def _announce(config: cli.TrainConfig, job, logdir: str, resumed_from: int | None) -> None:
+def _announce(config: TrainConfig, job, logdir: str, resumed_from: int | None) -> None:
     s = job.splits
     if config.policy == "piecewise":
         policy = (f"piecewise policy, lr {', '.join(f'{v:g}' for v in config.lr_values)} switching at steps "
@@ -167,7 +172,7 @@ def _announce(config: cli.TrainConfig, job, logdir: str, resumed_from: int | Non
 def finish(job, logdir: str, predictions) -> dict[str, float]:
     """Per-class precision/recall/F1 on the test split: printed and saved. Returns accuracy."""
     import numpy as np
-    from sklearn.metrics import classification_report
+    from sklearn.metrics import classification_report  # deferred: see the module docstring
 
     y_true = np.asarray(job.splits.y_test)
     report = classification_report(y_true, predictions, labels=list(range(job.splits.num_classes)),
@@ -186,19 +191,18 @@ def main(argv: list[str]) -> int:
         print(f"error: unexpected arguments {' '.join(argv[1:])} (flags look like --name=value; see --help)",
               file=sys.stderr)
         return 1
-    from clrlab.data import DataError
     from trainers.custom_loop import NonFiniteLossError
 
-    config = cli.config_from_flags()
     try:
+        config = cli.config_from_flags()
         result = run(config)
-    except (UserError, DataError) as e:
+    except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     except NonFiniteLossError as e:
         print(f"error: {e}; training stopped and the last good checkpoint is kept in "
               f"{os.path.join(os.path.abspath(config.logdir), 'checkpoints')}. Lower --max_lr "
-              "(scripts/range_test.py suggests bounds).", file=sys.stderr)
+              "(python -m clrlab.range_finder suggests bounds).", file=sys.stderr)
         return 1
     if result.status == "interrupted":
         print(f"Stopped by {result.signal} at step {result.step}; checkpoint saved. Run the same command "
@@ -208,7 +212,9 @@ def main(argv: list[str]) -> int:
 
 
 def run_main() -> None:
-    """Console-script entry point (`clrlab-train`)."""
+    """Console-script entry point (`clrlab-train`): defines the flags, parses them, runs `main`."""
+    cli.define_train_flags()
+    flags.adopt_module_key_flags(cli)  # so that --help lists them (absl shows the main module's key flags)
     app.run(main, flags_parser=cli.parse_flags_or_exit)
 
 

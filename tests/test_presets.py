@@ -1,4 +1,4 @@
-"""The presets in flags/ and the piecewise policy on the command line (issue 4).
+"""The presets in flags/.
 
 Every preset parses (absl --flagfile, in process) into a valid TrainConfig that holds its source's
 settings and round-trips through flags.txt, and trains a couple of steps with --steps/--batch_size
@@ -15,14 +15,12 @@ import os
 
 import numpy as np
 import pytest
+from conftest import IDX_FILES, ROOT, parse_config, tiny_mnist, write_cifar_folder, write_idx
 
-from conftest import ROOT, read_scalars
-from test_data import tiny_mnist, write_cifar_folder, write_idx
+from clrlab import config as config_lib
+from clrlab import data, job
+from clrlab import train as train_mod
 
-from clrlab import cli, data, job, schedules
-from clrlab import train as train_mod  # defines the training flags
-
-FLAGS = cli.FLAGS
 PRESET_DIR = os.path.join(ROOT, "flags")
 PRESETS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(PRESET_DIR, "*.cfg")))
 TRAIN_SIZE = {"cifar10": 50_000, "mnist": 60_000, "fashion_mnist": 60_000, "digits": 1437}
@@ -71,16 +69,6 @@ EXPECTED_LR = {
 }
 
 
-def parse(*argv: str) -> cli.TrainConfig:
-    """absl parse of argv (in process, like the command line) -> TrainConfig; FLAGS left unparsed."""
-    FLAGS.unparse_flags()
-    try:
-        FLAGS(["prog", *argv])
-        return cli.config_from_flags()
-    finally:
-        FLAGS.unparse_flags()
-
-
 def preset_path(name: str) -> str:
     return os.path.join(PRESET_DIR, name)
 
@@ -95,7 +83,7 @@ def fake_cache(tmp_path_factory):
     xtr, ytr, xte, yte = tiny_mnist(rng, n_train=12, n_test=4)
     np.savez(datasets / "mnist.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
     (datasets / "fashion-mnist").mkdir()
-    for name, array in zip(data._IDX_FILES, tiny_mnist(rng, n_train=12, n_test=4)):
+    for name, array in zip(IDX_FILES, tiny_mnist(rng, n_train=12, n_test=4), strict=True):
         write_idx(datasets / "fashion-mnist" / f"{name}.gz", array)
     return home
 
@@ -104,11 +92,13 @@ def fake_cache(tmp_path_factory):
 def offline(fake_cache, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(fake_cache))
 
+    import keras
+
     def no_download():
         raise AssertionError("a preset test tried to download a dataset")
 
-    for name in list(data._KERAS_DOWNLOADERS):
-        monkeypatch.setitem(data._KERAS_DOWNLOADERS, name, no_download)
+    for name in ("cifar10", "mnist", "fashion_mnist"):
+        monkeypatch.setattr(getattr(keras.datasets, name), "load_data", no_download)
     return fake_cache
 
 
@@ -117,7 +107,7 @@ def test_every_expected_preset_exists():
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_preset_parses_into_its_sources_config_and_round_trips(name, tmp_path):
+def test_preset_parses_into_its_sources_config_and_round_trips(name, tmp_path, train_flags):
     text = open(preset_path(name), encoding="utf-8").read()
     header = [line for line in text.splitlines() if line.startswith("#")]
     body = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
@@ -127,14 +117,14 @@ def test_preset_parses_into_its_sources_config_and_round_trips(name, tmp_path):
     assert all(line.startswith("--") for line in body), body  # absl flagfiles: one --flag per line
     assert not any(line.startswith(("--logdir", "--nologdir")) for line in body), "presets leave --logdir default"
 
-    config = parse(f"--flagfile={preset_path(name)}")
-    assert isinstance(config, cli.TrainConfig) and config.logdir.startswith("runs" + os.sep)
+    config = parse_config(train_flags, f"--flagfile={preset_path(name)}")
+    assert isinstance(config, config_lib.TrainConfig) and config.logdir.startswith("runs" + os.sep)
     for field, want in EXPECTED[name].items():
         assert getattr(config, field) == want, (name, field)
     # The run's flags.txt reproduces the preset exactly (list flags as --lr_boundaries=60000,65000).
     flags_txt = tmp_path / "flags.txt"
-    flags_txt.write_text(cli.flagfile_text(config))
-    assert parse(f"--flagfile={flags_txt}") == config
+    flags_txt.write_text(config_lib.flagfile_text(config))
+    assert parse_config(train_flags, f"--flagfile={flags_txt}") == config
     # The LR policy the job builds from it, at the full-size run's steps per epoch.
     spe = TRAIN_SIZE[config.dataset] // config.batch_size
     schedule, _ = job.make_lr_schedule(config, spe)
@@ -149,13 +139,13 @@ RUN_MODEL = {"superconvergence_resnet56.cfg": "resnet20"}
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_preset_trains_a_few_steps(name, offline, tmp_path):
+def test_preset_trains_a_few_steps(name, offline, tmp_path, train_flags):
     # Two steps at batch 4 on tiny fake data in the real format.
     overrides = ["--steps=2", "--batch_size=4", "--steps_per_loop=2", f"--logdir={tmp_path / 'run'}"]
     if name in RUN_MODEL:
         overrides.append(f"--model={RUN_MODEL[name]}")
-    config = parse(f"--flagfile={preset_path(name)}", *overrides)
-    preset = parse(f"--flagfile={preset_path(name)}")
+    config = parse_config(train_flags, f"--flagfile={preset_path(name)}", *overrides)
+    preset = parse_config(train_flags, f"--flagfile={preset_path(name)}")
     assert config == dataclasses.replace(preset, steps=2, batch_size=4, steps_per_loop=2, logdir=config.logdir,
                                          model=RUN_MODEL.get(name, preset.model))
     result = train_mod.run(config, progress="log")
@@ -165,78 +155,3 @@ def test_preset_trains_a_few_steps(name, offline, tmp_path):
     schedule, _ = job.make_lr_schedule(config, n_train // 4)
     np.testing.assert_array_equal(np.float32(history["steps"]["lr"]), np.float32(schedule(np.arange(2))))
     assert np.isfinite(history["steps"]["loss"]).all()
-
-
-# ----------------------------------------------------------------------------- --policy=piecewise
-BAD_PIECEWISE = {
-    "no values": (["--policy=piecewise"], "needs --lr_values"),
-    "too few values": (["--policy=piecewise", "--lr_boundaries=10,20", "--lr_values=0.1,0.01"],
-                       "one more entry than --lr_boundaries. Received: 2 values, 2 boundaries"),
-    "too many values": (["--policy=piecewise", "--lr_boundaries=10", "--lr_values=0.1,0.01,0.001"],
-                        "3 values, 1 boundaries"),
-    "zero boundary": (["--policy=piecewise", "--lr_boundaries=0", "--lr_values=0.1,0.01"],
-                      "--lr_boundaries must be increasing whole numbers of steps > 0"),
-    "decreasing boundaries": (["--policy=piecewise", "--lr_boundaries=20,10", "--lr_values=1,2,3"],
-                              "Received: 20,10."),
-    "repeated boundary": (["--policy=piecewise", "--lr_boundaries=10,10", "--lr_values=1,2,3"], "increasing"),
-    "fractional boundary": (["--policy=piecewise", "--lr_boundaries=1e4", "--lr_values=1,2"], "whole numbers"),
-    "text value": (["--policy=piecewise", "--lr_boundaries=10", "--lr_values=0.1,fast"],
-                   "--lr_values must be finite learning rates > 0"),
-    "nan value": (["--policy=piecewise", "--lr_boundaries=10", "--lr_values=0.1,nan"], "finite"),
-    "inf value": (["--policy=piecewise", "--lr_boundaries=10", "--lr_values=inf,0.1"], "finite"),
-    "zero value": (["--policy=piecewise", "--lr_boundaries=10", "--lr_values=0.1,0"], "> 0"),
-    "negative value": (["--policy=piecewise", "--lr_boundaries=10", "--lr_values=0.1,-0.01"], "> 0"),
-    "values for another policy": (["--policy=triangular", "--lr_values=0.1"], "only apply to --policy=piecewise"),
-    "boundaries for another policy": (["--lr_boundaries=10"], "only apply to --policy=piecewise"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_PIECEWISE))
-def test_piecewise_flag_errors_are_one_line_exit_1(tmp_path, capsys, case):
-    argv, needle = BAD_PIECEWISE[case]
-    FLAGS.unparse_flags()
-    try:
-        with pytest.raises(SystemExit) as info:
-            cli.parse_flags_or_exit(["prog", *argv, f"--logdir={tmp_path / 'never'}"])
-    finally:
-        FLAGS.unparse_flags()
-    assert info.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
-    assert not (tmp_path / "never").exists()
-
-
-def test_piecewise_flags_parse_and_ignore_the_cycle_bounds():
-    config = parse("--policy=piecewise", "--lr_boundaries=60000, 65000", "--lr_values=1e-3,1e-4,1e-5",
-                   "--base_lr=0.5", "--max_lr=0.1")  # bounds that the cyclical policies would reject
-    assert config.lr_boundaries == (60_000, 65_000) and config.lr_values == (1e-3, 1e-4, 1e-5)
-    assert "--lr_boundaries=60000,65000\n" in cli.flagfile_text(config)
-    assert "--lr_values=0.001,0.0001,1e-05\n" in cli.flagfile_text(config)
-    one_stage = parse("--policy=piecewise", "--lr_values=0.02")
-    assert one_stage.lr_boundaries == () and one_stage.lr_values == (0.02,)
-    default = parse()
-    assert default.lr_boundaries == () and default.lr_values == ()
-    assert "lr_boundaries" not in cli.flagfile_text(default) and "lr_values" not in cli.flagfile_text(default)
-
-
-def test_piecewise_run_logs_the_schedule_every_step(tmp_path):
-    # 7 steps in chunks of 4: the LR changes inside a compiled call (step 3) and across calls (step 5).
-    config = parse("--dataset=digits", "--model=small_cnn", "--policy=piecewise", "--lr_boundaries=3,5",
-                   "--lr_values=0.05,0.01,0.002", "--steps=7", "--batch_size=64", "--steps_per_loop=4",
-                   f"--logdir={tmp_path / 'run'}")
-    result = train_mod.run(config, progress="log")
-    assert result.status == "completed" and result.step == 7
-    want = np.float32([0.05, 0.05, 0.05, 0.01, 0.01, 0.002, 0.002])
-    logged = read_scalars(os.path.join(result.logdir, "train"), "learning_rate")
-    assert sorted(logged) == list(range(7))
-    np.testing.assert_array_equal(np.float32([logged[s] for s in range(7)]), want)
-    history = json.load(open(os.path.join(result.logdir, "history.json"), encoding="utf-8"))
-    np.testing.assert_array_equal(np.float32(history["steps"]["lr"]), want)
-    identity = json.load(open(os.path.join(result.logdir, "run_config.json"), encoding="utf-8"))
-    assert identity["schedule"]["class_name"] == "PiecewiseConstant"
-    assert identity["schedule"]["config"]["boundaries"] == [3, 5]
-    restored = schedules.PiecewiseConstant.from_config(identity["schedule"]["config"])
-    np.testing.assert_array_equal(np.float32(restored(np.arange(7))), want)
-    # flags.txt reruns the same job.
-    assert parse(f"--flagfile={os.path.join(result.logdir, 'flags.txt')}") == dataclasses.replace(
-        config, logdir=result.logdir)

@@ -1,8 +1,9 @@
 """The LR range test (Smith 2015, section 3.3): sweep the LR upwards, watch loss and accuracy, recommend
 `base_lr`/`max_lr`, and print the command that trains with them.
 
-    python scripts/range_test.py --sweep=linear                 # Smith's test: judged on accuracy
-    python -m clrlab.range_test --sweep=exponential --steps=200  # fastai-style: judged on the loss
+    python -m clrlab.range_finder --sweep=linear                   # Smith's test: judged on accuracy
+    python -m clrlab.range_finder --sweep=exponential --steps=200  # fastai-style: judged on the loss
+    clrlab-range-test --helpfull          # the installed console script; also scripts/range_test.py
 
 The sweep runs the SAME compiled training step as `python -m clrlab.train` (`CustomLoopTrainer`, with a
 `LinearSweep`/`ExponentialSweep` policy assigned every step in graph); it records per step the LR used,
@@ -15,12 +16,15 @@ restored bitwise, so a sweep can run inside a session before training (`run_swee
 The analysis is `clrlab.lr_suggest.recommend` (pure numpy). Outputs in --logdir: range_test.png,
 range_test.json (every series, every suggestion, the chosen bounds, the rule used, whether and why it
 stopped early, and the train command), TensorBoard scalars per step and the plot as an image.
+
+The command: flags (`clrlab.cli.define_range_test_flags`) -> `TrainConfig` (`cli.config_from_flags`, the
+same conversion as `python -m clrlab.train`) and the sweep settings (`cli.sweep_options_from_flags`) ->
+job (`clrlab.job.build_job`) -> `run_sweep` -> outputs and report.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import os
 import sys
@@ -29,60 +33,16 @@ from typing import Any
 from absl import app, flags
 
 from clrlab import cli
-from clrlab.config import SWEEPS
+from clrlab.config import SWEEPS, TrainConfig
+from clrlab.errors import UserError
 from clrlab.sweep import SWEEP_DEFAULTS, SweepOptions, run_sweep
 
-FLAGS = flags.FLAGS
 
 
 # ------------------------------------------------------------------------------------ command line
-def define_flags() -> None:
-    cli.define_data_model_flags()
-    flags.DEFINE_enum("sweep", "linear", list(SWEEPS),
-                      "linear: Smith's test, LR rises linearly (judge it on accuracy: see --eval_every); exponential: "
-                      "the LR rises by a constant factor per step. Bounds come from Smith's accuracy rule when the "
-                      "accuracy rises, else from the loss curve (valley).")
-    flags.DEFINE_float("start_lr", None, "First LR of the sweep (default: 1e-4 linear, 1e-6 exponential).")
-    flags.DEFINE_float("end_lr", None, "Last LR of the sweep (default: 0.1 linear, 1.0 exponential).")
-    flags.DEFINE_integer("steps", None, "Sweep length in steps (default: 300 for exponential).")
-    flags.DEFINE_float("epochs", None, "Sweep length in epochs (default: 8 for linear, as in the CLR paper).")
-    flags.DEFINE_integer("eval_every", 0, "Evaluate held-out accuracy every N steps (0: off; Smith's rule then "
-                         "uses the per-batch training accuracy).", lower_bound=0)
-    flags.DEFINE_enum("smoother", "ema_debiased", ["none", "ema_seeded", "ema_debiased"], "Loss smoothing.")
-    flags.DEFINE_float("beta", 0.98, "Smoothing factor of the moving average (0 <= beta < 1).")
-    flags.DEFINE_float("divergence_factor", 4.0, "Stop when the smoothed loss exceeds this x its best (> 1).")
-    flags.DEFINE_string("logdir", None, "Output folder (default: runs/range_test-<timestamp>).")
-    flags.DEFINE_float("step_size_epochs", 4.0, "Half-cycle length (epochs) in the printed train command.",
-                       lower_bound=0.0)
-
-    def check(f):
-        for name in ("start_lr", "end_lr", "beta", "divergence_factor"):
-            if f[name] is not None:
-                cli._finite(name, f[name])
-        defaults = SWEEP_DEFAULTS[f["sweep"]]
-        start = f["start_lr"] if f["start_lr"] is not None else defaults["start_lr"]
-        end = f["end_lr"] if f["end_lr"] is not None else defaults["end_lr"]
-        cli._error_unless(start > 0, f"--start_lr must be > 0. Received: {start}.")
-        cli._error_unless(end > start, f"--end_lr must be greater than --start_lr. Received: --start_lr={start}, --end_lr={end}.")
-        cli._error_unless(not (f["steps"] is not None and f["epochs"] is not None),
-                          "Give either --steps or --epochs, not both.")
-        cli._error_unless(f["steps"] is None or f["steps"] >= 10, f"--steps must be >= 10. Received: {f['steps']}.")
-        cli._error_unless(f["epochs"] is None or f["epochs"] > 0, f"--epochs must be > 0. Received: {f['epochs']}.")
-        cli._error_unless(0 <= f["beta"] < 1, f"--beta must be in [0, 1). Received: {f['beta']}.")
-        cli._error_unless(f["divergence_factor"] > 1, f"--divergence_factor must be > 1. Received: {f['divergence_factor']}.")
-        return True
-
-    flags.register_multi_flags_validator(
-        ["sweep", "start_lr", "end_lr", "steps", "epochs", "beta", "divergence_factor"], check)
-    flags.register_validator("logdir", cli.check_logdir)
-    flags.register_multi_flags_validator(
-        ["dataset", "data_dir", "model", "weight_decay", "momentum", "distribute", "jit_compile"],
-        cli._check_data_model)
-
-
-def _train_command(config: cli.TrainConfig, base_lr: float, max_lr: float, step_size_epochs: float,
+def _train_command(config: TrainConfig, base_lr: float, max_lr: float, step_size_epochs: float,
                    json_path: str) -> tuple[str, str]:
-    defaults = cli.TrainConfig()
+    defaults = TrainConfig()
     parts = ["python -m clrlab.train"]
     for name in ("dataset", "data_dir", "normalization", "model", "weight_decay", "batch_size", "optimizer",
                  "momentum", "mixed_precision"):
@@ -98,34 +58,42 @@ def _train_command(config: cli.TrainConfig, base_lr: float, max_lr: float, step_
     return explicit, from_file
 
 
-def run(config: cli.TrainConfig, options_flags: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
-    """Builds the job of `config` (data/model/optimizer flags), sweeps, writes the outputs, returns the
+def sweep_options(options_flags: dict[str, Any], steps_per_epoch: int) -> SweepOptions:
+    """`SweepOptions` from the range test's flags (`cli.sweep_options_from_flags`; None or missing entries
+    take `SWEEP_DEFAULTS`). A sweep length in epochs becomes steps with `steps_per_epoch` (at least 10)."""
+    sweep = options_flags["sweep"]
+    defaults = SWEEP_DEFAULTS[sweep]
+    if options_flags.get("steps"):
+        num_steps = int(options_flags["steps"])
+    elif options_flags.get("epochs") or "epochs" in defaults:
+        epochs = options_flags.get("epochs") or defaults["epochs"]
+        num_steps = max(10, int(round(epochs * steps_per_epoch)))
+    else:
+        num_steps = int(defaults["steps"])
+    return SweepOptions(
+        sweep=sweep, start_lr=options_flags.get("start_lr") or defaults["start_lr"],
+        end_lr=options_flags.get("end_lr") or defaults["end_lr"], num_steps=num_steps,
+        eval_every=int(options_flags.get("eval_every") or 0),
+        smoother=options_flags.get("smoother", "ema_debiased"), beta=float(options_flags.get("beta", 0.98)),
+        divergence_factor=float(options_flags.get("divergence_factor", 4.0)),
+        check_every=max(1, min(25, num_steps // 30)))
+
+
+def run(config: TrainConfig, options_flags: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
+    """Builds the job of `config` (data/model/optimizer settings), sweeps, writes the outputs, returns the
     JSON dict written to `range_test.json` (eager)."""
-    import keras
+    import keras  # deferred, with the modules below that import it: --help answers without TensorFlow
     import tensorflow as tf
 
-    from clrlab import job as job_lib, plots
+    from clrlab import job as job_lib
+    from clrlab import plots
 
     policy = keras.mixed_precision.global_policy().name
     try:
         job_lib.setup_runtime(config)
         job = job_lib.build_job(config)
-        sweep = options_flags["sweep"]
-        defaults = SWEEP_DEFAULTS[sweep]
-        if options_flags.get("steps"):
-            num_steps = int(options_flags["steps"])
-        elif options_flags.get("epochs") or "epochs" in defaults:
-            epochs = options_flags.get("epochs") or defaults["epochs"]
-            num_steps = max(10, int(round(epochs * job.steps_per_epoch)))
-        else:
-            num_steps = int(defaults["steps"])
-        options = SweepOptions(
-            sweep=sweep, start_lr=options_flags.get("start_lr") or defaults["start_lr"],
-            end_lr=options_flags.get("end_lr") or defaults["end_lr"], num_steps=num_steps,
-            eval_every=int(options_flags.get("eval_every") or 0),
-            smoother=options_flags.get("smoother", "ema_debiased"), beta=float(options_flags.get("beta", 0.98)),
-            divergence_factor=float(options_flags.get("divergence_factor", 4.0)),
-            check_every=max(1, min(25, num_steps // 30)))
+        options = sweep_options(options_flags, job.steps_per_epoch)
+        sweep, num_steps = options.sweep, options.num_steps
         logdir = os.path.abspath(config.logdir)
         os.makedirs(logdir, exist_ok=True)
         writer = tf.summary.create_file_writer(os.path.join(logdir, "range_test"))
@@ -174,21 +142,14 @@ def _report(out: dict[str, Any], logdir: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    """The command after flag parsing: 0 done, 1 a problem the user can fix (one line on stderr)."""
     if len(argv) > 1:
         print(f"error: unexpected arguments {' '.join(argv[1:])} (see --help)", file=sys.stderr)
         return 1
-    from clrlab.data import DataError
-
-    names = [f.name for f in dataclasses.fields(cli.TrainConfig)]
-    values = {n: FLAGS[n].value for n in names if n in FLAGS and n != "epochs"}
-    values["logdir"] = FLAGS.logdir or os.path.join(
-        "runs", "range_test-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    config = dataclasses.replace(cli.TrainConfig(), **values)
-    options_flags = {n: FLAGS[n].value for n in ("sweep", "start_lr", "end_lr", "steps", "epochs", "eval_every",
-                                                 "smoother", "beta", "divergence_factor", "step_size_epochs")}
     try:
-        out = run(config, options_flags)
-    except (cli.UserError, DataError, ValueError) as e:
+        config = cli.config_from_flags()
+        out = run(config, cli.sweep_options_from_flags())
+    except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     _report(out, os.path.abspath(config.logdir))
@@ -196,10 +157,10 @@ def main(argv: list[str]) -> int:
 
 
 def run_main() -> None:
-    """Console-script entry point (`clrlab-range-test`)."""
-    define_flags()
-    flags.adopt_module_key_flags(cli)
-    flags.adopt_module_key_flags(sys.modules[__name__])
+    """Console-script entry point (`clrlab-range-test`; also `python -m clrlab.range_finder` and
+    scripts/range_test.py): defines the flags, parses them, runs `main`."""
+    cli.define_range_test_flags(SWEEP_DEFAULTS)
+    flags.adopt_module_key_flags(cli)  # so that --help lists them (absl shows the main module's key flags)
     app.run(main, flags_parser=cli.parse_flags_or_exit)
 
 

@@ -1,0 +1,94 @@
+"""clrlab.config: TrainConfig's step arithmetic, the flags.txt text (a usable --flagfile) and read_bounds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, parse_config, subprocess_env
+
+from clrlab import config
+from clrlab.config import TrainConfig
+from clrlab.errors import UserError
+
+
+def test_import_needs_neither_absl_nor_tensorflow():
+    code = ("import sys, clrlab.config; bad = [m for m in ('absl', 'tensorflow', 'keras') if m in sys.modules]; "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
+                          cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_step_size_in_steps_from_steps_or_epochs_default_four_epochs():
+    assert TrainConfig(step_size=123).resolve_step_size(50) == 123
+    assert TrainConfig(step_size_epochs=2.5).resolve_step_size(10) == 25
+    assert TrainConfig().resolve_step_size(10) == int(config.DEFAULT_STEP_SIZE_EPOCHS * 10) == 40
+    assert TrainConfig(step_size_epochs=0.01).resolve_step_size(10) == 1  # never a zero half cycle
+
+
+def test_total_steps_from_steps_or_epochs():
+    assert TrainConfig(epochs=3).total_steps(22) == 66
+    assert TrainConfig(epochs=3, steps=7).total_steps(22) == 7
+
+
+def test_default_logdir_is_a_timestamped_folder_under_runs():
+    assert config.default_logdir().startswith("runs/2")
+    assert config.default_logdir("range_test-").startswith("runs/range_test-2")
+
+
+def test_flagfile_text_lists_every_setting_in_flag_form():
+    c = TrainConfig(policy="piecewise", lr_boundaries=(10, 20), lr_values=(0.1, 0.01, 0.001), augment=True,
+                    fused_updates=False, bounds_from="r.json", logdir="/tmp/x")
+    lines = config.flagfile_text(c).splitlines()
+    assert lines[0].startswith("# Written by clrlab.train")
+    body = lines[1:]
+    assert "--policy=piecewise" in body and "--lr_boundaries=10,20" in body and "--lr_values=0.1,0.01,0.001" in body
+    assert "--augment" in body and "--nofused_updates" in body and "--logdir=/tmp/x" in body
+    # None = the flag's default; bounds_from was already resolved into base_lr/max_lr.
+    assert not any(line.startswith(("--step_size=", "--bounds_from", "--scale_mode")) for line in body)
+    assert all(line.startswith("--") for line in body)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"policy": "exp_range", "gamma": 0.999, "step_size": 7, "augment": True, "mixed_precision": "mixed_bfloat16"},
+    {"policy": "piecewise", "lr_boundaries": (3, 5), "lr_values": (0.05, 0.01, 0.002), "fused_updates": False},
+    {"policy": "one_cycle", "three_phase": True, "anneal_strategy": "linear", "steps": 100, "step_size_down": 4},
+])
+def test_flagfile_text_round_trips_through_the_flag_parser(tmp_path, train_flags, overrides):
+    original = dataclasses.replace(TrainConfig(), logdir=str(tmp_path / "run"), **overrides)
+    path = tmp_path / "flags.txt"
+    path.write_text(config.flagfile_text(original))
+    assert parse_config(train_flags, f"--flagfile={path}") == original
+
+
+def test_read_bounds_returns_the_range_tests_bounds(tmp_path):
+    good = tmp_path / "range_test.json"
+    good.write_text(json.dumps({"base_lr": 0.002, "max_lr": 0.03, "rule": "valley"}))
+    assert config.read_bounds(str(good)) == (0.002, 0.03)
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("{not json", "cannot read it as JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    (json.dumps({"lrs": []}), "needs numeric 'base_lr' and 'max_lr'"),
+    (json.dumps({"base_lr": "fast", "max_lr": 0.1}), "needs numeric 'base_lr' and 'max_lr'"),
+    (json.dumps({"base_lr": 0.1, "max_lr": 0.01}), "need 0 < base_lr < max_lr"),
+    (json.dumps({"base_lr": 0.0, "max_lr": 0.01}), "need 0 < base_lr < max_lr"),
+    (json.dumps({"base_lr": 0.001, "max_lr": float("inf")}), "need 0 < base_lr < max_lr"),
+])
+def test_read_bounds_rejects_bad_content_in_one_line(tmp_path, content, needle):
+    bad = tmp_path / "r.json"
+    bad.write_text(content)
+    with pytest.raises(UserError, match=needle) as info:
+        config.read_bounds(str(bad))
+    assert "\n" not in str(info.value) and str(info.value).startswith(f"--bounds_from={bad}: ")
+
+
+def test_read_bounds_missing_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="cannot read it as JSON"):
+        config.read_bounds(str(tmp_path / "missing.json"))

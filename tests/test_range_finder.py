@@ -1,0 +1,107 @@
+"""The LR range test command (`python -m clrlab.range_finder`): the sweep runs the training step, restores
+exactly, writes its outputs, and its bounds round-trip into training."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from conftest import parse_config, read_scalars, run_module, user_lines
+
+from clrlab import data, models, range_finder, schedules
+from clrlab.range_finder import RangeTestResult, StateSnapshot, SweepOptions, run_sweep
+from trainers.custom_loop import CustomLoopTrainer
+
+
+
+
+@pytest.mark.slow
+def test_command_line_writes_outputs_and_bounds_round_trip_into_training(tmp_path, train_flags):
+    logdir = tmp_path / "rt"
+    proc = run_module("clrlab.range_finder", "--sweep=exponential", "--steps=60", "--start_lr=1e-4",
+                      "--end_lr=1", "--eval_every=10", f"--logdir={logdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "python -m clrlab.train" in proc.stdout and "--bounds_from=" in proc.stdout
+    assert (logdir / "range_test.png").stat().st_size > 10_000
+    result = json.loads((logdir / "range_test.json").read_text())
+    for key in ("lrs", "loss_raw", "loss_smooth", "accuracy", "suggestions", "base_lr", "max_lr", "rule",
+                "stopped_early", "reason", "command", "eval"):
+        assert key in result, key
+    assert 0 < result["base_lr"] < result["max_lr"]
+    assert len(result["eval"]["accuracy"]) >= 1
+    assert not result["stopped_early"] and len(result["lrs"]) == 60  # LR 1 at the end does not diverge here
+    lrs = read_scalars(str(logdir / "range_test"), "learning_rate")
+    assert sorted(lrs) == list(range(60))
+    np.testing.assert_allclose([lrs[i] for i in range(60)], result["lrs"], rtol=1e-6)
+    from tensorboard.backend.event_processing import event_accumulator as ea
+    acc = ea.EventAccumulator(str(logdir / "range_test"), size_guidance={ea.TENSORS: 0})
+    acc.Reload()
+    assert "range_test" in acc.Tags()["tensors"]  # the plot as an image summary
+
+    # --bounds_from hands the bounds to training.
+    assert f"--bounds_from={logdir / 'range_test.json'}" in result["command_bounds_from"]
+    trained = parse_config(train_flags, f"--bounds_from={logdir / 'range_test.json'}",
+                           f"--logdir={tmp_path / 'train'}")
+    assert (trained.base_lr, trained.max_lr) == (result["base_lr"], result["max_lr"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,needle", [
+    (["--start_lr=0.1", "--end_lr=0.01"], "--end_lr"),
+    (["--steps=5"], "--steps"),
+    (["--steps=100", "--epochs=2"], "not both"),
+    (["--sweep=cosine"], "sweep"),
+])
+def test_command_line_rejects_bad_values_in_one_line(tmp_path, args, needle):
+    proc = run_module("clrlab.range_finder", *args, f"--logdir={tmp_path / 'x'}")
+    assert proc.returncode == 1
+    lines = user_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("flags_given,steps_per_epoch,want", [
+    ({"sweep": "linear"}, 22, dict(start_lr=1e-4, end_lr=0.1, num_steps=176)),  # 8 epochs, the CLR paper's
+    ({"sweep": "linear", "epochs": 0.1}, 22, dict(num_steps=10)),  # at least 10 steps
+    ({"sweep": "exponential"}, 22, dict(start_lr=1e-6, end_lr=1.0, num_steps=300)),
+    ({"sweep": "exponential", "epochs": 2.0, "start_lr": 1e-5}, 22, dict(start_lr=1e-5, num_steps=44)),
+    ({"sweep": "linear", "steps": 90, "eval_every": 9, "beta": 0.5, "smoother": "none"}, 22,
+     dict(num_steps=90, eval_every=9, beta=0.5, smoother="none", check_every=3)),
+])
+def test_sweep_options_fill_the_per_sweep_defaults_and_convert_epochs(flags_given, steps_per_epoch, want):
+    options = range_finder.sweep_options(flags_given, steps_per_epoch)
+    for field, value in want.items():
+        assert getattr(options, field) == value, field
+
+
+def test_main_builds_the_job_from_the_flags_and_writes_the_outputs(tmp_path, capsys, range_test_flags):
+    logdir = tmp_path / "rt"
+    range_test_flags(["prog", "--sweep=exponential", "--steps=20", "--start_lr=1e-3", "--end_lr=0.5",
+                      "--model=mlp", "--batch_size=64", "--step_size_epochs=2", f"--logdir={logdir}"])
+    try:
+        assert range_finder.main(["prog"]) == 0
+    finally:
+        range_test_flags.unparse_flags()
+    out = capsys.readouterr().out
+    result = json.loads((logdir / "range_test.json").read_text())
+    assert (result["dataset"], result["options"]["num_steps"], result["options"]["sweep"]) == ("digits", 20,
+                                                                                             "exponential")
+    assert len(result["lrs"]) == 20 and (logdir / "range_test.png").exists()
+    # The data/model flags reached the job (and the printed train command); the half cycle is the flag's.
+    assert result["command"].startswith("python -m clrlab.train --model=mlp --batch_size=64 --policy=triangular")
+    assert result["command"].endswith("--step_size_epochs=2")
+    assert "Train with them:" in out and result["command"] in out
+
+
+def test_main_reports_a_data_problem_in_one_line(tmp_path, capsys, range_test_flags):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x_train=np.zeros((4, 2, 2)))  # no y_train, x_test, y_test
+    range_test_flags(["prog", f"--dataset=npz:{bad}", f"--logdir={tmp_path / 'rt'}"])
+    try:
+        assert range_finder.main(["prog"]) == 1
+    finally:
+        range_test_flags.unparse_flags()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "bad.npz" in err[0], err
