@@ -129,3 +129,23 @@ def build_job(config: TrainConfig, *, splits: data.Splits | None = None) -> Job:
                                    loss_scaling=config.mixed_precision == "mixed_float16")
     return Job(config=config, splits=splits, strategy=strategy, model=model, optimizer=optimizer,
                schedule=schedule, steps_per_epoch=steps_per_epoch, total_steps=total_steps, step_size=step_size)
+
+
+def make_lr_callback(config: TrainConfig, step_size: int):
+    """The classic `CyclicLR` callback for `--trainer=keras_fit --lr_control=callback`, else None.
+
+    Raises UserError for a policy the classic callback cannot express (it has only the symmetric
+    triangular, triangular2 and exp_range cycles).
+    """
+    if not (config.trainer == "keras_fit" and config.lr_control == "callback"):
+        return None
+    from clrlab.callbacks import CyclicLR
+
+    if config.policy not in schedules.MODES or config.step_size_down is not None:
+        raise UserError(
+            f"--lr_control=callback uses the classic CyclicLR callback, which has only the symmetric "
+            f"triangular, triangular2 and exp_range cycles. Received: --policy={config.policy}"
+            + (f", --step_size_down={config.step_size_down}" if config.step_size_down is not None else "")
+            + "; use --lr_control=schedule for it.")
+    return CyclicLR(base_lr=config.base_lr, max_lr=config.max_lr, step_size=step_size, mode=config.policy,
+                    gamma=config.gamma)

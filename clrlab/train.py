@@ -115,9 +115,15 @@ def _run(config: cli.TrainConfig, *, callbacks, progress) -> RunResult:
         from trainers.keras_fit import KerasFitTrainer
 
         trainer = controller = KerasFitTrainer(
-            job, summary_writer=train_writer, validation_writer=val_writer,
-            checkpoint_dir=os.path.join(logdir, "checkpoints"), history_path=history_path, callbacks=callbacks,
-            progress=progress)
+            job.model, job.optimizer, train_data_fn=job.train_data_fn,
+            eval_dataset=job.eval_dataset(), steps_per_epoch=job.steps_per_epoch,
+            total_steps=job.total_steps, strategy=job.strategy,
+            lr_callback=job_lib.make_lr_callback(config, job.step_size),
+            steps_per_loop=config.steps_per_loop, checkpoint_every=config.checkpoint_every,
+            summary_every=config.summary_every, jit_compile=config.jit_compile,
+            summary_writer=train_writer, validation_writer=val_writer,
+            checkpoint_dir=os.path.join(logdir, "checkpoints"), history_path=history_path,
+            callbacks=callbacks, progress=progress)
     else:
         trainer = CustomLoopTrainer(job.model, job.optimizer, job.schedule, strategy=job.strategy,
                                     jit_compile=config.jit_compile, summary_writer=train_writer,

@@ -28,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from clrlab import keras_internals
 from trainers.evaluation import Evaluator
 from trainers.fused_update import make_apply_fn
 
@@ -61,10 +62,6 @@ class StepRecords:
 
     def __len__(self) -> int:
         return int(self.step.shape[0])
-
-
-def uses_loss_scaling(optimizer: keras.optimizers.Optimizer) -> bool:
-    return isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
 
 # Elementwise ops whose float results are exact or correctly rounded (IEEE-754 add, sub, mul, div,
@@ -128,8 +125,7 @@ class CustomLoopTrainer:
                  schedule: Callable[[tf.Tensor], tf.Tensor], *, strategy: tf.distribute.Strategy | None = None,
                  jit_compile: bool = False, summary_writer: Any = None, summary_every: int = 1,
                  loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None, fused_updates: bool = True):
-        if isinstance(getattr(optimizer, "_learning_rate", None), keras.optimizers.schedules.LearningRateSchedule) \
-                or isinstance(_inner(optimizer)._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+        if keras_internals.holds_schedule(optimizer):
             raise ValueError("The custom loop assigns the learning rate itself every step: build the optimizer "
                              "with a float learning rate and pass the schedule to the trainer instead.")
         if summary_every < 1:
@@ -142,14 +138,13 @@ class CustomLoopTrainer:
         self.summary_writer = summary_writer
         self.summary_every = int(summary_every)
         self.loss_fn = loss_fn or keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-        self.loss_scaling = uses_loss_scaling(optimizer)
+        self.loss_scaling = keras_internals.uses_loss_scaling(optimizer)
         with self.strategy.scope():
             # Built eagerly, in scope, before the first trace: fixes the variable order that checkpoints
             # rely on and avoids the Keras 3.14+ placeholder error when building inside a trace.
             if not self.optimizer.built:  # LossScaleOptimizer.build is not idempotent: never build twice
                 self.optimizer.build(self.model.trainable_variables)
-            self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
-                                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self.global_step = keras_internals.create_global_step()
         # The optimizer update: fused SGD kernels where they give Keras' exact arithmetic, else optimizer.apply.
         self._apply_updates, self.fused_update_reason = make_apply_fn(self.optimizer, self.strategy,
                                                                       fused=fused_updates)
@@ -309,8 +304,4 @@ class CustomLoopTrainer:
     @property
     def learning_rate(self) -> float:
         """The optimizer's current learning rate (a host read; eager only)."""
-        return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
-
-
-def _inner(optimizer):
-    return optimizer.inner_optimizer if uses_loss_scaling(optimizer) else optimizer
+        return keras_internals.read_learning_rate(self.optimizer)

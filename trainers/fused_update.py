@@ -36,6 +36,8 @@ from typing import Callable, Sequence
 import keras
 import tensorflow as tf
 
+from clrlab import keras_internals
+
 ApplyFn = Callable[[Sequence[tf.Tensor | None], Sequence[keras.Variable]], None]
 
 
@@ -55,7 +57,7 @@ def unfusable_reason(optimizer: keras.optimizers.Optimizer,
             return f"the optimizer uses {name}={value}"
     if optimizer.use_ema:
         return "the optimizer uses use_ema=True"
-    if isinstance(optimizer._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+    if keras_internals.holds_schedule(optimizer):
         return "the optimizer's learning rate is a schedule, not a variable"
     strategy = strategy or tf.distribute.get_strategy()
     if strategy.num_replicas_in_sync != 1:
