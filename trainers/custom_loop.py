@@ -170,7 +170,7 @@ class CustomLoopTrainer:
             global_batch = batch * num_replicas
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             if model.losses:
-                loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(l, tf.float32) for l in model.losses]))
+                loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(term, tf.float32) for term in model.losses]))
             objective = optimizer.scale_loss(loss) if self.loss_scaling else loss
         variables = model.trainable_variables
         grads = tape.gradient(objective, variables)

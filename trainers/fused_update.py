@@ -89,7 +89,7 @@ class FusedSGDUpdate:
         self.optimizer = optimizer
 
     def _fusable(self, grads, variables) -> bool:
-        for grad, variable in zip(grads, variables):
+        for grad, variable in zip(grads, variables, strict=True):
             if grad is None:
                 continue
             if isinstance(grad, tf.IndexedSlices) or getattr(variable, "constraint", None) is not None \
@@ -107,7 +107,7 @@ class FusedSGDUpdate:
             return
         # As Keras' SGD.update_step: the LR variable and the momentum cast to each variable's dtype.
         learning_rate = optimizer.learning_rate
-        for grad, variable in zip(grads, variables):
+        for grad, variable in zip(grads, variables, strict=True):
             if grad is None:  # Keras filters (and warns about) variables without gradients
                 continue
             tf_var = _tf_variable(variable)
