@@ -78,10 +78,6 @@ class Controller:
                               validation_writer=validation_writer, evaluator=trainer.evaluator,
                               eval_dataset=eval_dataset, progress=progress, max_to_keep=max_to_keep)
 
-    @property
-    def history(self):
-        return self.state.history
-
     def restore(self) -> int | None:
         """Restores the latest checkpoint, if any, and the history saved with it. Returns its step."""
         return self.state.restore()

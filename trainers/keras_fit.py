@@ -127,7 +127,7 @@ class KerasFitTrainer:
                              "learning rate.")
         self.model, self.optimizer = model, optimizer
         self.strategy = strategy or tf.distribute.get_strategy()
-        self.train_data_fn, self.eval_dataset = train_data_fn, eval_dataset
+        self.train_data_fn = train_data_fn
         self.lr_callback = lr_callback
         self.steps_per_loop, self.checkpoint_every = int(steps_per_loop), int(checkpoint_every)
         self.summary_every, self.jit_compile = int(summary_every), bool(jit_compile)
