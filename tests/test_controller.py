@@ -128,6 +128,7 @@ def test_progress_bar_prints_each_epoch(tmp_path, capsys):
     controller(tmp_path, progress="bar").run()
     out = capsys.readouterr().out
     assert "Epoch 1/3" in out and "Epoch 3/3" in out and out.count("val_accuracy:") == 3
+    assert "learning_rate:" in out
 
 
 def test_lr_setting_callbacks_are_refused(tmp_path):
