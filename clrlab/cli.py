@@ -25,7 +25,8 @@ import dataclasses
 import math
 import os
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from absl import flags
 
@@ -142,7 +143,7 @@ def _define_train_config_flags() -> None:
     flags.DEFINE_float("max_lr", 0.006, "Upper LR bound (the peak of the first cycle).")
     flags.DEFINE_integer("step_size", None,
                          "Steps (batches) in HALF a cycle, the rising half. Mutually exclusive with "
-                         "--step_size_epochs. Default: %g epochs." % config.DEFAULT_STEP_SIZE_EPOCHS)
+                         f"--step_size_epochs. Default: {config.DEFAULT_STEP_SIZE_EPOCHS:g} epochs.")
     flags.DEFINE_float("step_size_epochs", None,
                        "Half-cycle length in epochs (Smith advises 2-10; the PyImageSearch tutorial "
                        "uses 8). Converted to steps with the dataset's steps per epoch.")

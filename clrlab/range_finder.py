@@ -33,10 +33,9 @@ from typing import Any
 from absl import app, flags
 
 from clrlab import cli
-from clrlab.config import SWEEPS, TrainConfig
+from clrlab.config import TrainConfig
 from clrlab.errors import UserError
 from clrlab.sweep import SWEEP_DEFAULTS, SweepOptions, run_sweep
-
 
 
 # ------------------------------------------------------------------------------------ command line

@@ -22,7 +22,8 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from absl import app, flags
 

@@ -10,19 +10,22 @@
 
 # set the matplotlib backend so figures can be saved in the background
 import matplotlib
+
 matplotlib.use("Agg")
 
 # import the necessary packages
-from clrlab.callbacks import CyclicLR
-from clrlab.data import load
+import argparse
+
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import classification_report
 from tensorflow.keras.layers import Activation, Conv2D, Dense, Flatten, Input
 from tensorflow.keras.models import Sequential
 from tensorflow.keras.optimizers import SGD
 from tensorflow.keras.utils import to_categorical
-from sklearn.metrics import classification_report
-import matplotlib.pyplot as plt
-import numpy as np
-import argparse
+
+from clrlab.callbacks import CyclicLR
+from clrlab.data import load
 
 # initialize the CLR settings (the tutorial keeps them in config.py)
 MIN_LR = 1e-3
@@ -63,7 +66,7 @@ def main(argv=None):
     model.compile(loss="categorical_crossentropy", optimizer=opt, metrics=["accuracy"])
 
     # initialize the cyclical learning rate callback
-    print("[INFO] using '{}' method".format(CLR_METHOD))
+    print(f"[INFO] using '{CLR_METHOD}' method")
     stepSize = STEP_SIZE * (trainX.shape[0] // BATCH_SIZE)
     clr = CyclicLR(
         mode=CLR_METHOD,

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import parse_config, run_module, user_lines
 
 from clrlab import cli, range_finder
 from clrlab.config import TrainConfig
+from conftest import parse_config, run_module, user_lines
 
 
 def _parse_error(argv, capsys) -> str:

@@ -6,6 +6,7 @@ import importlib.util
 import os
 
 import pytest
+
 from conftest import ROOT
 
 

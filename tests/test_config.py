@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, parse_config, subprocess_env
 
 from clrlab import config
 from clrlab.config import TrainConfig
 from clrlab.errors import UserError
+from conftest import ROOT, parse_config, subprocess_env
 
 
 def test_import_needs_neither_absl_nor_tensorflow():

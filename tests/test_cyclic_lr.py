@@ -8,10 +8,10 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from linear_fit import B, M, Probe, fit, linear_model, smith
 
 from clrlab import schedules
 from clrlab.callbacks import CyclicLR
+from linear_fit import B, M, Probe, fit, linear_model, smith
 
 
 @pytest.mark.parametrize("mode,gamma", [("triangular", 1.0), ("triangular2", 1.0), ("exp_range", 0.9)])

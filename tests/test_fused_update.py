@@ -69,7 +69,7 @@ def test_fused_sgd_is_keras_sgd_bit_for_bit(kwargs):
     assert ("ResourceApplyKerasMomentum" if kwargs["momentum"] else "ResourceApplyGradientDescent") in ops
     assert len(fused_slots) == (len(fused_model.trainable_variables) if kwargs["momentum"] else 0)
     for a, b in zip(_bits(keras_model.trainable_variables + keras_slots),
-                    _bits(fused_model.trainable_variables + fused_slots)):
+                    _bits(fused_model.trainable_variables + fused_slots), strict=True):
         np.testing.assert_array_equal(a, b)
     assert int(fused_opt.iterations) == int(keras_opt.iterations) == 6
     # The weights did move (a test of two frozen models would pass trivially).
@@ -87,7 +87,7 @@ def test_sparse_gradients_fall_back_to_optimizer_apply():
     # The whole update went through optimizer.apply (Keras densifies the sparse gradient and assigns).
     assert "ResourceApplyKerasMomentum" not in ops and {"UnsortedSegmentSum", "AssignVariableOp"} <= ops
     for a, b in zip(_bits(keras_model.trainable_variables + keras_slots),
-                    _bits(fused_model.trainable_variables + fused_slots)):
+                    _bits(fused_model.trainable_variables + fused_slots), strict=True):
         np.testing.assert_array_equal(a, b)
     assert int(fused_opt.iterations) == 6
 
@@ -145,7 +145,7 @@ def test_trainer_fuses_sgd_with_identical_results():
     np.testing.assert_array_equal(fused_records.loss.view(np.int32), plain_records.loss.view(np.int32))
     np.testing.assert_array_equal(fused_records.lr, plain_records.lr)
     for a, b in zip(_bits(fused.model.weights + fused.optimizer.variables),
-                    _bits(plain.model.weights + plain.optimizer.variables)):
+                    _bits(plain.model.weights + plain.optimizer.variables), strict=True):
         np.testing.assert_array_equal(a, b)
     assert int(fused.optimizer.iterations) == 13
     # The LR the optimizer holds after the call is the last step's (what callbacks read).

@@ -1,5 +1,6 @@
-"""`--trainer=keras_fit` (issue 5): the same job through `model.fit`, with the in-graph schedule or the
-CyclicLR callback, leaving the custom loop's outputs (history.json, TensorBoard, checkpoints, report)."""
+"""trainers/keras_fit.py: the same job through `model.fit`, with the in-graph schedule or the CyclicLR
+callback, leaving the custom loop's outputs (history.json, TensorBoard, checkpoints, report); end to end
+through `clrlab.train.run` and directly through the explicit constructor."""
 
 from __future__ import annotations
 
@@ -12,25 +13,28 @@ import signal
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from conftest import read_scalars
-
-from clrlab import cli, schedules
+from clrlab import schedules
 from clrlab import train as train_mod
-from trainers.controller import LearningRateConflictError
+from clrlab.callbacks import CyclicLR
+from clrlab.config import TrainConfig
+from clrlab.errors import UserError
+from conftest import read_scalars
 from trainers.custom_loop import NonFiniteLossError
-from trainers.keras_fit import chunk_size
+from trainers.keras_fit import KerasFitTrainer, chunk_size
+from trainers.run_state import LearningRateConflictError
 
 SPE = 1437 // 64  # digits, batch 64: 22 steps per epoch
 
 
-def tiny(tmp_path, name, **overrides) -> cli.TrainConfig:
+def tiny(tmp_path, name, **overrides) -> TrainConfig:
     """30 steps (one full epoch and a partial one) of an MLP on the offline digits."""
     base = dict(dataset="digits", model="mlp", batch_size=64, steps=30, steps_per_loop=5, checkpoint_every=0,
                 logdir=str(tmp_path / name), policy="exp_range", gamma=0.95, base_lr=0.01, max_lr=0.1,
                 step_size=5)
     base.update(overrides)
-    return dataclasses.replace(cli.TrainConfig(), **base)
+    return dataclasses.replace(TrainConfig(), **base)
 
 
 def history(result) -> dict:
@@ -130,7 +134,7 @@ def test_keras_fit_refuses_lr_setting_callbacks(tmp_path):
 
 
 def test_callback_control_needs_a_policy_the_classic_callback_has(tmp_path):
-    with pytest.raises(cli.UserError, match="one_cycle"):
+    with pytest.raises(UserError, match="one_cycle"):
         train_mod.run(tiny(tmp_path, "o", trainer="keras_fit", lr_control="callback", policy="one_cycle",
                            base_lr=0.004))
 
@@ -148,3 +152,61 @@ def test_chunk_size():
     assert chunk_size(100, [44, 704, 1000, 0]) == 4
     assert chunk_size(8, [48, 96, 0, 16]) == 8
     assert chunk_size(3, [7]) == 1
+
+
+# ----------------------------------------------------------------------------- the explicit constructor
+def _toy(lr):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    x = np.random.default_rng(0).normal(size=(24, 2)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+
+    def train_data_fn(start):
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(4, drop_remainder=True).repeat().skip(start % 6)
+
+    return model, keras.optimizers.SGD(lr), train_data_fn, tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+
+
+@pytest.mark.parametrize("lr_control", ["schedule", "callback"])
+def test_explicit_constructor_trains_and_records_the_schedule(tmp_path, lr_control):
+    schedule = schedules.CyclicalLearningRate(0.01, 0.1, 4)
+    model, optimizer, data_fn, eval_ds = _toy(schedule if lr_control == "schedule" else 0.01)
+    lr_callback = CyclicLR(base_lr=0.01, max_lr=0.1, step_size=4) if lr_control == "callback" else None
+    trainer = KerasFitTrainer(model, optimizer, train_data_fn=data_fn, eval_dataset=eval_ds, steps_per_epoch=6,
+                              total_steps=9, lr_callback=lr_callback, steps_per_loop=3, progress="log")
+    assert trainer.restore() is None  # no checkpoint_dir
+    outcome = trainer.run()
+    assert (outcome.status, outcome.step, int(trainer.global_step.numpy())) == ("completed", 9, 9)
+    steps = trainer.history.steps
+    assert steps["step"] == list(range(9))
+    np.testing.assert_allclose(steps["lr"], schedule(np.arange(9)), rtol=1e-6)
+    assert trainer.history.epochs["step"] == [6, 9]
+    assert trainer.predict_classes(eval_ds).shape == (24,)
+    assert set(trainer.evaluate(eval_ds)) == {"loss", "accuracy"}
+
+
+@pytest.mark.parametrize("lr,with_callback,match", [
+    (0.01, False, "must be built with a LearningRateSchedule"),
+    (schedules.Constant(0.01), True, "float learning rate"),
+])
+def test_an_optimizer_that_does_not_match_the_lr_control_is_a_value_error_naming_no_flag(lr, with_callback, match):
+    model, _, data_fn, eval_ds = _toy(0.01)
+    with pytest.raises(ValueError, match=match) as info:
+        KerasFitTrainer(model, keras.optimizers.SGD(lr), train_data_fn=data_fn, eval_dataset=eval_ds,
+                        steps_per_epoch=6, total_steps=6, lr_callback=CyclicLR() if with_callback else None)
+    assert "--" not in str(info.value)
+
+
+def test_explicit_constructor_refuses_lr_setting_callbacks():
+    model, optimizer, data_fn, eval_ds = _toy(schedules.Constant(0.01))
+    with pytest.raises(LearningRateConflictError, match="LearningRateScheduler sets the learning rate") as info:
+        KerasFitTrainer(model, optimizer, train_data_fn=data_fn, eval_dataset=eval_ds, steps_per_epoch=6,
+                        total_steps=6, callbacks=[keras.callbacks.LearningRateScheduler(lambda e, lr: lr)])
+    assert "--" not in str(info.value)
+
+
+def test_steps_per_execution_divides_epoch_run_checkpoint_and_start():
+    model, optimizer, data_fn, eval_ds = _toy(schedules.Constant(0.01))
+    trainer = KerasFitTrainer(model, optimizer, train_data_fn=data_fn, eval_dataset=eval_ds, steps_per_epoch=12,
+                              total_steps=36, steps_per_loop=8, checkpoint_every=8)
+    assert trainer.steps_per_execution(0) == 4 and trainer.steps_per_execution(6) == 2

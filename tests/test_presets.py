@@ -15,11 +15,11 @@ import os
 
 import numpy as np
 import pytest
-from conftest import IDX_FILES, ROOT, parse_config, tiny_mnist, write_cifar_folder, write_idx
 
 from clrlab import config as config_lib
 from clrlab import data, job
 from clrlab import train as train_mod
+from conftest import IDX_FILES, ROOT, parse_config, tiny_mnist, write_cifar_folder, write_idx
 
 PRESET_DIR = os.path.join(ROOT, "flags")
 PRESETS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(PRESET_DIR, "*.cfg")))

@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import json
 
-import keras
 import numpy as np
 import pytest
+
+from clrlab import range_finder
 from conftest import parse_config, read_scalars, run_module, user_lines
-
-from clrlab import data, models, range_finder, schedules
-from clrlab.range_finder import RangeTestResult, StateSnapshot, SweepOptions, run_sweep
-from trainers.custom_loop import CustomLoopTrainer
-
-
 
 
 @pytest.mark.slow

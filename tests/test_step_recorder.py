@@ -6,11 +6,11 @@ from __future__ import annotations
 import keras
 import numpy as np
 import tensorflow as tf
-from conftest import read_scalars
-from linear_fit import B, M, Probe, fit, linear_model, smith
 
 from clrlab import schedules
 from clrlab.callbacks import CyclicLR, StepRecorder
+from conftest import read_scalars
+from linear_fit import B, M, Probe, fit, linear_model, smith
 
 
 def test_step_recorder_with_a_schedule_and_steps_per_execution(tmp_path):

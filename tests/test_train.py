@@ -14,12 +14,12 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, parse_config, read_scalars, run_module, subprocess_env, user_lines
 
 from clrlab import schedules
 from clrlab import train as train_mod
 from clrlab.config import TrainConfig
 from clrlab.errors import UserError
+from conftest import ROOT, parse_config, read_scalars, run_module, subprocess_env, user_lines
 
 
 def tiny(tmp_path, **overrides) -> TrainConfig:
@@ -279,12 +279,6 @@ def test_mirrored_strategy_on_two_cpu_devices_matches_one_device(tmp_path):
     assert b["epochs"]["loss"][-1] == pytest.approx(a["epochs"]["loss"][-1], rel=0.05)
     assert b["epochs"]["val_accuracy"][-1] == pytest.approx(a["epochs"]["val_accuracy"][-1], abs=0.05)
 
-
-def test_progress_bar_shows_each_epoch_with_validation(tmp_path, capsys):
-    train_mod.run(tiny(tmp_path), progress="bar")
-    out = capsys.readouterr().out
-    assert "Epoch 1/2" in out and "Epoch 2/2" in out
-    assert out.count("val_accuracy:") == 2 and "learning_rate:" in out
 
 
 def test_piecewise_run_logs_the_schedule_every_step(tmp_path, train_flags):

@@ -22,12 +22,14 @@ advance on skipped (non-finite) steps, so an LR derived from it would drift from
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from clrlab import keras_internals
 from trainers.evaluation import Evaluator
 from trainers.fused_update import make_apply_fn
 
@@ -36,7 +38,7 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf in full precision. `step` and `learning_rate` name the first bad step;
     `records` holds the whole call's per-step records (a range test keeps the steps before it)."""
 
-    def __init__(self, step: int, learning_rate: float, loss: float, records: "StepRecords | None" = None):
+    def __init__(self, step: int, learning_rate: float, loss: float, records: StepRecords | None = None):
         self.step, self.learning_rate, self.loss = int(step), float(learning_rate), float(loss)
         self.records = records
         super().__init__(f"loss became {loss} at step {self.step} (learning rate {self.learning_rate:.6g})")
@@ -61,10 +63,6 @@ class StepRecords:
 
     def __len__(self) -> int:
         return int(self.step.shape[0])
-
-
-def uses_loss_scaling(optimizer: keras.optimizers.Optimizer) -> bool:
-    return isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
 
 # Elementwise ops whose float results are exact or correctly rounded (IEEE-754 add, sub, mul, div,
@@ -128,8 +126,7 @@ class CustomLoopTrainer:
                  schedule: Callable[[tf.Tensor], tf.Tensor], *, strategy: tf.distribute.Strategy | None = None,
                  jit_compile: bool = False, summary_writer: Any = None, summary_every: int = 1,
                  loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None, fused_updates: bool = True):
-        if isinstance(getattr(optimizer, "_learning_rate", None), keras.optimizers.schedules.LearningRateSchedule) \
-                or isinstance(_inner(optimizer)._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+        if keras_internals.holds_schedule(optimizer):
             raise ValueError("The custom loop assigns the learning rate itself every step: build the optimizer "
                              "with a float learning rate and pass the schedule to the trainer instead.")
         if summary_every < 1:
@@ -142,14 +139,13 @@ class CustomLoopTrainer:
         self.summary_writer = summary_writer
         self.summary_every = int(summary_every)
         self.loss_fn = loss_fn or keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-        self.loss_scaling = uses_loss_scaling(optimizer)
+        self.loss_scaling = keras_internals.uses_loss_scaling(optimizer)
         with self.strategy.scope():
             # Built eagerly, in scope, before the first trace: fixes the variable order that checkpoints
             # rely on and avoids the Keras 3.14+ placeholder error when building inside a trace.
             if not self.optimizer.built:  # LossScaleOptimizer.build is not idempotent: never build twice
                 self.optimizer.build(self.model.trainable_variables)
-            self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
-                                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self.global_step = keras_internals.create_global_step()
         # The optimizer update: fused SGD kernels where they give Keras' exact arithmetic, else optimizer.apply.
         self._apply_updates, self.fused_update_reason = make_apply_fn(self.optimizer, self.strategy,
                                                                       fused=fused_updates)
@@ -175,7 +171,7 @@ class CustomLoopTrainer:
             global_batch = batch * num_replicas
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             if model.losses:
-                loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(l, tf.float32) for l in model.losses]))
+                loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(term, tf.float32) for term in model.losses]))
             objective = optimizer.scale_loss(loss) if self.loss_scaling else loss
         variables = model.trainable_variables
         grads = tape.gradient(objective, variables)
@@ -309,8 +305,4 @@ class CustomLoopTrainer:
     @property
     def learning_rate(self) -> float:
         """The optimizer's current learning rate (a host read; eager only)."""
-        return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
-
-
-def _inner(optimizer):
-    return optimizer.inner_optimizer if uses_loss_scaling(optimizer) else optimizer
+        return keras_internals.read_learning_rate(self.optimizer)

@@ -7,7 +7,7 @@ regularisation term, so both trainers report the same `val_loss`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import numpy as np

@@ -31,10 +31,12 @@ Runs inside the training step's `tf.function` (trace time decides fused vs not; 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import keras
 import tensorflow as tf
+
+from clrlab import keras_internals
 
 ApplyFn = Callable[[Sequence[tf.Tensor | None], Sequence[keras.Variable]], None]
 
@@ -55,7 +57,7 @@ def unfusable_reason(optimizer: keras.optimizers.Optimizer,
             return f"the optimizer uses {name}={value}"
     if optimizer.use_ema:
         return "the optimizer uses use_ema=True"
-    if isinstance(optimizer._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+    if keras_internals.holds_schedule(optimizer):
         return "the optimizer's learning rate is a schedule, not a variable"
     strategy = strategy or tf.distribute.get_strategy()
     if strategy.num_replicas_in_sync != 1:
@@ -87,7 +89,7 @@ class FusedSGDUpdate:
         self.optimizer = optimizer
 
     def _fusable(self, grads, variables) -> bool:
-        for grad, variable in zip(grads, variables):
+        for grad, variable in zip(grads, variables, strict=True):
             if grad is None:
                 continue
             if isinstance(grad, tf.IndexedSlices) or getattr(variable, "constraint", None) is not None \
@@ -105,7 +107,7 @@ class FusedSGDUpdate:
             return
         # As Keras' SGD.update_step: the LR variable and the momentum cast to each variable's dtype.
         learning_rate = optimizer.learning_rate
-        for grad, variable in zip(grads, variables):
+        for grad, variable in zip(grads, variables, strict=True):
             if grad is None:  # Keras filters (and warns about) variables without gradients
                 continue
             tf_var = _tf_variable(variable)

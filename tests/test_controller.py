@@ -1,0 +1,145 @@
+"""trainers/controller.py: the eager outer loop over the custom loop, on a 9-parameter model and toy
+data (5 steps per epoch), without the command line."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from clrlab import schedules
+from trainers.controller import Controller, LearningRateConflictError
+from trainers.custom_loop import CustomLoopTrainer
+from trainers.run_state import epoch_mean
+
+SPE = 5
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(40, 2)).astype(np.float32)
+Y = (X[:, 0] > 0).astype(np.int32) + (X[:, 1] > 0).astype(np.int32)
+
+
+def train_data_fn(start: int) -> tf.data.Dataset:
+    """Batch k of the infinite stream is the batch of global step start + k (resume-exact)."""
+    return tf.data.Dataset.from_tensor_slices((X, Y)).batch(8, drop_remainder=True).repeat().skip(start % SPE)
+
+
+def controller(tmp_path, *, total_steps=12, steps_per_loop=2, checkpoint_every=0, callbacks=None,
+               progress="log", name="run") -> Controller:
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    trainer = CustomLoopTrainer(model, keras.optimizers.SGD(0.0, momentum=0.9),
+                                schedules.CyclicalLearningRate(0.05, 0.5, 3))
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    return Controller(trainer, train_data_fn=train_data_fn, steps_per_epoch=SPE, total_steps=total_steps,
+                      steps_per_loop=steps_per_loop, eval_dataset=tf.data.Dataset.from_tensor_slices((X, Y)).batch(16),
+                      checkpoint_dir=str(folder / "ckpt"), checkpoint_every=checkpoint_every,
+                      history_path=str(folder / "history.json"), callbacks=callbacks, progress=progress)
+
+
+class ChunkLog(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.batch_logs, self.epoch_logs = [], []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batch_logs.append((batch, dict(logs)))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch_logs.append(dict(logs))
+
+
+def test_a_run_records_every_step_and_epoch_and_its_logs_are_the_history_means(tmp_path):
+    log = ChunkLog()
+    ctl = controller(tmp_path, callbacks=[log])
+    outcome = ctl.run()
+    assert (outcome.status, outcome.step, outcome.signal) == ("completed", 12, None)
+    steps = outcome.history.steps
+    assert steps["step"] == list(range(12))
+    expected_lr = schedules.CyclicalLearningRate(0.05, 0.5, 3)(np.arange(12))
+    np.testing.assert_allclose(steps["lr"], expected_lr, rtol=1e-6)
+    epochs = outcome.history.epochs
+    assert epochs["epoch"] == [0, 1, 2] and epochs["step"] == [5, 10, 12]  # the last epoch is cut short
+    for e, (first, last) in enumerate([(0, 5), (5, 10), (10, 12)]):
+        assert epochs["loss"][e] == epoch_mean(steps["loss"][first:last])
+        assert epochs["lr"][e] == steps["lr"][last - 1]
+        assert log.epoch_logs[e]["loss"] == epochs["loss"][e]
+        assert log.epoch_logs[e]["val_loss"] == epochs["val_loss"][e]
+    # Chunks of 2 never cross an epoch end: batches 1, 3, 4 | 1, 3, 4 | 1.
+    assert [b for b, _ in log.batch_logs] == [1, 3, 4, 1, 3, 4, 1]
+    batch, logs = log.batch_logs[1]
+    assert logs["loss"] == epoch_mean(steps["loss"][:4]) and logs["batch_loss"] == pytest.approx(steps["loss"][3])
+    assert logs["learning_rate"] == pytest.approx(steps["lr"][3])
+    assert outcome.checkpoint.endswith("ckpt-12")
+
+
+def test_resume_mid_epoch_gives_the_uninterrupted_history_and_weights(tmp_path):
+    full = controller(tmp_path, name="full").run()
+    first = controller(tmp_path, total_steps=7, name="split")
+    assert first.run().step == 7
+    second = controller(tmp_path, name="split")
+    assert second.restore() == 7
+    resumed = second.run()
+    assert resumed.history.steps == full.history.steps
+    # The float64 re-sum over history makes the resumed epoch's mean equal the uninterrupted one, bit for bit.
+    for key in ("epoch", "step", "loss", "accuracy", "val_loss", "lr"):
+        assert resumed.history.epochs[key] == full.history.epochs[key], key
+
+
+def test_checkpoint_every_bounds_the_chunks_and_saves(tmp_path):
+    log = ChunkLog()
+    ctl = controller(tmp_path, total_steps=10, steps_per_loop=4, checkpoint_every=3, callbacks=[log])
+    ctl.run()
+    assert [b for b, _ in log.batch_logs] == [2, 4, 0, 3, 4]  # steps 3 | 5 | 6 | 9 | 10
+    names = os.listdir(tmp_path / "run" / "ckpt")
+    assert {"ckpt-6.index", "ckpt-9.index", "ckpt-10.index"} <= set(names)  # max_to_keep=3
+
+
+class Stopper(keras.callbacks.Callback):
+    def __init__(self, at_batch, how):
+        super().__init__()
+        self.at_batch, self.how = at_batch, how
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.at_batch:
+            if self.how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                self.model.stop_training = True
+
+
+def test_sigterm_saves_a_checkpoint_and_reports_interrupted(tmp_path):
+    outcome = controller(tmp_path, callbacks=[Stopper(3, "sigterm")]).run()
+    assert (outcome.status, outcome.signal, outcome.step) == ("interrupted", "SIGTERM", 4)
+    assert outcome.checkpoint.endswith("ckpt-4") and outcome.history.epochs == {}
+
+
+def test_stop_training_mid_epoch_saves_and_records_no_partial_epoch(tmp_path):
+    outcome = controller(tmp_path, callbacks=[Stopper(1, "stop")]).run()
+    assert (outcome.status, outcome.step) == ("stopped", 2)
+    assert outcome.checkpoint.endswith("ckpt-2") and outcome.history.epochs == {}
+
+
+def test_progress_bar_prints_each_epoch(tmp_path, capsys):
+    controller(tmp_path, progress="bar").run()
+    out = capsys.readouterr().out
+    assert "Epoch 1/3" in out and "Epoch 3/3" in out and out.count("val_accuracy:") == 3
+    assert "learning_rate:" in out
+
+
+def test_lr_setting_callbacks_are_refused(tmp_path):
+    with pytest.raises(LearningRateConflictError, match="ReduceLROnPlateau sets the learning rate"):
+        controller(tmp_path, callbacks=[keras.callbacks.ReduceLROnPlateau()])
+
+
+@pytest.mark.parametrize("kwargs,match", [({"steps_per_loop": 0}, "steps_per_loop must be >= 1"),
+                                          ({"checkpoint_every": -1}, "checkpoint_every must be >= 0"),
+                                          ({"total_steps": 0}, "total_steps must be >= 1"),
+                                          ({"progress": "fancy"}, "progress must be")])
+def test_bad_arguments_are_value_errors(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        controller(tmp_path, **kwargs)

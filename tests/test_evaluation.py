@@ -1,0 +1,29 @@
+"""trainers/evaluation.py: held-out loss (no regularisation term) and accuracy, and predicted classes."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainers.evaluation import Evaluator
+
+
+def test_evaluate_is_the_mean_cross_entropy_without_l2_and_the_accuracy():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, kernel_regularizer=keras.regularizers.L2(1.0))])
+    x = np.random.default_rng(0).normal(size=(10, 2)).astype(np.float32)
+    y = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0], np.int32)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    evaluator = Evaluator(model, tf.distribute.get_strategy(), loss_fn)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)  # batches of 4, 4, 2
+    logits = model(x).numpy()
+    expected_loss = float(np.mean(loss_fn(y, logits).numpy()))
+    result = evaluator.evaluate(dataset)
+    assert abs(result["loss"] - expected_loss) < 1e-6
+    assert result["accuracy"] == float(np.float32(np.mean(logits.argmax(-1) == y)))
+    assert evaluator.evaluate(dataset) == result  # metrics are reset between calls
+    np.testing.assert_array_equal(evaluator.predict_classes(dataset), logits.argmax(-1))
+    np.testing.assert_array_equal(evaluator.predict_classes(tf.data.Dataset.from_tensor_slices(x).batch(3)),
+                                  logits.argmax(-1))
+    assert evaluator.predict_classes(tf.data.Dataset.from_tensor_slices(x).take(0).batch(3)).shape == (0,)

@@ -1,0 +1,204 @@
+"""trainers/run_state.py: the run bookkeeping both drivers share (History, epoch means, the LR-callback
+refusal, stop requests, restore / save / end_epoch), on a 9-parameter model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from clrlab.callbacks import CyclicLR
+from conftest import read_scalars
+from trainers.custom_loop import StepRecords
+from trainers.evaluation import Evaluator
+from trainers.run_state import (
+    History,
+    LearningRateConflictError,
+    RunState,
+    StopRequests,
+    epoch_mean,
+    refuse_lr_callbacks,
+    resolve_progress,
+)
+
+
+def records(first: int, n: int, loss=None, loss_scale: bool = False) -> StepRecords:
+    step = np.arange(first, first + n, dtype=np.int64)
+    loss = np.asarray(loss if loss is not None else 1.0 + 0.1 * step, np.float32)
+    return StepRecords(step=step, lr=(0.01 * (step + 1)).astype(np.float32), loss=loss,
+                       accuracy=np.full([n], 0.5, np.float32), applied=np.isfinite(loss),
+                       loss_scale=np.full([n], 2.0**15, np.float32) if loss_scale else None)
+
+
+def tiny_model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    return model, keras.optimizers.SGD(0.1, momentum=0.9)
+
+
+def eval_data():
+    x = np.arange(12, dtype=np.float32).reshape(6, 2) / 10
+    return tf.data.Dataset.from_tensor_slices((x, np.array([0, 1, 2, 0, 1, 2], np.int32))).batch(4)
+
+
+def make_state(tmp_path, **kw) -> RunState:
+    model, optimizer = tiny_model()
+    evaluator = Evaluator(model, tf.distribute.get_strategy(),
+                          keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None))
+    args = dict(steps_per_epoch=4, total_steps=10, checkpoint_dir=str(tmp_path / "ckpt"),
+                history_path=str(tmp_path / "history.json"), evaluator=evaluator, eval_dataset=eval_data(),
+                progress="log")
+    args.update(kw)
+    return RunState(model, optimizer, **args)
+
+
+# ----------------------------------------------------------------------------- History, epoch means
+def test_history_json_layout_round_trip_and_truncate(tmp_path):
+    history = History()
+    history.add_steps(records(0, 3, loss=[1.0, np.nan, 3.0], loss_scale=True))
+    history.add_epoch({"epoch": 0, "step": 3, "loss": 2.0})
+    path = str(tmp_path / "h.json")
+    history.save(path)
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    assert set(data) == {"steps", "epochs", "skipped_steps"}
+    assert data["steps"]["step"] == [0, 1, 2] and data["steps"]["loss"] == [1.0, None, 3.0]
+    assert data["steps"]["applied"] == [True, False, True] and data["skipped_steps"] == 1
+    assert data["epochs"] == {"epoch": [0], "step": [3], "loss": [2.0]}
+    assert not os.path.exists(path + ".tmp")
+    again = History.from_json(data)
+    assert again.to_json() == data
+    again.truncate(2, 0)
+    assert again.steps["step"] == [0, 1] and again.steps["loss_scale"] == [2.0**15] * 2 and again.epochs == {
+        "epoch": [], "step": [], "loss": []}
+    assert again.since("step", 1) == [1]
+
+
+def test_epoch_mean_is_the_float64_mean_with_nulls_covered_by_the_next_value():
+    assert epoch_mean([1.0, 2.0, 4.0]) == pytest.approx(7 / 3, rel=1e-15)
+    # A model.fit chunk of 2 records its mean at its last step: it weighs two steps.
+    assert epoch_mean([None, 2.0, 5.0]) == pytest.approx(3.0, rel=1e-15)
+    assert epoch_mean([1.0, None]) == 1.0  # a trailing null is not counted
+    assert epoch_mean([None, None]) is None and epoch_mean([]) is None
+    values = list(np.random.default_rng(0).random(1000).astype(np.float32))
+    total = 0.0
+    for v in values:
+        total += float(v)
+    assert epoch_mean(values) == total / 1000  # sequential float64 sum: a re-sum after resume is equal
+
+
+# ----------------------------------------------------------------------------- LR callbacks, progress, signals
+@pytest.mark.parametrize("make", [lambda: keras.callbacks.ReduceLROnPlateau(),
+                                  lambda: keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr),
+                                  lambda: CyclicLR()])
+def test_lr_setting_callbacks_are_refused_without_naming_a_flag(make):
+    with pytest.raises(LearningRateConflictError, match="sets the learning rate") as info:
+        refuse_lr_callbacks([keras.callbacks.EarlyStopping(), make()])
+    assert "--" not in str(info.value)
+    refuse_lr_callbacks([keras.callbacks.EarlyStopping(), keras.callbacks.TerminateOnNaN()])
+
+
+def test_progress_modes():
+    assert resolve_progress("bar") == "bar" and resolve_progress("log") == "log"
+    assert resolve_progress("auto") == "log"  # pytest captures stdout: not a terminal
+    with pytest.raises(ValueError, match="progress must be"):
+        resolve_progress("fancy")
+
+
+def test_stop_requests_turn_sigterm_into_a_flag_and_restore_the_handler():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequests() as stops:
+        assert stops.received is None and stops.name is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stops.received == signal.SIGTERM and stops.name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ----------------------------------------------------------------------------- restore / save / end_epoch
+def test_restore_without_a_checkpoint_is_none(tmp_path):
+    assert make_state(tmp_path).restore() is None
+    assert make_state(tmp_path, checkpoint_dir=None).restore() is None
+
+
+def test_save_then_restore_brings_back_step_epoch_weights_and_the_history_up_to_the_step(tmp_path):
+    state = make_state(tmp_path)
+    assert state.global_step.dtype == tf.int64 and state.step == 0
+    state.history.add_steps(records(0, 6))
+    state.global_step.assign(6)
+    state.epoch.assign(1)
+    weights = [w.copy() for w in state.model.get_weights()]
+    path = state.save()
+    assert path.endswith("ckpt-6") and state.last_checkpoint == path
+    state.history.add_steps(records(6, 2))  # steps after the checkpoint (a kill lost them)
+    state.save_history()
+
+    fresh = make_state(tmp_path)
+    fresh.model.set_weights([np.zeros_like(w) for w in weights])
+    assert fresh.restore() == 6
+    assert fresh.step == 6 and int(fresh.epoch.numpy()) == 1
+    for a, b in zip(fresh.model.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert fresh.history.steps["step"] == list(range(6))
+
+
+def test_restore_without_history_json_restarts_the_history(tmp_path):
+    state = make_state(tmp_path, history_path=None)
+    state.history.add_steps(records(0, 2))
+    state.global_step.assign(2)
+    state.save()
+    fresh = make_state(tmp_path, history_path=str(tmp_path / "missing.json"))
+    assert fresh.restore() == 2 and fresh.history.steps["step"] == []
+
+
+def test_end_epoch_evaluates_writes_scalars_records_logs_and_checkpoints(tmp_path, capsys):
+    train_writer = tf.summary.create_file_writer(str(tmp_path / "train"))
+    val_writer = tf.summary.create_file_writer(str(tmp_path / "validation"))
+    state = make_state(tmp_path, summary_writer=train_writer, validation_writer=val_writer)
+    state.begin_epoch(0)
+    state.history.add_steps(records(0, 4))
+    state.global_step.assign(4)
+    logs = state.end_epoch(0)
+    expected_val = state.evaluator.evaluate(eval_data())
+    assert logs == {"loss": pytest.approx(1.15, rel=1e-6), "accuracy": 0.5,
+                    "learning_rate": pytest.approx(0.04, rel=1e-6),
+                    "val_loss": expected_val["loss"], "val_accuracy": expected_val["accuracy"]}
+    epochs = state.history.epochs
+    assert list(epochs) == ["epoch", "step", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
+    assert epochs["epoch"] == [0] and epochs["step"] == [4] and epochs["lr"] == [float(np.float32(0.04))]
+    assert int(state.epoch.numpy()) == 1 and state.last_checkpoint.endswith("ckpt-4")
+    with open(tmp_path / "history.json", encoding="utf-8") as fh:
+        assert json.load(fh)["epochs"]["step"] == [4]
+    assert read_scalars(str(tmp_path / "train"), "epoch_loss") == {4: pytest.approx(1.15, rel=1e-6)}
+    assert set(read_scalars(str(tmp_path / "train"), "epoch_accuracy")) == {4}
+    assert read_scalars(str(tmp_path / "validation"), "loss") == {4: pytest.approx(expected_val["loss"])}
+    assert set(read_scalars(str(tmp_path / "validation"), "accuracy")) == {4}
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("epoch 1/3 step 4: loss 1.1500 accuracy 0.5000 val_loss ") and " lr 0.04 (" in line
+
+
+def test_end_epoch_of_a_resumed_epoch_means_all_its_steps(tmp_path):
+    state = make_state(tmp_path, eval_dataset=None)
+    state.history.add_steps(records(0, 6))
+    state.global_step.assign(6)
+    state.save()
+    resumed = make_state(tmp_path, eval_dataset=None)
+    resumed.restore()
+    resumed.history.add_steps(records(6, 2))
+    resumed.global_step.assign(8)
+    logs = resumed.end_epoch(1)
+    whole = epoch_mean([float(v) for v in records(4, 4).loss])
+    assert logs == {"loss": whole, "accuracy": 0.5, "learning_rate": pytest.approx(0.08, rel=1e-6)}
+    assert resumed.history.epochs["val_loss"] == [None]
+
+
+def test_a_process_that_writes_no_outputs_saves_nothing(tmp_path, monkeypatch):
+    state = make_state(tmp_path)
+    monkeypatch.setattr(RunState, "writes_outputs", False)
+    state.history.add_steps(records(0, 2))
+    assert state.save() is None
+    assert not os.path.exists(tmp_path / "history.json") and not os.path.exists(tmp_path / "ckpt")
