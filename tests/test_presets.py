@@ -23,7 +23,7 @@ from conftest import IDX_FILES, ROOT, parse_config, tiny_mnist, write_cifar_fold
 
 PRESET_DIR = os.path.join(ROOT, "flags")
 PRESETS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(PRESET_DIR, "*.cfg")))
-TRAIN_SIZE = {"cifar10": 50_000, "mnist": 60_000, "fashion_mnist": 60_000, "digits": 1437}
+TRAIN_SIZE = {"cifar10": 50_000, "mnist": 60_000, "fashion_mnist": 60_000, "digits": 1437, "mnist1d": 4000}
 
 # The settings each preset must hold (from the source named in its header).
 EXPECTED = {
@@ -51,6 +51,24 @@ EXPECTED = {
     "quick_cifar10.cfg": dict(dataset="cifar10"),
     "quick_mnist.cfg": dict(dataset="mnist"),
     "quick_fashion_mnist.cfg": dict(dataset="fashion_mnist"),
+    "mnist1d_cnn_baseline.cfg": dict(dataset="mnist1d", model="mnist1d_cnn", policy="constant", base_lr=0.01,
+        steps=8000, batch_size=100, optimizer="adam", weight_decay=0.0, normalization="none", augment=False),
+    "mnist1d_mlp_baseline.cfg": dict(dataset="mnist1d", model="mnist1d_mlp", policy="constant", base_lr=0.01,
+        steps=8000, batch_size=100, optimizer="adam", weight_decay=0.0, normalization="none", augment=False),
+    "mnist1d_linear_baseline.cfg": dict(dataset="mnist1d", model="linear", policy="constant", base_lr=0.01,
+        steps=8000, batch_size=100, optimizer="adam", weight_decay=0.0, normalization="none", augment=False),
+    "mnist1d_cnn_triangular.cfg": dict(dataset="mnist1d", model="mnist1d_cnn", policy="triangular",
+        base_lr=0.001, max_lr=0.01,
+        steps=8000, batch_size=100, optimizer="adam", weight_decay=0.0, normalization="none"),
+    "mnist1d_cnn_triangular2.cfg": dict(dataset="mnist1d", model="mnist1d_cnn", policy="triangular2",
+        base_lr=0.001, max_lr=0.01,
+        steps=8000, batch_size=100, optimizer="adam", weight_decay=0.0, normalization="none"),
+    "mnist1d_cnn_exp_range.cfg": dict(dataset="mnist1d", model="mnist1d_cnn", policy="exp_range",
+        base_lr=0.001, max_lr=0.01,
+        steps=8000, batch_size=100, optimizer="adam", weight_decay=0.0, normalization="none"),
+    "mnist1d_cnn_one_cycle.cfg": dict(dataset="mnist1d", model="mnist1d_cnn", policy="one_cycle",
+        base_lr=0.001, max_lr=0.01,
+        steps=8000, batch_size=100, optimizer="adam", weight_decay=0.0, normalization="none"),
 }
 
 # LR at chosen steps of the full-size runs: {step: lr} (float64 references).
@@ -66,6 +84,11 @@ EXPECTED_LR = {
     "clr_paper_cifar10_exp_range.cfg": {0: 0.001, 2000: 0.001 + 0.005 * 0.99994 ** 2000,
                                         6000: 0.001 + 0.005 * 0.99994 ** 6000},
     "superconvergence_resnet56.cfg": {0: 0.1, 2500: 1.55, 5000: 3.0, 9999: 0.1 + 2.9 / 5000},
+    "mnist1d_cnn_baseline.cfg": {0: 0.01, 7999: 0.01},
+    "mnist1d_cnn_triangular.cfg": {0: 1e-3, 400: 1e-2, 800: 1e-3},
+    "mnist1d_cnn_triangular2.cfg": {400: 1e-2, 1200: 1e-3 + 9e-3 / 2, 2000: 1e-3 + 9e-3 / 4},
+    "mnist1d_cnn_exp_range.cfg": {0: 1e-3, 400: 1e-3 + 9e-3 * 0.99971 ** 400, 7600: 1e-3 + 9e-3 * 0.99971 ** 7600},
+    "mnist1d_cnn_one_cycle.cfg": {0: 1e-3, 2400: 1e-2},
 }
 
 

@@ -100,3 +100,21 @@ def test_main_reports_a_data_problem_in_one_line(tmp_path, capsys, range_test_fl
         range_test_flags.unparse_flags()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "bad.npz" in err[0], err
+
+
+def test_range_test_runs_on_one_dimensional_mnist1d_signals(tmp_path, capsys, range_test_flags, monkeypatch):
+    # MNIST-1D: (40, 1) signals, generated offline into a temporary cache; the 1-D CNN is picked by auto.
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    logdir = tmp_path / "rt"
+    range_test_flags(["prog", "--dataset=mnist1d:num_samples=300", "--sweep=exponential", "--steps=20",
+                      "--optimizer=adam", "--batch_size=50", "--eval_every=5", f"--logdir={logdir}"])
+    try:
+        assert range_finder.main(["prog"]) == 0
+    finally:
+        range_test_flags.unparse_flags()
+    out = capsys.readouterr().out
+    assert "model mnist1d_cnn" in out and "mnist1d" in out
+    result = json.loads((logdir / "range_test.json").read_text())
+    assert len(result["lrs"]) == 20 and result["base_lr"] < result["max_lr"]
+    assert (logdir / "range_test.png").stat().st_size > 10_000
+    assert sorted(read_scalars(str(logdir / "range_test"), "loss")) == list(range(20))

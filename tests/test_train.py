@@ -302,3 +302,21 @@ def test_piecewise_run_logs_the_schedule_every_step(tmp_path, train_flags):
     # flags.txt reruns the same job.
     rerun = parse_config(train_flags, f"--flagfile={os.path.join(result.logdir, 'flags.txt')}")
     assert rerun == dataclasses.replace(config, logdir=result.logdir)
+
+
+def test_mnist1d_trains_offline_with_the_1d_cnn_and_reports_ten_classes(tmp_path, train_flags, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    config = parse_config(train_flags, "--dataset=mnist1d:num_samples=400", "--steps=16", "--batch_size=40",
+                          "--optimizer=adam", "--policy=triangular", "--base_lr=0.001", "--max_lr=0.01",
+                          "--step_size=4", "--steps_per_loop=8", "--normalization=none",
+                          f"--logdir={tmp_path / 'run'}")
+    result = train_mod.run(config, progress="log")
+    assert result.status == "completed" and result.step == 16
+    assert 0.0 <= result.test_metrics["accuracy"] <= 1.0
+    report = open(os.path.join(result.logdir, "classification_report.txt"), encoding="utf-8").read()
+    rows = [line.split()[0] for line in report.splitlines()[2:12]]
+    assert rows == [str(i) for i in range(10)]
+    history = json.load(open(os.path.join(result.logdir, "history.json"), encoding="utf-8"))
+    assert history["steps"]["step"] == list(range(16))
+    for png in ("clr_plot.png", "training_plot.png"):
+        assert os.path.getsize(os.path.join(result.logdir, png)) > 10_000
