@@ -167,7 +167,7 @@ def test_nonfinite_loss_stops_with_the_step_and_lr_and_keeps_the_last_good_check
             assert np.all(np.isfinite(value)), name
 
 
-@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("precision", [pytest.param("mixed_float16", marks=pytest.mark.slow), "mixed_bfloat16"])
 def test_mixed_precision_trains_on_cpu(tmp_path, precision):
     result = train_mod.run(tiny(tmp_path, mixed_precision=precision, epochs=1), progress="log")
     history = load_history(result.logdir)
