@@ -118,15 +118,21 @@ class TrainConfig:
     def momentum_cycle(self) -> tuple[float, float] | None:
         """(base_momentum, max_momentum) when momentum cycles inversely to the LR, else None.
 
-        `cycle_momentum=None` means the policy's default (on for one_cycle only); unset bounds take
+        `cycle_momentum=None` means the policy's default (on for one_cycle only, and never for an optimizer
+        without a cycling momentum, i.e. rmsprop); unset bounds take
         PyTorch's per-policy defaults (CyclicLR 0.8/0.9, OneCycleLR 0.85/0.95). When it is None, the
-        optimizer trains with the constant `momentum` (SGD momentum, Adam's beta_1). Asking to cycle with a
-        policy that has no cycle (constant, piecewise) raises `UserError`.
+        optimizer trains with the constant `momentum` (SGD momentum, Adam's beta_1). Asking to cycle with
+        rmsprop, or with a policy that has no cycle (constant, piecewise), raises `UserError` (one line).
         """
-        cycle = self.cycle_momentum if self.cycle_momentum is not None else DEFAULT_CYCLE_MOMENTUM.get(self.policy,
-                                                                                                       False)
+        if self.cycle_momentum is None:  # the default never cycles an optimizer that cannot (RMSprop)
+            cycle = DEFAULT_CYCLE_MOMENTUM.get(self.policy, False) and self.optimizer in MOMENTUM_CYCLE_OPTIMIZERS
+        else:
+            cycle = self.cycle_momentum
         if not cycle:
             return None
+        if self.optimizer not in MOMENTUM_CYCLE_OPTIMIZERS:
+            raise UserError(f"--cycle_momentum needs an optimizer with a momentum that can cycle "
+                            f"({', '.join(MOMENTUM_CYCLE_OPTIMIZERS)}). Received: --optimizer={self.optimizer}.")
         if self.policy not in MOMENTUM_CYCLE_POLICIES:
             raise UserError(f"--cycle_momentum needs a cyclical policy ({', '.join(MOMENTUM_CYCLE_POLICIES)}). "
                             f"Received: --policy={self.policy}.")
