@@ -1,7 +1,8 @@
 """Builds the pieces of one training job from a `clrlab.config.TrainConfig`: runtime settings, data,
 strategy, model, optimizer, LR policy, the momentum cycle (`--cycle_momentum`) and (for `model.fit` with
-`--lr_control=callback`) the classic `CyclicLR` callback. Shared by `clrlab.train` and the range test (`clrlab.range_finder`) so both build
-the same job; the trainers get the pieces as explicit arguments and never see the config.
+`--lr_control=callback`) the classic `CyclicLR` callback. Shared by `clrlab.train` and the range test
+(`clrlab.range_finder`, whose momentum stays fixed) so both build the same job; the trainers get the
+pieces as explicit arguments and never see the config.
 
 All of it runs eagerly, once, before training. Step sizes and lengths are in steps (batches).
 """
