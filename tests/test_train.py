@@ -333,6 +333,20 @@ def test_keras_fit_callback_run_cycles_the_momentum_variable_and_says_so(tmp_pat
         train_mod.run(dataclasses.replace(config, max_momentum=0.95), progress="log")
 
 
+def test_keras_fit_schedule_run_gives_the_optimizer_the_momentum_schedule(tmp_path, capsys):
+    import tensorflow as tf
+
+    config = tiny(tmp_path, model="mlp", epochs=1, trainer="keras_fit", policy="one_cycle", optimizer="adam",
+                  base_lr=0.004)
+    result = train_mod.run(config, progress="log")
+    assert result.status == "completed" and result.step == 22
+    assert "beta_1 cycling 0.95 -> 0.85 inversely to the lr" in capsys.readouterr().out
+    # The optimizer evaluated the schedule at its iterations for each update: the last one was step 21.
+    reader = tf.train.load_checkpoint(os.path.join(result.logdir, "checkpoints"))
+    saved = reader.get_tensor("optimizer/_momentum_variable/.ATTRIBUTES/VARIABLE_VALUE")
+    assert saved == pytest.approx(float(_momentum_reference(config, [21])[0]), rel=1e-7)
+
+
 def test_constant_momentum_run_keeps_the_history_and_run_config_layout(tmp_path):
     result = train_mod.run(tiny(tmp_path, model="mlp", epochs=1), progress="log")
     assert sorted(load_history(result.logdir)["steps"]) == ["accuracy", "loss", "lr", "step"]
