@@ -18,7 +18,7 @@ import sys
 __version__ = "0.1.0"
 
 # Modules whose import registers Keras-serializable objects.
-_REGISTERING_MODULES = ("clrlab.schedules",)
+_REGISTERING_MODULES = ("clrlab.schedules", "clrlab.optimizers")
 
 
 def _register_with_keras() -> None:

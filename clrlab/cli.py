@@ -100,7 +100,8 @@ def _define_data_model_flags() -> None:
     flags.DEFINE_enum("optimizer", "sgd", list(config.OPTIMIZERS),
                       "Optimizer; its learning rate is driven by the policy every step.")
     flags.DEFINE_float("momentum", 0.9,
-                       "SGD/RMSprop momentum, or Adam's beta_1 (held constant during training).")
+                       "The constant SGD/RMSprop momentum, or Adam's beta_1, in [0, 1), when momentum does not "
+                       "cycle; training --cycle_momentum ignores it (see --base_momentum/--max_momentum).")
     flags.DEFINE_enum("mixed_precision", "none", list(config.PRECISIONS),
                       "Numerics: none (float32), mixed_float16 (with dynamic loss scaling; skipped "
                       "non-finite steps are counted and logged) or mixed_bfloat16.")
@@ -182,8 +183,23 @@ def _define_train_config_flags() -> None:
                       "callback (per batch, from Python).")
     flags.DEFINE_string("bounds_from", None,
                         "Take --base_lr/--max_lr from a range test's range_test.json (python -m clrlab.range_finder).")
+    flags.DEFINE_boolean(
+        "cycle_momentum", None,
+        "Cycle SGD momentum / Adam's beta_1 inversely to the LR, every step, in graph: max_momentum at the LR "
+        "floor, base_momentum at the peak (Smith 2018, arXiv:1803.09820 section 4). Unset: ON for "
+        "--policy=one_cycle (as PyTorch OneCycleLR and fastai's fit_one_cycle; not with rmsprop), OFF for "
+        "triangular/triangular2/exp_range (as bckenstler's CyclicLR and Smith 2015). --nocycle_momentum: "
+        "always the constant --momentum. Needs sgd/nesterov/adam/adamw and a cyclical policy.")
+    flags.DEFINE_float("base_momentum", None,
+                       "Cycling momentum at the LR peak (dimensionless, 0 <= base <= max < 1). Default: "
+                       "PyTorch's, 0.85 for one_cycle (OneCycleLR), 0.8 for the CLR modes (CyclicLR).")
+    flags.DEFINE_float("max_momentum", None,
+                       "Cycling momentum at the LR floor (dimensionless, < 1). Default: PyTorch's, 0.95 for "
+                       "one_cycle (OneCycleLR), 0.9 for the CLR modes (CyclicLR).")
     flags.register_validator("logdir", check_logdir)
     _register_data_model_validator()
+    flags.register_multi_flags_validator(
+        ["policy", "optimizer", "cycle_momentum", "base_momentum", "max_momentum"], _check_momentum_cycle)
     flags.register_multi_flags_validator(
         ["policy", "base_lr", "max_lr", "gamma", "step_size_epochs", "pct_start", "final_div_factor",
          "bounds_from"], _check_schedule)
@@ -298,6 +314,29 @@ def _check_data_model(f: dict[str, Any]) -> bool:
     _error_unless(not (f["distribute"] == "mirrored" and f["jit_compile"]),
                   "--jit_compile is not supported with --distribute=mirrored (XLA is per device); "
                   "drop one of them.")
+    return True
+
+
+def _check_momentum_cycle(f: dict[str, Any]) -> bool:
+    """Multi-flag validator for --cycle_momentum and its bounds (the policy's defaults filled in)."""
+    for name in ("base_momentum", "max_momentum"):
+        _finite(name, f[name])
+        _error_unless(f[name] is None or 0.0 <= f[name] < 1.0, f"--{name} must be in [0, 1). Received: {f[name]}.")
+    values = {k: f[k] for k in ("policy", "optimizer", "cycle_momentum", "base_momentum", "max_momentum")}
+    try:
+        bounds = TrainConfig(**values).momentum_cycle()
+    except UserError as e:
+        raise flags.ValidationError(str(e)) from None
+    if bounds is None:
+        given = [f"--{k}={f[k]}" for k in ("base_momentum", "max_momentum") if f[k] is not None]
+        _error_unless(not given, f"{' and '.join(given)} only apply when momentum cycles (--cycle_momentum; the "
+                                 f"default only for --policy=one_cycle). Received: --policy={f['policy']}, "
+                                 f"--optimizer={f['optimizer']}"
+                                 + (", --nocycle_momentum." if f["cycle_momentum"] is False else "."))
+        return True
+    base, top = bounds
+    _error_unless(base <= top, f"--base_momentum must be <= --max_momentum. Received: --base_momentum={base}, "
+                               f"--max_momentum={top} (unset ones are --policy={f['policy']}'s defaults).")
     return True
 
 

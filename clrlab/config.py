@@ -34,6 +34,18 @@ LR_CONTROLS = ("schedule", "callback")
 NORMALIZATIONS = ("mean", "standardize", "none")
 # LR range-test sweeps: linear (Smith 2015, section 3.3) and exponential (fastai's LRFinder).
 SWEEPS = ("linear", "exponential")
+# Policies whose LR has a cycle that a momentum can follow inversely (clrlab.schedules.CyclicalMomentum).
+MOMENTUM_CYCLE_POLICIES = CLR_MODES + ("one_cycle",)
+# Momentum cycling when --cycle_momentum is not given: on for one_cycle (PyTorch OneCycleLR's
+# cycle_momentum=True default, fastai's fit_one_cycle), off for the CLR modes (bckenstler's CyclicLR and
+# Smith 2015 keep momentum fixed; PyTorch CyclicLR would cycle it).
+DEFAULT_CYCLE_MOMENTUM = {"one_cycle": True}
+# (base_momentum, max_momentum) when not given: PyTorch's defaults, torch/optim/lr_scheduler.py
+# (CyclicLR 0.8/0.9, OneCycleLR 0.85/0.95). Momentum is max_momentum at the LR floor, base_momentum at the peak.
+DEFAULT_MOMENTUM_BOUNDS = {"one_cycle": (0.85, 0.95), "triangular": (0.8, 0.9), "triangular2": (0.8, 0.9),
+                           "exp_range": (0.8, 0.9)}
+# Optimizers with a momentum term clrlab.optimizers can cycle (SGD momentum, Adam/AdamW beta_1).
+MOMENTUM_CYCLE_OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 # Default half-cycle length when neither a step size in steps nor in epochs is given (Smith: 2-10x an epoch).
 DEFAULT_STEP_SIZE_EPOCHS = 4.0
 
@@ -91,6 +103,9 @@ class TrainConfig:
     bounds_from: str | None = None
     lr_boundaries: tuple[int, ...] = ()  # piecewise: first step of each later stage
     lr_values: tuple[float, ...] = ()  # piecewise: the LR of each stage
+    cycle_momentum: bool | None = None  # None: the policy's default (DEFAULT_CYCLE_MOMENTUM)
+    base_momentum: float | None = None  # None: the policy's PyTorch default (DEFAULT_MOMENTUM_BOUNDS)
+    max_momentum: float | None = None
 
     def resolve_step_size(self, steps_per_epoch: int) -> int:
         """Half-cycle length in steps, from `step_size` or `step_size_epochs` (default
@@ -99,6 +114,31 @@ class TrainConfig:
             return int(self.step_size)
         epochs = self.step_size_epochs if self.step_size_epochs is not None else DEFAULT_STEP_SIZE_EPOCHS
         return max(1, int(round(epochs * steps_per_epoch)))
+
+    def momentum_cycle(self) -> tuple[float, float] | None:
+        """(base_momentum, max_momentum) when momentum cycles inversely to the LR, else None.
+
+        `cycle_momentum=None` means the policy's default (on for one_cycle only, and never for an optimizer
+        without a cycling momentum, i.e. rmsprop); unset bounds take
+        PyTorch's per-policy defaults (CyclicLR 0.8/0.9, OneCycleLR 0.85/0.95). When it is None, the
+        optimizer trains with the constant `momentum` (SGD momentum, Adam's beta_1). Asking to cycle with
+        rmsprop, or with a policy that has no cycle (constant, piecewise), raises `UserError` (one line).
+        """
+        if self.cycle_momentum is None:  # the default never cycles an optimizer that cannot (RMSprop)
+            cycle = DEFAULT_CYCLE_MOMENTUM.get(self.policy, False) and self.optimizer in MOMENTUM_CYCLE_OPTIMIZERS
+        else:
+            cycle = self.cycle_momentum
+        if not cycle:
+            return None
+        if self.optimizer not in MOMENTUM_CYCLE_OPTIMIZERS:
+            raise UserError(f"--cycle_momentum needs an optimizer with a momentum that can cycle "
+                            f"({', '.join(MOMENTUM_CYCLE_OPTIMIZERS)}). Received: --optimizer={self.optimizer}.")
+        if self.policy not in MOMENTUM_CYCLE_POLICIES:
+            raise UserError(f"--cycle_momentum needs a cyclical policy ({', '.join(MOMENTUM_CYCLE_POLICIES)}). "
+                            f"Received: --policy={self.policy}.")
+        base, top = DEFAULT_MOMENTUM_BOUNDS[self.policy]
+        return (float(self.base_momentum if self.base_momentum is not None else base),
+                float(self.max_momentum if self.max_momentum is not None else top))
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Training length in steps: `steps` if given, else epochs * steps_per_epoch."""

@@ -1,7 +1,8 @@
 """Builds the pieces of one training job from a `clrlab.config.TrainConfig`: runtime settings, data,
-strategy, model, optimizer, LR policy and (for `model.fit` with `--lr_control=callback`) the classic
-`CyclicLR` callback. Shared by `clrlab.train` and the range test (`clrlab.range_finder`) so both build
-the same job; the trainers get the pieces as explicit arguments and never see the config.
+strategy, model, optimizer, LR policy, the momentum cycle (`--cycle_momentum`) and (for `model.fit` with
+`--lr_control=callback`) the classic `CyclicLR` callback. Shared by `clrlab.train` and the range test
+(`clrlab.range_finder`, whose momentum stays fixed) so both build the same job; the trainers get the
+pieces as explicit arguments and never see the config.
 
 All of it runs eagerly, once, before training. Step sizes and lengths are in steps (batches).
 """
@@ -14,7 +15,7 @@ import keras
 import tensorflow as tf
 
 from clrlab import config as config_lib
-from clrlab import data, models, schedules
+from clrlab import data, models, optimizers, schedules
 from clrlab.callbacks import CyclicLR
 from clrlab.config import TrainConfig
 from clrlab.errors import UserError
@@ -22,7 +23,11 @@ from clrlab.errors import UserError
 
 @dataclasses.dataclass
 class Job:
-    """One configured job. `steps_per_epoch`, `total_steps` and `step_size` are in steps (batches)."""
+    """One configured job. `steps_per_epoch`, `total_steps` and `step_size` are in steps (batches).
+
+    `momentum_schedule` is the `clrlab.schedules.CyclicalMomentum` of the run when momentum cycles (the
+    optimizer is then a `clrlab.optimizers` one), else None (a stock Keras optimizer, constant momentum).
+    """
 
     config: TrainConfig
     splits: data.Splits
@@ -33,6 +38,7 @@ class Job:
     steps_per_epoch: int
     total_steps: int
     step_size: int
+    momentum_schedule: schedules.CyclicalMomentum | None = None
 
     def train_data_fn(self, start_step: int) -> tf.data.Dataset:
         """The training batches from global step `start_step` on (infinite, resume-exact)."""
@@ -73,27 +79,36 @@ def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-def make_optimizer(name: str, learning_rate, momentum: float, *,
+def make_optimizer(name: str, learning_rate, momentum, *, variable_momentum: bool = False,
                    loss_scaling: bool = False) -> keras.optimizers.Optimizer:
     """A Keras optimizer with a FLOAT learning rate (a variable the loop assigns every step).
 
     `learning_rate` may also be a `LearningRateSchedule`, passed through unchanged: the optimizer then
     computes the LR from its own `iterations` (the `model.fit` path, `--trainer=keras_fit`).
-    `momentum` is SGD/RMSprop momentum or Adam's beta_1. With `loss_scaling`, the optimizer is wrapped
-    in `keras.optimizers.LossScaleOptimizer` (dynamic scaling, for mixed_float16).
+    `momentum` is SGD/RMSprop momentum or Adam's beta_1: a float, or (with `variable_momentum`) a
+    momentum schedule such as `clrlab.schedules.CyclicalMomentum`, evaluated at `iterations` each update.
+    With `variable_momentum` the optimizer is `clrlab.optimizers.SGD/Adam/AdamW`, whose momentum lives in
+    a variable a loop or callback may assign every step (RMSprop: ValueError); otherwise the stock Keras
+    one, so runs without a momentum cycle are unchanged. With `loss_scaling`, the optimizer is wrapped in
+    `keras.optimizers.LossScaleOptimizer` (dynamic scaling, for mixed_float16).
     """
     is_schedule = isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule)
     lr = learning_rate if is_schedule else float(learning_rate)
+    if not variable_momentum:
+        momentum = float(momentum)
+    kinds = optimizers if variable_momentum else keras.optimizers
     if name == "sgd":
-        opt = keras.optimizers.SGD(learning_rate=lr, momentum=momentum)
+        opt = kinds.SGD(learning_rate=lr, momentum=momentum)
     elif name == "nesterov":
-        opt = keras.optimizers.SGD(learning_rate=lr, momentum=momentum, nesterov=True)
+        opt = kinds.SGD(learning_rate=lr, momentum=momentum, nesterov=True)
     elif name == "adam":
-        opt = keras.optimizers.Adam(learning_rate=lr, beta_1=momentum)
+        opt = kinds.Adam(learning_rate=lr, beta_1=momentum)
     elif name == "adamw":
-        opt = keras.optimizers.AdamW(learning_rate=lr, beta_1=momentum)
-    elif name == "rmsprop":
+        opt = kinds.AdamW(learning_rate=lr, beta_1=momentum)
+    elif name == "rmsprop" and not variable_momentum:
         opt = keras.optimizers.RMSprop(learning_rate=lr, momentum=momentum)
+    elif name == "rmsprop":
+        raise ValueError("RMSprop has no momentum that can cycle: use sgd, nesterov, adam or adamw.")
     else:
         raise ValueError(f"Unknown optimizer. Expected one of {', '.join(config_lib.OPTIMIZERS)}. Received: {name}.")
     return keras.optimizers.LossScaleOptimizer(opt) if loss_scaling else opt
@@ -116,6 +131,15 @@ def make_lr_schedule(config: TrainConfig,
     return schedule, step_size
 
 
+def make_momentum_schedule(config: TrainConfig, lr_schedule) -> schedules.CyclicalMomentum | None:
+    """The momentum cycle of `config` over `lr_schedule` (`CyclicalMomentum`), or None when momentum is
+    constant. Raises `UserError` when cycling is asked of rmsprop or a policy without a cycle."""
+    bounds = config.momentum_cycle()
+    if bounds is None:
+        return None
+    return schedules.CyclicalMomentum(lr_schedule, base_momentum=bounds[0], max_momentum=bounds[1])
+
+
 def build_job(config: TrainConfig, *, splits: data.Splits | None = None) -> Job:
     """Loads the data and builds strategy, model, optimizer and policy (call `setup_runtime` first)."""
     if splits is None:
@@ -124,17 +148,25 @@ def build_job(config: TrainConfig, *, splits: data.Splits | None = None) -> Job:
     steps_per_epoch = data.steps_per_epoch(len(splits.x_train), config.batch_size)
     total_steps = config.total_steps(steps_per_epoch)
     schedule, step_size = make_lr_schedule(config, steps_per_epoch)
+    momentum_schedule = make_momentum_schedule(config, schedule)
     strategy = make_strategy(config)
     model_name = config.model if config.model != "auto" else models.auto_model_name(splits.name, splits.input_shape)
     with strategy.scope():
         model = models.build_model(model_name, splits.input_shape, splits.num_classes,
                                    weight_decay=config.weight_decay, seed=config.seed)
-        # model.fit with the in-graph schedule: the optimizer holds the schedule; otherwise a float LR.
+        # model.fit with the in-graph schedule: the optimizer holds the LR schedule (and the momentum
+        # schedule next to it); otherwise a float LR (and a momentum variable the loop/callback assigns).
         in_graph = config.trainer == "keras_fit" and config.lr_control == "schedule"
-        optimizer = make_optimizer(config.optimizer, schedule if in_graph else float(schedule(0)), config.momentum,
+        if momentum_schedule is None:
+            momentum = config.momentum
+        else:
+            momentum = momentum_schedule if in_graph else float(momentum_schedule(0))
+        optimizer = make_optimizer(config.optimizer, schedule if in_graph else float(schedule(0)), momentum,
+                                   variable_momentum=momentum_schedule is not None,
                                    loss_scaling=config.mixed_precision == "mixed_float16")
     return Job(config=config, splits=splits, strategy=strategy, model=model, optimizer=optimizer,
-               schedule=schedule, steps_per_epoch=steps_per_epoch, total_steps=total_steps, step_size=step_size)
+               schedule=schedule, steps_per_epoch=steps_per_epoch, total_steps=total_steps, step_size=step_size,
+               momentum_schedule=momentum_schedule)
 
 
 def make_lr_callback(config: TrainConfig, step_size: int) -> CyclicLR | None:
@@ -143,7 +175,8 @@ def make_lr_callback(config: TrainConfig, step_size: int) -> CyclicLR | None:
     Only for `--trainer=keras_fit --lr_control=callback`; otherwise the optimizer holds the schedule
     (keras_fit) or the custom loop assigns it in graph. `step_size` is the half cycle in steps (from
     `make_lr_schedule`). The callback has only bckenstler's symmetric cycles (clr_callback.py of
-    github.com/bckenstler/CLR): any other policy, or `step_size_down`, is a `UserError`.
+    github.com/bckenstler/CLR): any other policy, or `step_size_down`, is a `UserError`. When momentum
+    cycles, the callback cycles it too (PyTorch-style `cycle_momentum=True` and the config's bounds).
     """
     if config.trainer != "keras_fit" or config.lr_control != "callback":
         return None
@@ -153,5 +186,8 @@ def make_lr_callback(config: TrainConfig, step_size: int) -> CyclicLR | None:
             f"triangular, triangular2 and exp_range cycles. Received: --policy={config.policy}"
             + (f", --step_size_down={config.step_size_down}" if config.step_size_down is not None else "")
             + "; use --lr_control=schedule for it.")
+    bounds = config.momentum_cycle()
+    momentum = {} if bounds is None else {"cycle_momentum": True, "base_momentum": bounds[0],
+                                          "max_momentum": bounds[1]}
     return CyclicLR(base_lr=config.base_lr, max_lr=config.max_lr, step_size=step_size, mode=config.policy,
-                    gamma=config.gamma)
+                    gamma=config.gamma, **momentum)

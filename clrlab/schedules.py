@@ -568,8 +568,9 @@ class CyclicalMomentum(keras.optimizers.schedules.LearningRateSchedule):
 
     With a `CyclicalLearningRate` this equals PyTorch `CyclicLR`'s momentum
     (`max_m - (max_m - base_m) * h * scale_fn(u)`); with `OneCycle` it equals `OneCycleLR`'s.
-    It returns a **momentum**, not a learning rate: use it to drive an optimizer's momentum (or
-    `beta_1`) variable from a callback or training loop, not as `learning_rate`.
+    It returns a **momentum**, not a learning rate: pass it as `momentum=` / `beta_1=` to a
+    `clrlab.optimizers` SGD/Adam/AdamW (evaluated at `iterations` each update), or assign its value
+    to their `momentum_variable` from a training loop; never as `learning_rate`.
 
     Args:
         lr_schedule: A schedule with a `height(step)` method returning values in [0, 1] (every

@@ -52,11 +52,15 @@ class RunResult:
     signal: str | None = None
 
 
-def _run_identity(config: TrainConfig, schedule) -> dict[str, Any]:
+def _run_identity(config: TrainConfig, schedule, momentum_schedule=None) -> dict[str, Any]:
+    """The settings a resume must match. The momentum cycle is a key only when momentum cycles, so the
+    run_config.json of a run with constant momentum keeps its layout."""
     import keras  # deferred: see the module docstring
 
     ident = {k: getattr(config, k) for k in _RESUME_KEYS}
     ident["schedule"] = keras.saving.serialize_keras_object(schedule)
+    if momentum_schedule is not None:
+        ident["momentum_schedule"] = keras.saving.serialize_keras_object(momentum_schedule)
     return json.loads(json.dumps(ident))
 
 
@@ -100,7 +104,7 @@ def _run(config: TrainConfig, *, callbacks, progress) -> RunResult:
     job = job_lib.build_job(config)
     lr_callback = job_lib.make_lr_callback(config, job.step_size)  # before any output: it may refuse the policy
     logdir = os.path.abspath(config.logdir)
-    identity = _run_identity(config, job.schedule)
+    identity = _run_identity(config, job.schedule, job.momentum_schedule)
     _check_resumable(logdir, identity)
     os.makedirs(logdir, exist_ok=True)
     with open(os.path.join(logdir, "run_config.json"), "w", encoding="utf-8") as fh:
@@ -125,9 +129,12 @@ def _run(config: TrainConfig, *, callbacks, progress) -> RunResult:
             jit_compile=config.jit_compile, summary_writer=train_writer, validation_writer=val_writer,
             checkpoint_dir=checkpoint_dir, history_path=history_path, callbacks=callbacks, progress=progress)
     else:
+        # momentum_schedule only when momentum cycles: the loop then assigns it in graph each step, next to the LR.
+        momentum = {} if job.momentum_schedule is None else {"momentum_schedule": job.momentum_schedule}
         trainer = CustomLoopTrainer(job.model, job.optimizer, job.schedule, strategy=job.strategy,
                                     jit_compile=config.jit_compile, summary_writer=train_writer,
-                                    summary_every=config.summary_every, fused_updates=config.fused_updates)
+                                    summary_every=config.summary_every, fused_updates=config.fused_updates,
+                                    **momentum)
         controller = Controller(trainer, train_data_fn=job.train_data_fn, steps_per_epoch=job.steps_per_epoch,
                                 total_steps=job.total_steps, steps_per_loop=config.steps_per_loop,
                                 eval_dataset=job.eval_dataset(), checkpoint_dir=checkpoint_dir,
@@ -141,8 +148,9 @@ def _run(config: TrainConfig, *, callbacks, progress) -> RunResult:
     test_metrics = None
     if outcome.status != "interrupted":
         test_metrics = finish(job, logdir, trainer.predict_classes(job.eval_dataset()))
-    plots.plot_lr(outcome.history.steps["step"], outcome.history.steps["lr"], os.path.join(logdir, "clr_plot.png"),
-                  title=f"{config.policy} learning rate")
+    steps = outcome.history.steps
+    plots.plot_lr(steps["step"], steps["lr"], os.path.join(logdir, "clr_plot.png"),
+                  title=f"{config.policy} learning rate", momentum=steps.get("momentum"))
     plots.plot_history(outcome.history.epochs, os.path.join(logdir, "training_plot.png"))
     return RunResult(status=outcome.status, step=outcome.step, logdir=logdir, test_metrics=test_metrics,
                      history=outcome.history, resumed_from=resumed_from, signal=outcome.signal)
@@ -161,6 +169,10 @@ def _announce(config: TrainConfig, job, logdir: str, resumed_from: int | None) -
     else:
         policy = (f"{config.policy} policy, lr {config.base_lr:g}..{config.max_lr:g}, half cycle {job.step_size} "
                   f"steps ({job.step_size / job.steps_per_epoch:.3g} epochs)")
+    if job.momentum_schedule is not None:
+        m = job.momentum_schedule
+        name = "beta_1" if config.optimizer in ("adam", "adamw") else "momentum"
+        policy += f", {name} cycling {m.max_momentum:g} -> {m.base_momentum:g} inversely to the lr"
     print(f"clrlab: {policy}; {s.name}: "
           f"{len(s.x_train)} train / {len(s.x_test)} test examples, {job.steps_per_epoch} steps per epoch, "
           f"{job.total_steps} steps; model {job.model.name} ({job.model.count_params():,} parameters); "

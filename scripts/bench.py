@@ -52,7 +52,7 @@ Contenders (ids used in the table and the JSON):
   f_bf16      a_default under the mixed_bfloat16 policy.
   f_fp16      a_default under mixed_float16 with keras.optimizers.LossScaleOptimizer.
   g_range     the range-test step: a_default's loop with schedules.ExponentialSweep (per-step loss
-              recorded, as clrlab.range_test reads it).
+              recorded, as clrlab.range_finder reads it).
   h_log100    a_default with --summary_every=100.
   z_floor     (diagnostic) the same model step (forward, L2, backward, SGD update) in a bare
               `for _ in tf.range(n)` tf.function that only sums the loss: no LR assignment, no per-step

@@ -98,6 +98,30 @@ BAD_FLAGS = {
     "callback lr control on custom loop": (["--lr_control=callback"], "--lr_control=callback needs --trainer"),
     "xla with mirrored": (["--distribute=mirrored", "--jit_compile"], "--jit_compile is not supported"),
     "missing bounds file": (["--bounds_from=/nonexistent/range_test.json"], "no such file"),
+    # --cycle_momentum and its bounds
+    "non-boolean cycle_momentum": (["--cycle_momentum=maybe"], "cycle_momentum"),
+    "nan base_momentum": (["--policy=one_cycle", "--base_momentum=nan"], "--base_momentum must be a finite number"),
+    "inf max_momentum": (["--policy=one_cycle", "--max_momentum=inf"], "--max_momentum must be a finite number"),
+    "text base_momentum": (["--policy=one_cycle", "--base_momentum=high"], "base_momentum"),
+    "negative base_momentum": (["--policy=one_cycle", "--base_momentum=-0.1"], "--base_momentum must be in [0, 1)"),
+    "max_momentum of one": (["--policy=one_cycle", "--max_momentum=1"], "--max_momentum must be in [0, 1)"),
+    "base above max": (["--policy=one_cycle", "--base_momentum=0.95", "--max_momentum=0.85"],
+                       "--base_momentum must be <= --max_momentum. Received: --base_momentum=0.95, "
+                       "--max_momentum=0.85"),
+    "base above the policy default max": (["--cycle_momentum", "--base_momentum=0.92"],
+                                          "Received: --base_momentum=0.92, --max_momentum=0.9"),
+    "cycling rmsprop": (["--policy=one_cycle", "--optimizer=rmsprop", "--cycle_momentum"],
+                        "--cycle_momentum needs an optimizer with a momentum that can cycle "
+                        "(sgd, nesterov, adam, adamw). Received: --optimizer=rmsprop"),
+    "cycling constant": (["--policy=constant", "--cycle_momentum"],
+                         "--cycle_momentum needs a cyclical policy (triangular, triangular2, exp_range, "
+                         "one_cycle). Received: --policy=constant"),
+    "cycling piecewise": (["--policy=piecewise", "--lr_values=0.1", "--cycle_momentum"],
+                          "Received: --policy=piecewise"),
+    "bounds without cycling": (["--policy=triangular", "--base_momentum=0.8"],
+                               "--base_momentum=0.8 only apply when momentum cycles"),
+    "bounds with nocycle": (["--policy=one_cycle", "--nocycle_momentum", "--max_momentum=0.9"],
+                            "--nocycle_momentum."),
 }
 
 
@@ -120,6 +144,18 @@ def test_malformed_bounds_file_is_rejected(tmp_path, capsys, train_flags):
     bad = tmp_path / "range_test.json"
     bad.write_text("{not json")
     assert "cannot read it as JSON" in _parse_error([f"--bounds_from={bad}", f"--logdir={tmp_path / 'x'}"], capsys)
+
+
+def test_cycle_momentum_is_a_tristate_boolean(train_flags):
+    assert parse_config(train_flags).cycle_momentum is None  # unset: the policy's default
+    assert parse_config(train_flags, "--cycle_momentum").cycle_momentum is True
+    assert parse_config(train_flags, "--policy=one_cycle", "--nocycle_momentum").cycle_momentum is False
+    config = parse_config(train_flags, "--policy=one_cycle", "--base_momentum=0.8", "--max_momentum=0.99")
+    assert (config.cycle_momentum, config.momentum_cycle()) == (None, (0.8, 0.99))
+    # one_cycle's default does not cycle rmsprop (which has no momentum variable), so it still runs
+    assert parse_config(train_flags, "--policy=one_cycle", "--optimizer=rmsprop").momentum_cycle() is None
+    assert parse_config(train_flags, "--cycle_momentum", "--base_momentum=0", "--max_momentum=0").momentum_cycle() \
+        == (0.0, 0.0)
 
 
 # ----------------------------------------------------------------------------- --policy=piecewise
@@ -235,5 +271,7 @@ def test_help_states_units():
     proc = run_module("clrlab.train", "--help")
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
-    for needle in ("HALF a cycle", "epochs", "--gamma", "per STEP", "--steps_per_loop"):
+    for needle in ("HALF a cycle", "epochs", "--gamma", "per STEP", "--steps_per_loop", "--cycle_momentum",
+                   "ON for --policy=one_cycle", "0.85 for one_cycle", "0.95 for one_cycle", "0.8 for the CLR modes",
+                   "0.9 for the CLR modes", "constant SGD/RMSprop momentum"):
         assert needle in text, needle

@@ -35,6 +35,42 @@ def test_total_steps_from_steps_or_epochs():
     assert TrainConfig(epochs=3, steps=7).total_steps(22) == 7
 
 
+@pytest.mark.parametrize("policy,expected", [
+    ("one_cycle", (0.85, 0.95)),  # PyTorch OneCycleLR (cycle_momentum=True by default) and fastai fit_one_cycle
+    ("triangular", None), ("triangular2", None), ("exp_range", None),  # bckenstler's CyclicLR, Smith 2015
+    ("constant", None), ("piecewise", None),
+])
+def test_momentum_cycle_default_per_policy(policy, expected):
+    assert TrainConfig(policy=policy).momentum_cycle() == expected
+
+
+@pytest.mark.parametrize("policy", config.CLR_MODES)
+def test_cycling_the_clr_modes_uses_pytorch_cyclic_lr_defaults(policy):
+    assert TrainConfig(policy=policy, cycle_momentum=True).momentum_cycle() == (0.8, 0.9)
+    assert TrainConfig(policy=policy, cycle_momentum=True, base_momentum=0.7).momentum_cycle() == (0.7, 0.9)
+
+
+def test_momentum_cycle_explicit_off_and_explicit_bounds():
+    assert TrainConfig(policy="one_cycle", cycle_momentum=False).momentum_cycle() is None
+    assert TrainConfig(policy="one_cycle", base_momentum=0.8, max_momentum=0.99).momentum_cycle() == (0.8, 0.99)
+    # bounds alone do not switch cycling on for a CLR mode (its default is off)
+    assert TrainConfig(policy="triangular", base_momentum=0.8).momentum_cycle() is None
+
+
+@pytest.mark.parametrize("policy", ["constant", "piecewise"])
+def test_cycling_a_policy_without_a_cycle_is_a_one_line_user_error(policy):
+    with pytest.raises(UserError, match=f"--cycle_momentum needs a cyclical policy.*--policy={policy}") as info:
+        TrainConfig(policy=policy, cycle_momentum=True).momentum_cycle()
+    assert "\n" not in str(info.value)
+
+
+def test_flagfile_text_leaves_the_policy_default_momentum_cycle_unsaid():
+    assert not any("momentum" in line and not line.startswith("--momentum=")
+                   for line in config.flagfile_text(TrainConfig()).splitlines())
+    body = config.flagfile_text(TrainConfig(cycle_momentum=False)).splitlines()
+    assert "--nocycle_momentum" in body
+
+
 def test_default_logdir_is_a_timestamped_folder_under_runs():
     assert config.default_logdir().startswith("runs/2")
     assert config.default_logdir("range_test-").startswith("runs/range_test-2")
@@ -58,6 +94,9 @@ def test_flagfile_text_lists_every_setting_in_flag_form():
     {"policy": "exp_range", "gamma": 0.999, "step_size": 7, "augment": True, "mixed_precision": "mixed_bfloat16"},
     {"policy": "piecewise", "lr_boundaries": (3, 5), "lr_values": (0.05, 0.01, 0.002), "fused_updates": False},
     {"policy": "one_cycle", "three_phase": True, "anneal_strategy": "linear", "steps": 100, "step_size_down": 4},
+    {"policy": "triangular2", "cycle_momentum": True, "base_momentum": 0.85, "max_momentum": 0.95},
+    {"policy": "one_cycle", "cycle_momentum": False, "optimizer": "rmsprop"},
+    {"policy": "one_cycle", "max_momentum": 0.99},
 ])
 def test_flagfile_text_round_trips_through_the_flag_parser(tmp_path, train_flags, overrides):
     original = dataclasses.replace(TrainConfig(), logdir=str(tmp_path / "run"), **overrides)

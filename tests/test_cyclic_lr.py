@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from clrlab import schedules
+from clrlab import optimizers, schedules
 from clrlab.callbacks import CyclicLR
 from linear_fit import B, M, Probe, fit, linear_model, smith
 
@@ -162,3 +162,103 @@ def test_numpy_scale_fn_from_the_bckenstler_readme():
     cycle = np.floor(1 + t / 8)
     expected = B + (M - B) * np.maximum(0, 1 - np.abs(t / 4 - 2 * cycle + 1)) * fn(cycle)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- cycle_momentum (PyTorch keywords)
+def torch_cyclic_momentum(t, base_m, max_m, step_size, mode, gamma=1.0):
+    """float64 reference: PyTorch CyclicLR's momentum with cycle_momentum=True (torch/optim/lr_scheduler.py,
+    CyclicLR.get_lr), written independently of clrlab."""
+    t = np.asarray(t, np.float64)
+    total = 2.0 * step_size
+    ratio = 0.5
+    cycle = np.floor(1 + t / total)
+    x = 1.0 + t / total - cycle
+    factor = np.where(x <= ratio, x / ratio, (x - 1) / (ratio - 1))
+    scale = {"triangular": np.ones_like(t), "triangular2": 1 / (2.0 ** (cycle - 1)), "exp_range": gamma ** t}[mode]
+    return max_m - (max_m - base_m) * factor * scale
+
+
+class MomentumProbe(keras.callbacks.Callback):
+    """The momentum variable before each batch (what the batch trains with)."""
+
+    def __init__(self):
+        super().__init__()
+        self.momentum = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.momentum.append(float(optimizers.momentum_variable(self.model.optimizer).numpy()))
+
+
+@pytest.mark.parametrize("mode,gamma", [("triangular", 1.0), ("triangular2", 1.0), ("exp_range", 0.9)])
+def test_cycle_momentum_trace_is_pytorch_cyclic_lr_and_sgd_trains_with_it(mode, gamma):
+    clr = CyclicLR(base_lr=B, max_lr=M, step_size=2, mode=mode, gamma=gamma, cycle_momentum=True,
+                   base_momentum=0.8, max_momentum=0.9)
+    probe, mprobe = Probe(), MomentumProbe()
+    model = linear_model(optimizers.SGD(learning_rate=0.5, momentum=0.3))  # 0.3 must be overridden
+    fit(model, [clr, probe, mprobe], epochs=3)
+    steps = np.arange(15)
+    momentum = np.asarray(clr.history["momentum"])
+    np.testing.assert_allclose(momentum, torch_cyclic_momentum(steps, 0.8, 0.9, 2, mode, gamma), rtol=1e-6)
+    assert momentum[0] == pytest.approx(0.9) and mprobe.momentum == clr.history["momentum"]
+    np.testing.assert_allclose(clr.history["lr"], smith(steps, B, M, 2, mode, gamma), rtol=1e-6)  # LR unchanged
+    # Keras' SGD rule with the per-step momentum (gradient 1): v = m_t v - lr_t; w += v.
+    v, w, want = 0.0, 0.0, []
+    for lr, m in zip(clr.history["lr"], momentum, strict=True):
+        v = m * v - lr
+        w += v
+        want.append(w)
+    np.testing.assert_allclose(probe.w, want, rtol=1e-5, atol=1e-7)
+
+
+def test_cycle_momentum_drives_adam_beta_1_and_continues_across_fits():
+    clr = CyclicLR(base_lr=B, max_lr=M, step_size=3, mode="triangular", cycle_momentum=True,
+                   base_momentum=0.85, max_momentum=0.95)
+    model = linear_model(optimizers.Adam(learning_rate=0.5))
+    fit(model, [clr], epochs=2)
+    fit(model, [clr], epochs=1)
+    np.testing.assert_allclose(clr.history["momentum"], torch_cyclic_momentum(np.arange(15), 0.85, 0.95, 3,
+                                                                              "triangular"), rtol=1e-6)
+    beta_1 = float(optimizers.momentum_variable(model.optimizer).numpy())
+    assert beta_1 == pytest.approx(torch_cyclic_momentum([15], 0.85, 0.95, 3, "triangular")[0])  # next batch's
+
+
+def test_cycle_momentum_off_leaves_the_momentum_alone():
+    clr = CyclicLR(base_lr=B, max_lr=M, step_size=2)
+    model = linear_model(optimizers.SGD(learning_rate=0.5, momentum=0.3))
+    fit(model, [clr], epochs=1)
+    assert "momentum" not in clr.history
+    assert float(optimizers.momentum_variable(model.optimizer).numpy()) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"cycle_momentum": "yes"}, r"Argument `cycle_momentum` must be True or False. Received: cycle_momentum='yes'"),
+    ({"base_momentum": float("nan")}, r"`base_momentum` must be a finite number in \[0, 1\). Received: "
+                                      r"base_momentum=nan"),
+    ({"max_momentum": float("inf")}, r"`max_momentum` must be a finite number in \[0, 1\)"),
+    ({"max_momentum": 1.0}, r"Received: max_momentum=1.0"),
+    ({"base_momentum": -0.1}, r"Received: base_momentum=-0.1"),
+    ({"base_momentum": "0.8"}, r"base_momentum='0.8'"),
+    ({"base_momentum": 0.95, "max_momentum": 0.85}, r"`base_momentum` must be <= `max_momentum`. Received: "
+                                                    r"base_momentum=0.95, max_momentum=0.85"),
+])
+def test_momentum_keywords_are_validated_in_one_line(kwargs, match):
+    with pytest.raises(ValueError, match=match) as info:
+        CyclicLR(cycle_momentum=kwargs.pop("cycle_momentum", True), **kwargs)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("optimizer", [keras.optimizers.SGD(learning_rate=0.5, momentum=0.9),
+                                       keras.optimizers.RMSprop(learning_rate=0.5, momentum=0.9)])
+def test_cycle_momentum_with_an_optimizer_without_a_momentum_variable_is_refused(optimizer):
+    model = linear_model(optimizer)
+    clr = CyclicLR(base_lr=B, max_lr=M, step_size=2, cycle_momentum=True)
+    with pytest.raises(ValueError, match="has no momentum variable that can change during training") as info:
+        fit(model, [clr], epochs=1)
+    assert "\n" not in str(info.value) and int(model.optimizer.iterations.numpy()) == 0
+
+
+def test_cycle_momentum_with_an_optimizer_holding_a_momentum_schedule_is_refused():
+    lr = schedules.CyclicalLearningRate(B, M, 2)
+    model = linear_model(optimizers.SGD(learning_rate=0.5, momentum=schedules.CyclicalMomentum(lr, 0.8, 0.9)))
+    with pytest.raises(ValueError, match="cannot set the momentum of an optimizer built with a momentum schedule"):
+        fit(model, [CyclicLR(base_lr=B, max_lr=M, step_size=2, cycle_momentum=True)], epochs=1)

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from clrlab import job, schedules
+from clrlab import job, optimizers, schedules
 from clrlab.callbacks import CyclicLR
 from clrlab.config import TrainConfig
 from clrlab.errors import UserError
@@ -93,3 +93,81 @@ def test_build_job_sizes_the_run_and_gives_the_optimizer_a_schedule_only_for_mod
         assert read_learning_rate(built.optimizer) == pytest.approx(0.01)  # the policy's LR at step 0
     x, y = next(iter(built.train_data_fn(0)))
     assert x.shape[0] == 64 and y.shape == (64,)
+
+
+# ----------------------------------------------------------------------------- momentum cycle
+@pytest.mark.parametrize("name,cls,attr,nesterov", [
+    ("sgd", optimizers.SGD, "momentum", False), ("nesterov", optimizers.SGD, "momentum", True),
+    ("adam", optimizers.Adam, "beta_1", None), ("adamw", optimizers.AdamW, "beta_1", None),
+])
+def test_make_optimizer_with_variable_momentum_builds_the_clrlab_optimizers(name, cls, attr, nesterov):
+    opt = job.make_optimizer(name, 0.05, 0.85, variable_momentum=True)
+    assert type(opt) is cls and float(optimizers.momentum_variable(opt).numpy()) == pytest.approx(0.85)
+    if nesterov is not None:
+        assert opt.nesterov is nesterov
+    momentum = schedules.CyclicalMomentum(schedules.Constant(0.01), 0.8, 0.9)
+    held = job.make_optimizer(name, 0.05, momentum, variable_momentum=True, loss_scaling=True)
+    assert uses_loss_scaling(held) and inner_optimizer(held).momentum_schedule is momentum
+
+
+def test_make_optimizer_without_variable_momentum_is_the_stock_keras_one():
+    assert type(job.make_optimizer("sgd", 0.05, 0.8)) is keras.optimizers.SGD
+    with pytest.raises(ValueError, match="RMSprop has no momentum that can cycle"):
+        job.make_optimizer("rmsprop", 0.05, 0.8, variable_momentum=True)
+
+
+def test_make_momentum_schedule_is_cyclical_momentum_over_the_lr_schedule_or_none():
+    lr = schedules.Constant(0.01)
+    assert job.make_momentum_schedule(TrainConfig(), lr) is None  # triangular: off by default
+    assert job.make_momentum_schedule(TrainConfig(policy="one_cycle", cycle_momentum=False), lr) is None
+    m = job.make_momentum_schedule(TrainConfig(policy="one_cycle"), lr)
+    assert isinstance(m, schedules.CyclicalMomentum) and m.lr_schedule is lr
+    assert (m.base_momentum, m.max_momentum) == (0.85, 0.95)
+    m = job.make_momentum_schedule(TrainConfig(cycle_momentum=True, max_momentum=0.99), lr)
+    assert (m.base_momentum, m.max_momentum) == (0.8, 0.99)
+    with pytest.raises(UserError, match="--cycle_momentum needs a cyclical policy"):
+        job.make_momentum_schedule(TrainConfig(policy="constant", cycle_momentum=True), lr)
+
+
+def test_make_lr_callback_cycles_momentum_with_the_configs_bounds():
+    config = TrainConfig(trainer="keras_fit", lr_control="callback", cycle_momentum=True, base_momentum=0.85,
+                         max_momentum=0.95)
+    cb = job.make_lr_callback(config, 7)
+    assert (cb.cycle_momentum, cb.base_momentum, cb.max_momentum) == (True, 0.85, 0.95)
+    assert job.make_lr_callback(TrainConfig(trainer="keras_fit", lr_control="callback"), 7).cycle_momentum is False
+
+
+@pytest.mark.parametrize("trainer,lr_control", [("custom_loop", "schedule"), ("keras_fit", "schedule"),
+                                                ("keras_fit", "callback")])
+def test_build_job_without_a_momentum_cycle_keeps_the_stock_optimizer(trainer, lr_control):
+    config = TrainConfig(model="mlp", epochs=1, step_size=10, trainer=trainer, lr_control=lr_control, momentum=0.7)
+    built = job.build_job(config)
+    assert built.momentum_schedule is None
+    assert type(built.optimizer) is keras.optimizers.SGD and built.optimizer.momentum == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("trainer,lr_control,optimizer", [
+    ("custom_loop", "schedule", "sgd"), ("custom_loop", "schedule", "adam"), ("keras_fit", "schedule", "nesterov"),
+    ("keras_fit", "schedule", "adamw"), ("keras_fit", "callback", "sgd"),
+])
+def test_build_job_with_a_momentum_cycle(trainer, lr_control, optimizer):
+    policy = "triangular" if lr_control == "callback" else "one_cycle"
+    config = TrainConfig(model="mlp", epochs=2, step_size=10, base_lr=0.01, max_lr=0.1, policy=policy,
+                         cycle_momentum=True, trainer=trainer, lr_control=lr_control, optimizer=optimizer)
+    built = job.build_job(config)
+    m = built.momentum_schedule
+    assert isinstance(m, schedules.CyclicalMomentum) and m.lr_schedule is built.schedule
+    want = (0.85, 0.95) if policy == "one_cycle" else (0.8, 0.9)
+    assert (m.base_momentum, m.max_momentum) == want
+    kinds = {"sgd": optimizers.SGD, "nesterov": optimizers.SGD, "adam": optimizers.Adam, "adamw": optimizers.AdamW}
+    assert type(built.optimizer) is kinds[optimizer]
+    steps = [0, 5, built.total_steps // 3, built.total_steps - 1]
+    np.testing.assert_allclose([float(m(s)) for s in steps],
+                               [want[1] - (want[1] - want[0]) * float(built.schedule.height(s)) for s in steps],
+                               rtol=1e-6)
+    held = inner_optimizer(built.optimizer).momentum_schedule
+    if trainer == "keras_fit" and lr_control == "schedule":  # model.fit: the optimizer evaluates both schedules
+        assert held is m and held_schedule(built.optimizer) is built.schedule
+    else:  # the loop or the callback assigns the variable; it starts at the step-0 momentum
+        assert held is None
+        assert float(optimizers.momentum_variable(built.optimizer).numpy()) == pytest.approx(float(m(0)))

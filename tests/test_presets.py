@@ -46,7 +46,8 @@ EXPECTED = {
         step_size=2000, gamma=0.99994, steps=42_000, batch_size=100, momentum=0.9, augment=False),
     "superconvergence_resnet56.cfg": dict(
         dataset="cifar10", model="resnet56", policy="triangular", base_lr=0.1, max_lr=3.0, step_size=5000,
-        steps=10_000, batch_size=1000, optimizer="sgd", momentum=0.9, weight_decay=1e-4),
+        steps=10_000, batch_size=1000, optimizer="sgd", weight_decay=1e-4,
+        cycle_momentum=True, base_momentum=0.85, max_momentum=0.95),  # Smith 2018 (arXiv 1803.09820), section 4
     "quick_digits.cfg": dict(dataset="digits"),
     "quick_cifar10.cfg": dict(dataset="cifar10"),
     "quick_mnist.cfg": dict(dataset="mnist"),
@@ -89,6 +90,10 @@ EXPECTED_LR = {
     "mnist1d_cnn_triangular2.cfg": {400: 1e-2, 1200: 1e-3 + 9e-3 / 2, 2000: 1e-3 + 9e-3 / 4},
     "mnist1d_cnn_exp_range.cfg": {0: 1e-3, 400: 1e-3 + 9e-3 * 0.99971 ** 400, 7600: 1e-3 + 9e-3 * 0.99971 ** 7600},
     "mnist1d_cnn_one_cycle.cfg": {0: 1e-3, 2400: 1e-2},
+}
+# Momentum at chosen steps of the presets that cycle it: {step: momentum}; every other preset keeps it constant.
+EXPECTED_MOMENTUM = {
+    "superconvergence_resnet56.cfg": {0: 0.95, 2500: 0.9, 5000: 0.85, 9999: 0.95 - 0.1 / 5000},
 }
 
 
@@ -153,6 +158,10 @@ def test_preset_parses_into_its_sources_config_and_round_trips(name, tmp_path, t
     schedule, _ = job.make_lr_schedule(config, spe)
     for step, lr in EXPECTED_LR.get(name, {}).items():
         assert float(schedule(step)) == pytest.approx(lr, rel=2e-5), (name, step)
+    momentum = job.make_momentum_schedule(config, schedule)
+    assert (momentum is not None) == (name in EXPECTED_MOMENTUM), name
+    for step, want in EXPECTED_MOMENTUM.get(name, {}).items():
+        assert float(momentum(step)) == pytest.approx(want, rel=1e-6), (name, step)
 
 
 # ResNet-56 only: tracing its training step alone takes ~25 s on 2 shared cores, a third of this file's

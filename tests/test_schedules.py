@@ -272,6 +272,46 @@ def test_cyclical_momentum_matches_pytorch_cyclic_lr_momentum():
     np.testing.assert_allclose(values(S.CyclicalMomentum(S.Constant(0.1)), [0, 7]), [0.95, 0.95])
 
 
+def torch_cyclic_momentum_ref(t, base_m, max_m, up, down, scale, scale_mode):
+    """PyTorch CyclicLR.get_lr with cycle_momentum=True, literally: for every step `last_epoch = t`,
+    cycle = floor(1 + t / total_size), x = 1 + t / total_size - cycle, scale_factor = x / step_ratio
+    (rising) or (x - 1) / (step_ratio - 1), base_height = (max_m - base_m) * scale_factor and
+    momentum = max_m - base_height * scale_fn(cycle | t)."""
+    total_size = float(up + down)
+    step_ratio = up / total_size
+    out = []
+    for step in np.asarray(t, np.float64):
+        cycle = math.floor(1 + step / total_size)
+        x = 1.0 + step / total_size - cycle
+        scale_factor = x / step_ratio if x <= step_ratio else (x - 1) / (step_ratio - 1)
+        base_height = (max_m - base_m) * scale_factor
+        out.append(max_m - base_height * float(scale(np.float64(cycle if scale_mode == "cycle" else step))))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("mode", CLR_MODES)
+@pytest.mark.parametrize("up, down", [(2000, None), (300, 1700)], ids=["symmetric", "asymmetric"])
+def test_cyclical_momentum_trace_matches_pytorch_cyclic_lr_over_20000_steps(mode, up, down):
+    scale, scale_mode = BUILTIN_SCALES[mode]
+    lr = S.CyclicalLearningRate(B, M, up, mode=mode, gamma=GAMMA, step_size_down=down)
+    mom = S.CyclicalMomentum(lr, base_momentum=0.8, max_momentum=0.9)  # CyclicLR's defaults
+    ref = torch_cyclic_momentum_ref(T64[:20_000], 0.8, 0.9, up, down or up, scale, scale_mode)
+    got = values(mom, np.arange(20_000))
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    assert got.max() == np.float32(0.9) and got.min() < 0.82  # the trace really cycles (exp_range decays)
+
+
+@pytest.mark.parametrize("three_phase", [False, True])
+@pytest.mark.parametrize("anneal", ANNEAL_STRATEGIES)
+def test_cyclical_momentum_trace_matches_pytorch_one_cycle_over_20000_steps(anneal, three_phase):
+    lr = S.OneCycle(max_lr=0.1, total_steps=20_000, anneal_strategy=anneal, three_phase=three_phase)
+    mom = S.CyclicalMomentum(lr, base_momentum=0.85, max_momentum=0.95)  # OneCycleLR's defaults
+    _, ref = one_cycle_ref(20_000, 0.1, anneal=anneal, three_phase=three_phase, base_m=0.85, max_m=0.95)
+    got = values(mom, np.arange(20_000))
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    assert abs(got.min() - 0.85) < 1e-6 and got[0] == np.float32(0.95)
+
+
 def test_constant_and_sweeps():
     np.testing.assert_array_equal(values(S.Constant(0.01), [0, 10**6]), np.float32([0.01, 0.01]))
     np.testing.assert_array_equal(values(S.Constant(0.01).height, [3]), [0.0])

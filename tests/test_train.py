@@ -320,3 +320,104 @@ def test_mnist1d_trains_offline_with_the_1d_cnn_and_reports_ten_classes(tmp_path
     assert history["steps"]["step"] == list(range(16))
     for png in ("clr_plot.png", "training_plot.png"):
         assert os.path.getsize(os.path.join(result.logdir, png)) > 10_000
+
+
+# ----------------------------------------------------------------------------- cyclical momentum
+def _momentum_reference(config, steps):
+    """CyclicalMomentum of `config` at `steps` (float32), built as clrlab.job builds it."""
+    from clrlab import job as job_lib
+
+    schedule, _ = job_lib.make_lr_schedule(config, 1437 // config.batch_size)
+    momentum = job_lib.make_momentum_schedule(config, schedule)
+    return np.asarray(momentum(np.asarray(steps)), np.float32)
+
+
+def test_keras_fit_callback_run_cycles_the_momentum_variable_and_says_so(tmp_path, capsys):
+    import tensorflow as tf
+
+    config = tiny(tmp_path, model="mlp", epochs=1, trainer="keras_fit", lr_control="callback", cycle_momentum=True)
+    result = train_mod.run(config, progress="log")
+    assert result.status == "completed" and result.step == 22
+    assert "momentum cycling 0.9 -> 0.8 inversely to the lr" in capsys.readouterr().out
+    # The checkpoint holds the momentum the callback set for the next batch (step 22), from the same cycle.
+    reader = tf.train.load_checkpoint(os.path.join(result.logdir, "checkpoints"))
+    saved = reader.get_tensor("optimizer/_momentum_variable/.ATTRIBUTES/VARIABLE_VALUE")
+    assert saved == pytest.approx(float(_momentum_reference(config, [22])[0]), rel=1e-7) and saved != 0.9
+    with open(os.path.join(result.logdir, "run_config.json"), encoding="utf-8") as fh:
+        identity = json.load(fh)
+    assert identity["momentum_schedule"]["class_name"] == "CyclicalMomentum"
+    # A changed momentum cycle is a different run: the logdir refuses it.
+    with pytest.raises(UserError, match=r"different settings \(momentum_schedule\)"):
+        train_mod.run(dataclasses.replace(config, max_momentum=0.95), progress="log")
+
+
+def test_keras_fit_schedule_run_gives_the_optimizer_the_momentum_schedule(tmp_path, capsys):
+    import tensorflow as tf
+
+    config = tiny(tmp_path, model="mlp", epochs=1, trainer="keras_fit", policy="one_cycle", optimizer="adam",
+                  base_lr=0.004)
+    result = train_mod.run(config, progress="log")
+    assert result.status == "completed" and result.step == 22
+    assert "beta_1 cycling 0.95 -> 0.85 inversely to the lr" in capsys.readouterr().out
+    # The optimizer evaluated the schedule at its iterations for each update: the last one was step 21.
+    reader = tf.train.load_checkpoint(os.path.join(result.logdir, "checkpoints"))
+    saved = reader.get_tensor("optimizer/_momentum_variable/.ATTRIBUTES/VARIABLE_VALUE")
+    assert saved == pytest.approx(float(_momentum_reference(config, [21])[0]), rel=1e-7)
+
+
+def test_constant_momentum_run_keeps_the_history_and_run_config_layout(tmp_path):
+    result = train_mod.run(tiny(tmp_path, model="mlp", epochs=1), progress="log")
+    assert sorted(load_history(result.logdir)["steps"]) == ["accuracy", "loss", "lr", "step"]
+    with open(os.path.join(result.logdir, "run_config.json"), encoding="utf-8") as fh:
+        assert "momentum_schedule" not in json.load(fh)
+    with pytest.raises(KeyError, match="momentum not in"):
+        read_scalars(os.path.join(result.logdir, "train"), "momentum")
+
+
+# The two tests below need CustomLoopTrainer(..., momentum_schedule=...) from trainers/ (the custom loop
+# assigning the momentum variable in graph each step, StepRecords.momentum, history.json's "momentum"
+# column, TensorBoard train/momentum). clrlab.train passes that keyword whenever momentum cycles.
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_one_cycle_run_records_the_cyclical_momentum_every_step(tmp_path, optimizer):
+    config = tiny(tmp_path, policy="one_cycle", base_lr=0.004, optimizer=optimizer, model="mlp")
+    result = train_mod.run(config, progress="log")
+    assert result.status == "completed" and result.step == 44
+    steps = np.arange(result.step)
+    expected = _momentum_reference(config, steps)
+    assert expected[0] == pytest.approx(0.95) and min(expected) == pytest.approx(0.85, abs=1e-3)
+    history = load_history(result.logdir)
+    np.testing.assert_allclose(np.array(history["steps"]["momentum"], np.float32), expected, rtol=1e-6, atol=0)
+    logged = read_scalars(os.path.join(result.logdir, "train"), "momentum")
+    assert sorted(logged) == list(steps)
+    np.testing.assert_array_equal(np.array([logged[s] for s in steps], np.float32),
+                                  np.array(history["steps"]["momentum"], np.float32))
+    assert os.path.getsize(os.path.join(result.logdir, "clr_plot.png")) > 0
+
+
+@pytest.mark.slow
+def test_sigkill_mid_cycle_then_rerun_gives_the_same_momentum_lr_and_weights(tmp_path):
+    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+    extra = ("--policy=one_cycle", "--base_lr=0.004")
+    full = _start(full_dir, *extra)
+    victim = _start(killed_dir, *extra)
+    _wait_for_checkpoint(str(killed_dir), victim)
+    time.sleep(random.uniform(0.0, 1.0))
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    assert victim.returncode == -signal.SIGKILL
+    killed_at = load_history(killed_dir)["steps"]["step"][-1] + 1
+    assert killed_at < 8 * (1437 // 32), "the run finished before it was killed: slow it down"
+    out, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err[-3000:]
+    resumed = _start(killed_dir, *extra)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "Resuming from the checkpoint at step" in out and "momentum cycling 0.95 -> 0.85" in out
+    a, b = load_history(full_dir)["steps"], load_history(killed_dir)["steps"]
+    assert a["step"] == b["step"] and a["lr"] == b["lr"]
+    assert a["momentum"] == b["momentum"] and len(set(a["momentum"])) > 10  # it cycled, identically
+    wa, wb = _final_weights(full_dir), _final_weights(killed_dir)
+    assert wa.keys() == wb.keys() and wa
+    for name in wa:
+        np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)

@@ -12,11 +12,14 @@ per batch: the price of driving the learning rate from Python. For the fastest e
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 
 import keras
+import tensorflow as tf
 
-from clrlab import config, keras_internals, schedules
+from clrlab import config, keras_internals, optimizers, schedules
 from clrlab.callbacks.step_values import GraphLR, deaverage
 
 __all__ = ["CyclicLR"]
@@ -80,6 +83,15 @@ class CyclicLR(keras.callbacks.Callback):
       batch of an epoch is averaged with a smaller weight, so its value is off).
     * `on_epoch_end` adds `logs['learning_rate']` (the LR of the epoch's last batch), so Keras' `History`,
       `CSVLogger` and TensorBoard see it when this callback comes before them.
+    * **Cyclical momentum** (PyTorch `CyclicLR`'s keywords, torch/optim/lr_scheduler.py, but OFF by
+      default so the classic API is unchanged): with `cycle_momentum=True` the optimizer's momentum
+      (SGD) or `beta_1` (Adam, AdamW) moves inversely to the LR, from the same cycle height, each batch:
+      `momentum = max_momentum - (max_momentum - base_momentum) * height(t)` with
+      `lr = base_lr + (max_lr - base_lr) * height(t)` (`clrlab.schedules.CyclicalMomentum`'s formula),
+      so the first batch trains at `max_momentum`. It is set at the same points as the LR and recorded in
+      `history['momentum']` (the momentum batch `k` trained with). The optimizer must be a
+      `clrlab.optimizers` SGD/Adam/AdamW built with a float momentum: Keras' own keep momentum as a
+      Python float fixed when the step is traced.
     * `sets_learning_rate = True` marks it as an LR-setting callback: clrlab's custom loop, which sets
       the LR in graph every step, refuses it rather than silently overwriting it.
 
@@ -105,23 +117,41 @@ class CyclicLR(keras.callbacks.Callback):
         NumPy functions such as `lambda x: 0.5 * (1 + np.sin(x * np.pi / 2.))` work.
       scale_mode: `'cycle'` or `'iterations'`: what `scale_fn` receives. `'iterations'` passes
         `clr_iterations` (batches since the last `_reset`), not the position within the cycle.
+      cycle_momentum: bool, cycle the momentum inversely to the LR (default False: momentum untouched).
+      base_momentum: momentum at the LR peak, finite, in [0, max_momentum] (PyTorch's default 0.8).
+      max_momentum: momentum at the LR floor and at the first batch, finite, in [base_momentum, 1)
+        (PyTorch's default 0.9).
 
     Attributes:
-      history: dict of lists: `'lr'`, `'iterations'`, `'batch_loss'` (when logs have `'loss'`) and
-        one list per batch-log key (running means).
+      history: dict of lists: `'lr'`, `'iterations'`, `'batch_loss'` (when logs have `'loss'`),
+        `'momentum'` (with `cycle_momentum`) and one list per batch-log key (running means).
       clr_iterations: batches since the last `_reset` (drives the policy).
       trn_iterations: batches trained with this callback (never reset).
 
     Raises:
       ValueError: for invalid arguments (constructor or `_reset`); at `on_train_begin` for an optimizer
-        built with a `LearningRateSchedule`, a model without an optimizer, or `steps_per_execution > 1`.
+        built with a `LearningRateSchedule`, a model without an optimizer, or `steps_per_execution > 1`;
+        with `cycle_momentum`, for an optimizer without a momentum variable or one built with a momentum
+        schedule.
     """
 
     sets_learning_rate = True
 
     def __init__(self, base_lr=0.001, max_lr=0.006, step_size=2000., mode='triangular', gamma=1.,
-                 scale_fn=None, scale_mode='cycle'):
+                 scale_fn=None, scale_mode='cycle', cycle_momentum=False, base_momentum=0.8, max_momentum=0.9):
         super().__init__()
+        if not isinstance(cycle_momentum, bool):
+            raise ValueError(f"Argument `cycle_momentum` must be True or False. Received: "
+                             f"cycle_momentum={cycle_momentum!r}.")
+        for name, value in (("base_momentum", base_momentum), ("max_momentum", max_momentum)):
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                    or not 0.0 <= value < 1.0):
+                raise ValueError(f"Argument `{name}` must be a finite number in [0, 1). Received: {name}={value!r}.")
+        if base_momentum > max_momentum:
+            raise ValueError(f"Argument `base_momentum` must be <= `max_momentum`. Received: "
+                             f"base_momentum={base_momentum!r}, max_momentum={max_momentum!r}.")
+        self.cycle_momentum = cycle_momentum
+        self.base_momentum, self.max_momentum = float(base_momentum), float(max_momentum)
         if scale_fn is None:
             if not isinstance(mode, str) or mode not in config.CLR_MODES:
                 raise ValueError(f"Argument `mode` must be one of {config.CLR_MODES}. Received: mode={mode!r}.")
@@ -137,8 +167,8 @@ class CyclicLR(keras.callbacks.Callback):
         self.scale_fn = scale_fn
         self.scale_mode = scale_mode if scale_fn is not None else config.IMPLIED_SCALE_MODE[mode]
         self.base_lr, self.max_lr, self.step_size = base_lr, max_lr, step_size
-        self._schedule = self._make_schedule(base_lr, max_lr, step_size)
-        self._lr_at = GraphLR(self._schedule)
+        self._set_schedule(self._make_schedule(base_lr, max_lr, step_size))
+        self._momentum = None  # the optimizer's momentum variable (with cycle_momentum), from on_train_begin
         self.clr_iterations = 0
         self.trn_iterations = 0
         self.history: dict[str, list] = {}
@@ -155,6 +185,11 @@ class CyclicLR(keras.callbacks.Callback):
                                               gamma=self.gamma, scale_fn=self.scale_fn,
                                               scale_mode=self.scale_mode)
 
+    def _set_schedule(self, schedule) -> None:
+        self._schedule = schedule
+        self._lr_at = GraphLR(schedule)
+        self._momentum_at = GraphLR(schedules.CyclicalMomentum(schedule, self.base_momentum, self.max_momentum))
+
     def clr(self) -> float:
         """The learning rate for the current `clr_iterations` (float32 value as a Python float)."""
         return self._lr_at([self.clr_iterations])[0]
@@ -167,14 +202,20 @@ class CyclicLR(keras.callbacks.Callback):
         base_lr = self.base_lr if new_base_lr is None else new_base_lr
         max_lr = self.max_lr if new_max_lr is None else new_max_lr
         step_size = self.step_size if new_step_size is None else new_step_size
-        self._schedule = self._make_schedule(base_lr, max_lr, step_size)
-        self._lr_at = GraphLR(self._schedule)
+        self._set_schedule(self._make_schedule(base_lr, max_lr, step_size))
         self.base_lr, self.max_lr, self.step_size = base_lr, max_lr, step_size
         self.clr_iterations = 0
 
     # ------------------------------------------------------------------------------------ hooks
     def _set_lr(self, value: float) -> None:
         self.model.optimizer.learning_rate = float(value)
+
+    def _set_momentum(self) -> None:
+        """With `cycle_momentum`: assigns the momentum for `clr_iterations`, the float32 value the in-graph
+        `CyclicalMomentum` gives at that step (max_momentum at the cycle start)."""
+        if self._momentum is not None:
+            value = self._momentum_at([self.clr_iterations])[0]
+            self._momentum.assign(tf.cast(value, self._momentum.dtype))
 
     def on_train_begin(self, logs=None):
         model = self.model
@@ -194,6 +235,11 @@ class CyclicLR(keras.callbacks.Callback):
                 f"{spe}) runs {spe} batches per call, so the LR would change only every {spe} batches. "
                 "Compile with steps_per_execution=1, or pass clrlab.schedules.CyclicalLearningRate as the "
                 "optimizer's learning_rate (exact at any steps_per_execution).")
+        if self.cycle_momentum:
+            self._momentum = optimizers.momentum_variable(optimizer)  # one-line ValueError for other optimizers
+            if keras_internals.inner_optimizer(optimizer).momentum_schedule is not None:
+                raise ValueError("CyclicLR(cycle_momentum=True) cannot set the momentum of an optimizer built "
+                                 "with a momentum schedule: pass a float momentum/beta_1, or drop cycle_momentum.")
         done = keras_internals.read_iterations(optimizer)
         if done > self.trn_iterations:  # resume rule: a restored optimizer is ahead of our counters
             ahead = done - self.trn_iterations
@@ -203,6 +249,7 @@ class CyclicLR(keras.callbacks.Callback):
             self._set_lr(self.base_lr)
         else:
             self._set_lr(self.clr())
+        self._set_momentum()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._last_mean, self._last_batch = None, -1
@@ -213,6 +260,8 @@ class CyclicLR(keras.callbacks.Callback):
         self.clr_iterations += 1
         self.history.setdefault('lr', []).append(keras_internals.read_learning_rate(self.model.optimizer))
         self.history.setdefault('iterations', []).append(self.trn_iterations)
+        if self._momentum is not None:
+            self.history.setdefault('momentum', []).append(float(self._momentum.numpy()))
         for k, v in logs.items():
             self.history.setdefault(k, []).append(v)
         if 'loss' in logs:
@@ -221,6 +270,7 @@ class CyclicLR(keras.callbacks.Callback):
             self.history.setdefault('batch_loss', []).append(deaverage(mean, batch + 1, self._last_mean, seen))
             self._last_mean, self._last_batch = mean, batch
         self._set_lr(self.clr())
+        self._set_momentum()
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and self.history.get('lr'):
