@@ -244,9 +244,10 @@ class _Driver(keras.callbacks.Callback):
         if steps.size == 0:
             return
         loss = np.asarray(rec["loss"][new], np.float64)
+        momentum = np.asarray(rec["momentum"][new], np.float32) if "momentum" in rec else None
         records = StepRecords(step=steps, lr=np.asarray(rec["lr"][new], np.float32), loss=loss,
                               accuracy=np.asarray(rec["accuracy"][new], np.float64),
-                              applied=np.ones(steps.shape, bool))
+                              applied=np.ones(steps.shape, bool), momentum=momentum)
         if not self.trainer.loss_scaling and not np.isfinite(loss[-1]):
             raise NonFiniteLossError(steps[-1], records.lr[-1], loss[-1], records)
         state.history.add_steps(records)
