@@ -76,3 +76,25 @@ def test_step_recorder_has_no_momentum_without_a_momentum_schedule(tmp_path):
     with pytest.raises(KeyError, match="momentum not in"):
         read_scalars(str(tmp_path / "tb"), "momentum")
     assert sorted(read_scalars(str(tmp_path / "tb"), "learning_rate")) == list(range(5))
+
+
+class _MomentumSetter(keras.callbacks.Callback):
+    """Sets the momentum variable between batches, as a cycling-momentum LR callback does."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values, self.step = values, 0
+
+    def on_train_begin(self, logs=None):
+        self.model.optimizer.momentum_variable.assign(self.values[0])
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        self.model.optimizer.momentum_variable.assign(self.values[self.step])
+
+
+def test_step_recorder_records_a_momentum_a_callback_sets_between_batches():
+    values = np.float32(0.95 - 0.01 * np.arange(11))
+    recorder = StepRecorder(metrics=("loss",), record_momentum=True)
+    fit(linear_model(optimizers.SGD(learning_rate=0.1, momentum=0.9)), [_MomentumSetter(values), recorder], epochs=2)
+    np.testing.assert_array_equal(np.float32(recorder.records["momentum"]), values[:10])

@@ -179,7 +179,9 @@ class KerasFitTrainer:
             model.compile(optimizer=self.optimizer,
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                           metrics=["accuracy"], steps_per_execution=k, jit_compile=self.jit_compile)
-        recorder = StepRecorder(writer=self.summary_writer, summary_every=self.summary_every, initial_step=start)
+        # A CyclicLR with cycle_momentum sets the momentum variable between batches: record it too.
+        recorder = StepRecorder(writer=self.summary_writer, summary_every=self.summary_every, initial_step=start,
+                                record_momentum=bool(getattr(self.lr_callback, "cycle_momentum", False)))
         driver = _Driver(self, recorder)
         own = [recorder, driver]
         if self.lr_callback is not None:

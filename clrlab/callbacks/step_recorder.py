@@ -35,11 +35,13 @@ class StepRecorder(keras.callbacks.Callback):
       de-averaged from Keras' running means (see `deaverage`; exact for equal-size unweighted batches).
       With `steps_per_execution = N > 1` only the mean over each chunk is known: it is recorded at the
       chunk's last step and the other steps get NaN;
-    * `'momentum'`, only when the optimizer holds a momentum schedule (`clrlab.optimizers` with
+    * `'momentum'`, when the optimizer holds a momentum schedule (`clrlab.optimizers` with
       `momentum=`/`beta_1=` a schedule, which sets its `momentum_variable` to the schedule at
-      `iterations` before each update): the momentum (or `beta_1`) the step trained with, as float32.
-      The chunk's last step reads the variable itself after the step; earlier steps of a chunk get the
-      schedule at their step, evaluated in graph (the same value the update assigned).
+      `iterations` before each update) or `record_momentum=True`: the momentum (or `beta_1`) the step
+      trained with, as float32. With a schedule, the chunk's last step reads the variable itself after
+      the step, and earlier steps of a chunk get the schedule at their step, evaluated in graph (the
+      value the update assigned). Without one (a callback such as `CyclicLR(cycle_momentum=True)` sets
+      the variable between batches) the variable is read before the step, as a float LR is.
 
     With a `writer` (a `tf.summary` writer), it also writes TensorBoard scalars `learning_rate` [,
     `momentum`] (per step), `loss`,
@@ -54,6 +56,8 @@ class StepRecorder(keras.callbacks.Callback):
       metrics: batch-log keys to de-average and record.
       initial_step: global step of the first batch; None: the optimizer's `iterations` at the first
         `on_train_begin`.
+      record_momentum: record the momentum variable of a `clrlab.optimizers` optimizer even when it holds
+        no momentum schedule (for a callback that sets it); it is always recorded when it holds one.
 
     Attributes:
       records: dict of lists, keys `'step'`, `'lr'` [, `'momentum'`] and `metrics`, all of the same length.
@@ -61,7 +65,7 @@ class StepRecorder(keras.callbacks.Callback):
     """
 
     def __init__(self, writer: Any = None, summary_every: int = 1, metrics: Sequence[str] = ("loss", "accuracy"),
-                 initial_step: int | None = None):
+                 initial_step: int | None = None, record_momentum: bool = False):
         super().__init__()
         if int(summary_every) < 1:
             raise ValueError(f"summary_every must be >= 1. Received: summary_every={summary_every}.")
@@ -73,6 +77,7 @@ class StepRecorder(keras.callbacks.Callback):
         self._chunk_lrs: list[float] = []
         self._graph_lr = None
         self._graph_momentum = None
+        self.record_momentum = bool(record_momentum)
         self._chunk_momenta: list[float] = []
         self._begin_batch = 0
         self._means: dict[str, tuple[int, float | None]] = {}
@@ -80,8 +85,13 @@ class StepRecorder(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         if self.step is None:
             self.step = keras_internals.read_iterations(self.model.optimizer)
-        if self._momentum_schedule() is not None:
+        if self.record_momentum or self._momentum_schedule() is not None:
             self.records.setdefault("momentum", [])
+
+    def _read_momentum(self) -> float:
+        """The optimizer's momentum variable, rounded to float32 (one host read)."""
+        variable = keras_internals.inner_optimizer(self.model.optimizer).momentum_variable
+        return float(np.float32(keras.ops.convert_to_numpy(variable)))
 
     def _momentum_schedule(self):
         """The momentum schedule the (inner) optimizer holds, or None (Keras optimizers hold none)."""
@@ -108,6 +118,8 @@ class StepRecorder(keras.callbacks.Callback):
                 self._graph_momentum = GraphLR(momentum_schedule)
             start = keras_internals.read_iterations(optimizer)
             self._chunk_momenta = self._graph_momentum(range(start, start + n))
+        elif momentum_schedule is None and "momentum" in self.records:  # set between batches by a callback
+            self._chunk_momenta = [self._read_momentum()] * n
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
@@ -130,10 +142,12 @@ class StepRecorder(keras.callbacks.Callback):
         self.records["step"].extend(steps)
         self.records["lr"].extend(lrs)
         momenta = None
-        if "momentum" in self.records:  # the variable holds what the chunk's last step trained with
-            variable = keras_internals.inner_optimizer(self.model.optimizer).momentum_variable
-            last = float(np.float32(keras.ops.convert_to_numpy(variable)))
-            momenta = (self._chunk_momenta + [last] * n)[:n - 1] + [last]
+        if "momentum" in self.records:
+            if self._momentum_schedule() is not None:  # the variable holds what the chunk's last step used
+                last = self._read_momentum()
+                momenta = (self._chunk_momenta + [last] * n)[:n - 1] + [last]
+            else:
+                momenta = (self._chunk_momenta + [self._chunk_momenta[-1]] * n)[:n]
             self.records["momentum"].extend(momenta)
         for key in self.metrics:
             v = values[key]
