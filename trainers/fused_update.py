@@ -117,6 +117,7 @@ class FusedSGDUpdate:
             return
         # As Keras' SGD.update_step: the LR variable and the momentum cast to each variable's dtype.
         learning_rate = optimizer.learning_rate
+        momenta = {}  # dtype -> the momentum cast to it: the clrlab variable is read and cast once per dtype
         for grad, variable in zip(grads, variables, strict=True):
             if grad is None:  # Keras filters (and warns about) variables without gradients
                 continue
@@ -125,11 +126,13 @@ class FusedSGDUpdate:
             lr = tf.cast(learning_rate, dtype)
             grad = tf.cast(grad, dtype)
             if self._momentum_variable is not None or optimizer.momentum != 0:
-                momentum = optimizer.momentum if self._momentum_variable is None else self._momentum_variable
+                if dtype not in momenta:
+                    momentum = optimizer.momentum if self._momentum_variable is None else self._momentum_variable
+                    momenta[dtype] = tf.cast(momentum, dtype)
                 accum = _tf_variable(optimizer.momentums[optimizer._get_variable_index(variable)])
                 tf.raw_ops.ResourceApplyKerasMomentum(
                     var=tf_var.handle, accum=accum.handle, lr=lr, grad=grad,
-                    momentum=tf.cast(momentum, dtype), use_locking=False,
+                    momentum=momenta[dtype], use_locking=False,
                     use_nesterov=bool(optimizer.nesterov))
             else:
                 tf.raw_ops.ResourceApplyGradientDescent(var=tf_var.handle, alpha=lr, delta=grad, use_locking=False)
