@@ -292,7 +292,9 @@ def run_sweep(model, optimizer, train_dataset, options: SweepOptions, *, strateg
     the sweep schedule assigned in graph every step; the recorder gets each call's per-step records.
 
     Args:
-      model, optimizer: as for `CustomLoopTrainer` (float LR optimizer; built or not).
+      model, optimizer: as for `CustomLoopTrainer` (float LR optimizer; built or not). The momentum (or
+        `beta_1`) stays at the optimizer's value for the whole sweep: only the LR moves, as in Smith's
+        range test (no momentum schedule is given to the trainer).
       train_dataset: an (infinite or long enough) dataset of (x, y) training batches.
       options: the sweep.
       strategy: optional `tf.distribute` strategy, as for `CustomLoopTrainer`.

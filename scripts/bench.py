@@ -54,6 +54,11 @@ Contenders (ids used in the table and the JSON):
   g_range     the range-test step: a_default's loop with schedules.ExponentialSweep (per-step loss
               recorded, as clrlab.range_finder reads it).
   h_log100    a_default with --summary_every=100.
+  i_mom_const (mlp) a_default with clrlab.optimizers.SGD (momentum in a float64 variable) at a constant
+              momentum 0.9, fused update on: the baseline of the cycling-momentum ratio.
+  i_mom_cycle (mlp) i_mom_const with the loop assigning schedules.CyclicalMomentum(clr, 0.85, 0.95) to
+              the momentum variable every step and recording/logging it (cyclical momentum, Smith 2018),
+              fused update on.
   z_floor     (diagnostic) the same model step (forward, L2, backward, SGD update) in a bare
               `for _ in tf.range(n)` tf.function that only sums the loss: no LR assignment, no per-step
               records, no summaries. No loop does less, so floor/c and floor/d bound (a)/(c) and (a)/(d).
@@ -120,11 +125,13 @@ BASE_LR, MAX_LR, STEP_SIZE = 0.001, 0.006, 2000  # the CLI's CLR defaults (step 
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
 
 ALL_CONTENDERS = ("a_default", "a_tuned", "a_nowriter", "b_constant", "c_fit_cb", "c_classic", "d_fit_sched",
-                  "d_fit_big", "e_xla", "f_bf16", "f_fp16", "g_range", "h_log100", "z_floor")
+                  "d_fit_big", "e_xla", "f_bf16", "f_fp16", "g_range", "h_log100", "i_mom_const", "i_mom_cycle",
+                  "z_floor")
+MOMENTUM_CONTENDERS = ("i_mom_const", "i_mom_cycle")  # run on the MLP only
 # Run order within a repeat (rotated every repeat): the contenders of each target ratio sit next to
 # a_default, so that both halves of a ratio run close together in time.
 RUN_ORDER = ("h_log100", "g_range", "b_constant", "a_default", "d_fit_sched", "c_fit_cb", "z_floor", "a_tuned",
-             "d_fit_big", "a_nowriter", "c_classic", "e_xla", "f_bf16", "f_fp16")
+             "d_fit_big", "a_nowriter", "c_classic", "e_xla", "f_bf16", "f_fp16", "i_mom_const", "i_mom_cycle")
 DESCRIPTIONS = {
     "a_default": "clrlab loop, CLR, CLI defaults (100 steps/call, summaries every step)",
     "a_tuned": "clrlab loop, CLR, steps_per_loop=1000, summaries every step",
@@ -139,6 +146,8 @@ DESCRIPTIONS = {
     "f_fp16": "clrlab loop as a_default, mixed_float16 + LossScaleOptimizer",
     "g_range": "range-test step: a_default loop with ExponentialSweep",
     "h_log100": "clrlab loop as a_default, summaries every 100 steps",
+    "i_mom_const": "clrlab loop as a_default, clrlab.optimizers.SGD at constant momentum, fused",
+    "i_mom_cycle": "clrlab loop as i_mom_const, CyclicalMomentum assigned every step, fused",
     "z_floor": "bare model step in a tf.range loop (no LR/records/summaries)",
 }
 TUNED_STEPS = 1000  # steps_per_loop of a_tuned, steps_per_execution of d_fit_big
@@ -151,14 +160,15 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     # Not a clrlab model: Flatten + Dense(10) (7,850 parameters, same L2) whose step is almost pure
     # per-step overhead. No targets; it shows what each contender costs per step apart from the model.
     "linear": dict(model="linear", input_shape=(28, 28, 1), steps=100, repeats=31,
-                   contenders=tuple(c for c in ALL_CONTENDERS if c not in ("f_bf16", "f_fp16")),
+                   contenders=tuple(c for c in ALL_CONTENDERS if c not in ("f_bf16", "f_fp16", *MOMENTUM_CONTENDERS)),
                    multipliers={"a_tuned": 10, "d_fit_big": 10}, profile_steps=20),
     "mlp": dict(model="mlp", input_shape=(28, 28, 1), steps=100, repeats=51, contenders=ALL_CONTENDERS,
                 multipliers={"a_tuned": 10, "d_fit_big": 10}, profile_steps=10),
     # ~0.07 s/step on 2 cores: calls of 10 steps (a call costs ~1 ms against 0.7 s of compute, so
     # steps_per_loop cannot matter: no a_tuned/d_fit_big); c_classic only on linear and MLP.
     "small_cnn": dict(model="small_cnn", input_shape=(28, 28, 1), steps=10, repeats=20,
-                      contenders=tuple(c for c in ALL_CONTENDERS if c not in ("a_tuned", "d_fit_big", "c_classic")),
+                      contenders=tuple(c for c in ALL_CONTENDERS
+                                       if c not in ("a_tuned", "d_fit_big", "c_classic", *MOMENTUM_CONTENDERS)),
                       multipliers={"f_bf16": 0.3}, profile_steps=2),
     # Heavy on 2 CPU cores (~0.65 s/step): only the contenders of the (a)/(b), (a)/(c), (a)/(d) ratios.
     "minigooglenet": dict(model="minigooglenet", input_shape=(32, 32, 3), steps=3, repeats=10,
@@ -176,6 +186,8 @@ RATIOS: dict[str, tuple[str, str, str, dict[str, float], str]] = {
     "a_over_d": ("a_default", "d_fit_sched", "throughput", {"mlp": 1.1, "small_cnn": 1.0}, ">="),
     "a_over_b": ("a_default", "b_constant", "throughput",
                  {"mlp": 0.99, "small_cnn": 0.99, "minigooglenet": 0.99}, ">="),
+    # Cyclical momentum costs <= 1% against constant momentum (same optimizer class, fused path on).
+    "momentum_cycle_over_const": ("i_mom_cycle", "i_mom_const", "throughput", {"mlp": 0.99}, ">="),
     "g_over_train_step": ("g_range", "a_default", "time", {"mlp": 1.1, "small_cnn": 1.1}, "<="),
     "log_every_step_over_every_100": ("a_default", "h_log100", "time", {"mlp": 1.03, "small_cnn": 1.03}, "<="),
     # Informational (no target).
@@ -422,7 +434,7 @@ def build_contender(name: str, spec: dict, dataset, *, steps_total: int, tuned: 
     import keras
     import tensorflow as tf
 
-    from clrlab import job, schedules
+    from clrlab import job, optimizers, schedules
     from trainers.custom_loop import CustomLoopTrainer
 
     precision = {"f_bf16": "mixed_bfloat16", "f_fp16": "mixed_float16"}.get(name, "float32")
@@ -504,9 +516,15 @@ def build_contender(name: str, spec: dict, dataset, *, steps_total: int, tuned: 
     writer = None
     if name != "a_nowriter":
         writer = tf.summary.create_file_writer(os.path.join(logdir, name))  # defaults, like clrlab.train
-    optimizer = job.make_optimizer("sgd", float(schedule(0)), MOMENTUM, loss_scaling=name == "f_fp16")
+    momentum_schedule = None
+    if name in MOMENTUM_CONTENDERS:
+        optimizer = optimizers.SGD(float(schedule(0)), momentum=MOMENTUM)
+        if name == "i_mom_cycle":
+            momentum_schedule = schedules.CyclicalMomentum(clr, base_momentum=0.85, max_momentum=0.95)
+    else:
+        optimizer = job.make_optimizer("sgd", float(schedule(0)), MOMENTUM, loss_scaling=name == "f_fp16")
     trainer = CustomLoopTrainer(model, optimizer, schedule, jit_compile=name == "e_xla", summary_writer=writer,
-                                summary_every=summary_every)
+                                summary_every=summary_every, momentum_schedule=momentum_schedule)
     iterator = trainer.make_iterator(dataset)
 
     def run(n: int) -> float:
@@ -520,7 +538,8 @@ def build_contender(name: str, spec: dict, dataset, *, steps_total: int, tuned: 
 
     config = {"trainer": "CustomLoopTrainer", "steps_per_loop": steps_per_loop, "summary_every": summary_every,
               "summary_writer": writer is not None, "jit_compile": name == "e_xla", "precision": precision,
-              "schedule": type(schedule).__name__}
+              "schedule": type(schedule).__name__, "fused_update_reason": trainer.fused_update_reason,
+              "momentum_schedule": None if momentum_schedule is None else type(momentum_schedule).__name__}
     # The loop's step count is a tensor: any call size reuses the trace, so warm up with short calls.
     return Contender(name, run, lambda: _tracing_count(trainer._loop_fn), config,
                      call_size=min(steps_per_loop, 20))

@@ -25,7 +25,8 @@ _spec = importlib.util.spec_from_file_location("clrlab_bench_script", SCRIPT)
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
-TARGET_RATIOS = ("a_over_c", "a_over_d", "a_over_b", "g_over_train_step", "log_every_step_over_every_100")
+TARGET_RATIOS = ("a_over_c", "a_over_d", "a_over_b", "g_over_train_step", "log_every_step_over_every_100",
+                 "momentum_cycle_over_const")
 SUMMARIES = ("steps_per_s", "examples_per_s", "ms_per_step")
 
 
@@ -70,6 +71,11 @@ def test_quick_run_writes_every_workload_contender_and_ratio(tmp_path):
         # examples/s = steps/s x batch size
         assert c["examples_per_s"]["median"] == pytest.approx(c["steps_per_s"]["median"] * w["batch_size"])
 
+    # The cycling-momentum pair: same clrlab SGD, fused, the loop assigning the momentum only in i_mom_cycle.
+    for name in ("i_mom_const", "i_mom_cycle"):
+        assert w["contenders"][name]["config"]["fused_update_reason"] is None, name
+    assert w["contenders"]["i_mom_cycle"]["config"]["momentum_schedule"] == "CyclicalMomentum"
+    assert w["contenders"]["i_mom_const"]["config"]["momentum_schedule"] is None
     assert set(w["ratios"]) == set(bench.RATIOS)  # every ratio: all its contenders ran
     for key, r in w["ratios"].items():
         assert positive(r["value"]) and positive(r["min"]) and positive(r["max"]), key

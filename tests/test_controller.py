@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from clrlab import schedules
+from clrlab import optimizers, schedules
 from trainers.controller import Controller, LearningRateConflictError
 from trainers.custom_loop import CustomLoopTrainer
 from trainers.run_state import epoch_mean
@@ -28,11 +28,15 @@ def train_data_fn(start: int) -> tf.data.Dataset:
 
 
 def controller(tmp_path, *, total_steps=12, steps_per_loop=2, checkpoint_every=0, callbacks=None,
-               progress="log", name="run") -> Controller:
+               progress="log", name="run", cycle_momentum=False) -> Controller:
     keras.utils.set_random_seed(1)
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
-    trainer = CustomLoopTrainer(model, keras.optimizers.SGD(0.0, momentum=0.9),
-                                schedules.CyclicalLearningRate(0.05, 0.5, 3))
+    schedule = schedules.CyclicalLearningRate(0.05, 0.5, 3)
+    if cycle_momentum:  # clrlab SGD, its momentum variable assigned by the loop from the global step
+        trainer = CustomLoopTrainer(model, optimizers.SGD(0.0, momentum=0.9), schedule,
+                                    momentum_schedule=schedules.CyclicalMomentum(schedule, 0.8, 0.95))
+    else:
+        trainer = CustomLoopTrainer(model, keras.optimizers.SGD(0.0, momentum=0.9), schedule)
     folder = tmp_path / name
     folder.mkdir(exist_ok=True)
     return Controller(trainer, train_data_fn=train_data_fn, steps_per_epoch=SPE, total_steps=total_steps,
@@ -88,6 +92,26 @@ def test_resume_mid_epoch_gives_the_uninterrupted_history_and_weights(tmp_path):
     # The float64 re-sum over history makes the resumed epoch's mean equal the uninterrupted one, bit for bit.
     for key in ("epoch", "step", "loss", "accuracy", "val_loss", "lr"):
         assert resumed.history.epochs[key] == full.history.epochs[key], key
+
+
+def test_resume_mid_cycle_continues_the_momentum_trace_and_weights(tmp_path):
+    full_ctl = controller(tmp_path, name="full", cycle_momentum=True)
+    full = full_ctl.run()
+    momentum = schedules.CyclicalMomentum(schedules.CyclicalLearningRate(0.05, 0.5, 3), 0.8, 0.95)
+    expected = momentum(tf.range(12, dtype=tf.int64)).numpy()
+    np.testing.assert_array_equal(np.float32(full.history.steps["momentum"]), expected)
+    first = controller(tmp_path, total_steps=7, name="split", cycle_momentum=True)  # step 7: mid-cycle (period 6)
+    assert first.run().step == 7
+    second = controller(tmp_path, name="split", cycle_momentum=True)
+    variable = optimizers.momentum_variable(second.trainer.optimizer)
+    assert second.restore() == 7
+    assert float(variable.numpy()) == float(expected[6])  # the checkpoint restored the momentum state
+    resumed = second.run()
+    assert resumed.history.steps == full.history.steps  # momentum column included
+    for a, b in zip(second.trainer.model.weights + second.trainer.optimizer.variables,
+                    full_ctl.trainer.model.weights + full_ctl.trainer.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    assert "momentum" not in controller(tmp_path, total_steps=2, name="plain").run().history.steps
 
 
 def test_checkpoint_every_bounds_the_chunks_and_saves(tmp_path):

@@ -6,6 +6,9 @@ paths, on models of a few parameters.
   whatever the call sizes.
 * The packed per-step records still give the step numbers, `applied` and no `loss_scale` without
   loss scaling.
+* A momentum schedule (cyclical momentum) really acts inside the compiled steps: the weights equal a
+  float64 re-implementation of Keras' SGD / Nesterov / Adam update with the per-step momentum, and the
+  recorded and logged momentum is the schedule's, only when it cycles.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from clrlab import job, schedules
+from clrlab import job, optimizers, schedules
 from conftest import read_scalars
 from trainers.custom_loop import CustomLoopTrainer, NonFiniteLossError, exactly_vectorizable
 
@@ -137,3 +140,140 @@ def test_mixed_float16_records_the_loss_scale_and_skipped_steps():
     np.testing.assert_array_equal(records.applied, [True, True, False, True])
     assert records.loss_scale[0] == 2.0**15 and records.loss_scale[3] == records.loss_scale[2] / 2
     assert int(trainer.global_step.numpy()) == 4 and int(optimizer.iterations.numpy()) == 3
+
+
+# ----------------------------------------------------------------------------- cyclical momentum
+_RNG = np.random.default_rng(5)
+_XS = _RNG.normal(size=(3, 4, 3))  # three batches of 4, repeated
+
+
+def _half_square(labels, logits):
+    """Per-example 0.5 * |logits|^2: d loss / d logits = logits / batch, easy to redo in numpy."""
+    return 0.5 * tf.reduce_sum(tf.square(logits), axis=-1)
+
+
+def _reference(kind, kernel, bias, lrs, momenta, beta_2=0.999, epsilon=1e-7):
+    """float64 numpy of Keras' update rules (keras/src/optimizers/sgd.py, adam.py) with momentum[t] at step t
+    (Adam: beta_1[t], bias correction 1 - beta_1[t] ** (t + 1) as clrlab.optimizers.Adam)."""
+    params = [kernel.astype(np.float64), bias.astype(np.float64)]
+    slots = [np.zeros_like(p) for p in params]
+    velocities = [np.zeros_like(p) for p in params]
+    for t, (lr, m) in enumerate(zip(np.float64(lrs), np.float64(momenta), strict=True)):
+        x = _XS[t % 3]
+        dlogits = (x @ params[0] + params[1]) / x.shape[0]
+        grads = [x.T @ dlogits, dlogits.sum(0)]
+        for i, g in enumerate(grads):
+            if kind == "adam":
+                alpha = lr * np.sqrt(1 - beta_2 ** (t + 1)) / (1 - m ** (t + 1))
+                slots[i] += (g - slots[i]) * (1 - m)
+                velocities[i] += (g * g - velocities[i]) * (1 - beta_2)
+                params[i] -= slots[i] * alpha / (np.sqrt(velocities[i]) + epsilon)
+            else:
+                slots[i] = slots[i] * m - g * lr
+                params[i] += slots[i] * m - g * lr if kind == "nesterov" else slots[i]
+    return params
+
+
+def _momentum_run(kind, cycle: bool, lr_schedule, jit_compile=False, fused=True, sizes=(4, 4, 2), **kw):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    initial = [w.numpy() for w in model.weights]
+    optimizer = {"sgd": lambda: optimizers.SGD(0.0, 0.9), "nesterov": lambda: optimizers.SGD(0.0, 0.9, nesterov=True),
+                 "adam": lambda: optimizers.Adam(0.0, 0.9)}[kind]()
+    momentum = schedules.CyclicalMomentum(lr_schedule, 0.8, 0.95) if cycle else None
+    trainer = CustomLoopTrainer(model, optimizer, lr_schedule, loss_fn=_half_square, jit_compile=jit_compile,
+                                fused_updates=fused, momentum_schedule=momentum, **kw)
+    ds = tf.data.Dataset.from_tensor_slices((_XS.astype(np.float32), np.zeros([3, 4], np.int32))).repeat()
+    iterator = trainer.make_iterator(ds)
+    records = [trainer.train_steps(iterator, n) for n in sizes]  # steps_per_loop > 1
+    return trainer, initial, records
+
+
+@pytest.mark.parametrize("kind,lr_schedule,jit_compile", [
+    ("sgd", schedules.CyclicalLearningRate(0.01, 0.1, 3), False),
+    ("sgd", schedules.CyclicalLearningRate(0.01, 0.1, 3), True),  # XLA
+    ("nesterov", schedules.CyclicalLearningRate(0.01, 0.1, 3, mode="triangular2"), False),  # per-step momentum
+    ("adam", schedules.CyclicalLearningRate(0.001, 0.01, 3), False),
+])
+def test_cycling_momentum_acts_inside_the_compiled_steps(kind, lr_schedule, jit_compile):
+    trainer, initial, records = _momentum_run(kind, True, lr_schedule, jit_compile=jit_compile)
+    lrs = np.concatenate([r.lr for r in records])
+    momenta = np.concatenate([r.momentum for r in records])
+    steps = tf.range(10, dtype=tf.int64)
+    expected = schedules.CyclicalMomentum(lr_schedule, 0.8, 0.95)(steps).numpy()
+    assert momenta.dtype == np.float32 and len(set(momenta.tolist())) > 2
+    np.testing.assert_array_equal(momenta, expected)  # the recorded trace is the schedule's, exactly
+    assert float(optimizers.momentum_variable(trainer.optimizer).numpy()) == float(expected[-1])
+    kernel, bias = _reference(kind, *initial, lrs, momenta)
+    np.testing.assert_allclose(trainer.model.weights[0].numpy(), kernel, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(trainer.model.weights[1].numpy(), bias, rtol=1e-5, atol=1e-7)
+    # A run at the constant momentum 0.9 ends elsewhere, and so does its reference.
+    constant, _, const_records = _momentum_run(kind, False, lr_schedule, jit_compile=jit_compile)
+    assert all(r.momentum is None for r in const_records)
+    const_kernel, _ = _reference(kind, *initial, lrs, np.full(10, 0.9))
+    np.testing.assert_allclose(constant.model.weights[0].numpy(), const_kernel, rtol=1e-5, atol=1e-7)
+    assert np.abs(constant.model.weights[0].numpy() - trainer.model.weights[0].numpy()).max() > 1e-4
+
+
+def test_per_call_momentum_is_bitwise_the_per_step_momentum():
+    lr_schedule = schedules.CyclicalLearningRate(0.01, 0.1, 3)
+    fast, _, fast_records = _momentum_run("sgd", True, lr_schedule, sizes=(7, 3))
+    assert fast._momentum_table
+    slow, _, _ = _momentum_run("sgd", True, lr_schedule, sizes=(1,))
+    slow._momentum_table = False  # force the per-step evaluation for the next trace
+    slow._loop_fn = tf.function(slow._loop, reduce_retracing=True)
+    ds = tf.data.Dataset.from_tensor_slices((_XS.astype(np.float32), np.zeros([3, 4], np.int32))).repeat()
+    slow_records = slow.train_steps(slow.make_iterator(ds.skip(1)), 9)
+    np.testing.assert_array_equal(np.concatenate([r.momentum for r in fast_records])[1:].view(np.int32),
+                                  slow_records.momentum.view(np.int32))
+
+
+def test_a_momentum_schedule_needs_a_momentum_variable_the_optimizer_does_not_schedule():
+    lr = schedules.CyclicalLearningRate(0.01, 0.1, 4)
+    momentum = schedules.CyclicalMomentum(lr, 0.85, 0.95)
+    with pytest.raises(ValueError, match="has no momentum variable") as info:
+        _trainer(keras.optimizers.SGD(0.0, momentum=0.9), lr, momentum_schedule=momentum)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="already sets its momentum from its own schedule"):
+        _trainer(optimizers.SGD(0.0, momentum=momentum), lr, momentum_schedule=momentum)
+    with pytest.raises(ValueError, match="has no momentum variable"):
+        _trainer(keras.optimizers.RMSprop(0.0, momentum=0.9), lr, momentum_schedule=momentum)
+
+
+@pytest.mark.parametrize("cycle", [False, True])
+def test_momentum_summaries_only_when_cycling_at_the_learning_rate_cadence(tmp_path, cycle):
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    lr = schedules.CyclicalLearningRate(0.01, 0.1, 4)
+    trainer = _trainer(optimizers.SGD(0.0, 0.9), lr, summary_writer=writer, summary_every=3,
+                       momentum_schedule=schedules.CyclicalMomentum(lr, 0.85, 0.95) if cycle else None)
+    records = trainer.train_steps(_iterator(trainer), 7)
+    writer.flush()
+    assert sorted(read_scalars(str(tmp_path), "learning_rate")) == [0, 3, 6]
+    if cycle:
+        logged = read_scalars(str(tmp_path), "momentum")
+        assert sorted(logged) == [0, 3, 6]
+        assert [logged[s] for s in (0, 3, 6)] == [float(records.momentum[s]) for s in (0, 3, 6)]
+    else:
+        assert records.momentum is None
+        with pytest.raises(KeyError, match="momentum not in"):
+            read_scalars(str(tmp_path), "momentum")
+
+
+def test_cycling_momentum_under_mixed_float16_and_loss_scaling():
+    keras.mixed_precision.set_global_policy("mixed_float16")  # conftest restores the policy
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.Activation("linear",
+                                                                                               dtype="float32")])
+    optimizer = keras.optimizers.LossScaleOptimizer(optimizers.SGD(0.0, 0.9))
+    lr = schedules.CyclicalLearningRate(0.01, 0.1, 2)
+    momentum = schedules.CyclicalMomentum(lr, 0.8, 0.95)
+    trainer = CustomLoopTrainer(model, optimizer, lr, momentum_schedule=momentum)
+    assert trainer.fused_update_reason is not None  # loss scaling keeps optimizer.apply
+    x = tf.data.Dataset.range(100).map(lambda i: (tf.fill([4, 3], tf.where(tf.equal(i, 2), np.float32("inf"), 1.0)),
+                                                  tf.zeros([4], tf.int32)))
+    records = trainer.train_steps(trainer.make_iterator(x), 5)
+    np.testing.assert_array_equal(records.applied, [True, True, False, True, True])
+    assert records.loss_scale[0] == 2.0**15 and records.loss_scale[3] == records.loss_scale[2] / 2
+    np.testing.assert_array_equal(records.momentum, momentum(tf.range(5, dtype=tf.int64)).numpy())
+    inner = optimizers.momentum_variable(optimizer)
+    assert inner.dtype == "float64" and float(inner.numpy()) == float(records.momentum[-1])

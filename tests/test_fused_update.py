@@ -2,7 +2,8 @@
 
 Each test trains two copies of one model on the same batches: one with `optimizer.apply`, one with the
 fused kernels. Weights, momentum slots and `iterations` must be identical (compared as raw bits), for
-plain SGD, momentum and Nesterov, with a learning rate that changes every step.
+plain SGD, momentum and Nesterov, with a learning rate that changes every step; and for
+`clrlab.optimizers.SGD` with a momentum that changes every step too (cyclical momentum).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from clrlab import job, schedules
+from clrlab import job, optimizers, schedules
 from trainers.custom_loop import CustomLoopTrainer
 from trainers.fused_update import FusedSGDUpdate, make_apply_fn, unfusable_reason
 
@@ -30,9 +31,9 @@ def _bits(values) -> list[np.ndarray]:
     return [np.atleast_1d(keras.ops.convert_to_numpy(v)).view(np.uint8) for v in values]
 
 
-def _train(optimizer_kwargs: dict, fused: bool, steps: int = 6, embedding: bool = False):
+def _train(optimizer_kwargs: dict, fused: bool, steps: int = 6, embedding: bool = False, cycle_momentum=False):
     model = _model(embedding=embedding)
-    optimizer = keras.optimizers.SGD(**optimizer_kwargs)
+    optimizer = (optimizers.SGD if cycle_momentum else keras.optimizers.SGD)(**optimizer_kwargs)
     optimizer.build(model.trainable_variables)
     apply = FusedSGDUpdate(optimizer) if fused else optimizer.apply
     rng = np.random.default_rng(0)
@@ -46,13 +47,15 @@ def _train(optimizer_kwargs: dict, fused: bool, steps: int = 6, embedding: bool 
     @tf.function
     def step(x, y, lr):
         optimizer.learning_rate.assign(lr)
+        if cycle_momentum:  # a new momentum every step, as the trainer's momentum schedule assigns it
+            optimizer.momentum_variable.assign(tf.cast(0.97 - lr / 10.0, tf.float64))
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=True)) + tf.add_n(model.losses or [tf.constant(0.0)])
         apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
 
     for i in range(steps):
         step(xs[i], ys[i], tf.constant(0.05 + 0.37 * i, tf.float32))  # a new, large LR every step
-    slots = [v for v in optimizer.variables if "momentum" in v.path]
+    slots = list(optimizer.momentums)  # the slots only (not clrlab's "momentum_value" variable)
     return model, optimizer, slots, step
 
 
@@ -92,8 +95,37 @@ def test_sparse_gradients_fall_back_to_optimizer_apply():
     assert int(fused_opt.iterations) == 6
 
 
+@pytest.mark.parametrize("kwargs", [
+    {"learning_rate": 0.1, "momentum": 0.9},
+    {"learning_rate": 0.1, "momentum": 0.95, "nesterov": True},
+    {"learning_rate": 0.1, "momentum": 0.0},  # the variable starts at 0, then cycles
+])
+def test_fused_clrlab_sgd_with_cycling_momentum_is_its_update_step_bit_for_bit(kwargs):
+    ref_model, ref_opt, ref_slots, _ = _train(kwargs, fused=False, cycle_momentum=True)
+    fused_model, fused_opt, fused_slots, step = _train(kwargs, fused=True, cycle_momentum=True)
+    ops = {node.op for node in step.get_concrete_function(
+        tf.TensorSpec([8, 6]), tf.TensorSpec([8], tf.int32), tf.TensorSpec([], tf.float32)).graph.as_graph_def().node}
+    assert "ResourceApplyKerasMomentum" in ops and "ResourceApplyGradientDescent" not in ops
+    assert len(fused_slots) == len(fused_model.trainable_variables)  # clrlab SGD: slots at momentum 0 too
+    for a, b in zip(_bits(ref_model.trainable_variables + ref_slots + [ref_opt.momentum_variable]),
+                    _bits(fused_model.trainable_variables + fused_slots + [fused_opt.momentum_variable]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(fused_opt.iterations) == 6
+    # The momentum did act: a run at the constant first momentum ends elsewhere.
+    const_model, _, _, _ = _train(kwargs, fused=True)
+    assert not np.allclose(keras.ops.convert_to_numpy(const_model.trainable_variables[0]),
+                           keras.ops.convert_to_numpy(fused_model.trainable_variables[0]))
+
+
 class _MySGD(keras.optimizers.SGD):
     pass
+
+
+class _MyClrlabSGD(optimizers.SGD):
+    pass
+
+
+_MOMENTUM = schedules.CyclicalMomentum(schedules.CyclicalLearningRate(0.01, 0.1, 4), 0.85, 0.95)
 
 
 @pytest.mark.parametrize("make,reason", [
@@ -109,6 +141,11 @@ class _MySGD(keras.optimizers.SGD):
     (lambda: keras.optimizers.SGD(0.1, use_ema=True), "use_ema=True"),
     (lambda: keras.optimizers.SGD(0.1, gradient_accumulation_steps=2), "gradient_accumulation_steps=2"),
     (lambda: keras.optimizers.SGD(schedules.Constant(0.1)), "is a schedule"),
+    (lambda: optimizers.SGD(0.1, momentum=0.9), None),
+    (lambda: optimizers.SGD(0.1), None),
+    (lambda: _MyClrlabSGD(0.1), "_MyClrlabSGD is not keras.optimizers.SGD or clrlab.optimizers.SGD"),
+    (lambda: optimizers.SGD(0.1, momentum=_MOMENTUM), "sets its momentum from its own schedule"),
+    (lambda: optimizers.SGD(0.1, clipnorm=1.0), "clipnorm=1.0"),
 ])
 def test_only_plain_sgd_is_fused(make, reason):
     got = unfusable_reason(make())
@@ -125,12 +162,16 @@ def test_only_plain_sgd_is_fused(make, reason):
     assert not isinstance(fn, FusedSGDUpdate) and why == "fused updates turned off"
 
 
-def _trainer_run(fused: bool, optimizer: str = "sgd", jit_compile: bool = False):
+def _trainer_run(fused: bool, optimizer: str = "sgd", jit_compile: bool = False, cycle_momentum: bool = False):
     keras.utils.set_random_seed(1)
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)])
-    trainer = CustomLoopTrainer(model, job.make_optimizer(optimizer, 0.0, 0.9),
-                                schedules.CyclicalLearningRate(0.01, 0.5, 4), fused_updates=fused,
-                                jit_compile=jit_compile)
+    schedule = schedules.CyclicalLearningRate(0.01, 0.5, 4)
+    if cycle_momentum:
+        opt = {"sgd": optimizers.SGD(0.0, 0.9), "nesterov": optimizers.SGD(0.0, 0.9, nesterov=True)}[optimizer]
+        extra = {"momentum_schedule": schedules.CyclicalMomentum(schedule, 0.8, 0.95)}
+    else:
+        opt, extra = job.make_optimizer(optimizer, 0.0, 0.9), {}
+    trainer = CustomLoopTrainer(model, opt, schedule, fused_updates=fused, jit_compile=jit_compile, **extra)
     rng = np.random.default_rng(2)
     ds = tf.data.Dataset.from_tensor_slices((rng.normal(size=(40, 5)).astype("float32"),
                                              rng.integers(0, 3, 40).astype("int32"))).batch(8).repeat()
@@ -154,8 +195,22 @@ def test_trainer_fuses_sgd_with_identical_results():
 
 def test_trainer_keeps_optimizer_apply_for_adam_and_fuses_under_xla():
     adam, _ = _trainer_run(True, optimizer="adam")
-    assert adam.fused_update_reason == "Adam is not keras.optimizers.SGD"
+    assert adam.fused_update_reason == "Adam is not keras.optimizers.SGD or clrlab.optimizers.SGD"
     xla, xla_records = _trainer_run(True, jit_compile=True)
     assert xla.fused_update_reason is None and np.isfinite(xla_records.loss).all()
     plain, plain_records = _trainer_run(False, jit_compile=True)
     np.testing.assert_allclose(xla_records.loss, plain_records.loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "nesterov"])
+def test_trainer_fuses_clrlab_sgd_with_cycling_momentum_with_identical_results(optimizer):
+    fused, fused_records = _trainer_run(True, optimizer, cycle_momentum=True)
+    plain, plain_records = _trainer_run(False, optimizer, cycle_momentum=True)
+    assert fused.fused_update_reason is None and plain.fused_update_reason == "fused updates turned off"
+    assert len(set(fused_records.momentum.tolist())) > 2  # the momentum really cycled
+    np.testing.assert_array_equal(fused_records.momentum, plain_records.momentum)
+    np.testing.assert_array_equal(fused_records.loss.view(np.int32), plain_records.loss.view(np.int32))
+    for a, b in zip(_bits(fused.model.weights + fused.optimizer.variables),
+                    _bits(plain.model.weights + plain.optimizer.variables), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(fused.optimizer.iterations) == 13

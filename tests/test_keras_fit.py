@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from clrlab import schedules
+from clrlab import optimizers, schedules
 from clrlab import train as train_mod
 from clrlab.callbacks import CyclicLR
 from clrlab.config import TrainConfig
@@ -178,11 +178,30 @@ def test_explicit_constructor_trains_and_records_the_schedule(tmp_path, lr_contr
     outcome = trainer.run()
     assert (outcome.status, outcome.step, int(trainer.global_step.numpy())) == ("completed", 9, 9)
     steps = trainer.history.steps
-    assert steps["step"] == list(range(9))
+    assert steps["step"] == list(range(9)) and "momentum" not in steps  # the layout without cycling
     np.testing.assert_allclose(steps["lr"], schedule(np.arange(9)), rtol=1e-6)
     assert trainer.history.epochs["step"] == [6, 9]
     assert trainer.predict_classes(eval_ds).shape == (24,)
     assert set(trainer.evaluate(eval_ds)) == {"loss", "accuracy"}
+
+
+def test_explicit_constructor_records_the_momentum_of_a_momentum_schedule(tmp_path):
+    schedule = schedules.CyclicalLearningRate(0.01, 0.1, 4)
+    momentum = schedules.CyclicalMomentum(schedule, 0.8, 0.95)
+    model, _, data_fn, eval_ds = _toy(schedule)
+    writer = tf.summary.create_file_writer(str(tmp_path / "train"))
+    trainer = KerasFitTrainer(model, optimizers.SGD(schedule, momentum=momentum), train_data_fn=data_fn,
+                              eval_dataset=eval_ds, steps_per_epoch=6, total_steps=9, steps_per_loop=3,
+                              progress="log", summary_writer=writer, history_path=str(tmp_path / "history.json"))
+    outcome = trainer.run()
+    writer.flush()
+    assert outcome.step == 9
+    expected = momentum(tf.range(9, dtype=tf.int64)).numpy()
+    np.testing.assert_array_equal(np.float32(trainer.history.steps["momentum"]), expected)
+    with open(tmp_path / "history.json", encoding="utf-8") as fh:
+        assert json.load(fh)["steps"]["momentum"] == trainer.history.steps["momentum"]
+    tb = read_scalars(str(tmp_path / "train"), "momentum")
+    np.testing.assert_array_equal(np.float32([tb[s] for s in range(9)]), expected)
 
 
 @pytest.mark.parametrize("lr,with_callback,match", [

@@ -27,12 +27,13 @@ from trainers.run_state import (
 )
 
 
-def records(first: int, n: int, loss=None, loss_scale: bool = False) -> StepRecords:
+def records(first: int, n: int, loss=None, loss_scale: bool = False, momentum: bool = False) -> StepRecords:
     step = np.arange(first, first + n, dtype=np.int64)
     loss = np.asarray(loss if loss is not None else 1.0 + 0.1 * step, np.float32)
     return StepRecords(step=step, lr=(0.01 * (step + 1)).astype(np.float32), loss=loss,
                        accuracy=np.full([n], 0.5, np.float32), applied=np.isfinite(loss),
-                       loss_scale=np.full([n], 2.0**15, np.float32) if loss_scale else None)
+                       loss_scale=np.full([n], 2.0**15, np.float32) if loss_scale else None,
+                       momentum=(0.95 - 0.01 * step).astype(np.float32) if momentum else None)
 
 
 def tiny_model():
@@ -77,6 +78,26 @@ def test_history_json_layout_round_trip_and_truncate(tmp_path):
     assert again.steps["step"] == [0, 1] and again.steps["loss_scale"] == [2.0**15] * 2 and again.epochs == {
         "epoch": [], "step": [], "loss": []}
     assert again.since("step", 1) == [1]
+
+
+def test_history_has_a_momentum_column_only_when_the_records_carry_one(tmp_path):
+    plain = History()
+    plain.add_steps(records(0, 3))
+    assert list(plain.to_json()["steps"]) == ["step", "lr", "loss", "accuracy"]  # the layout without cycling
+    history = History()
+    history.add_steps(records(0, 3, momentum=True))
+    history.add_steps(records(3, 2, momentum=True))
+    expected = [float(np.float32(0.95 - 0.01 * s)) for s in range(5)]
+    assert list(history.steps) == ["step", "lr", "loss", "accuracy", "momentum"]
+    assert history.steps["momentum"] == expected
+    path = str(tmp_path / "h.json")
+    history.save(path)
+    with open(path, encoding="utf-8") as fh:
+        again = History.from_json(json.load(fh))
+    assert again.steps["momentum"] == expected
+    again.truncate(2, 0)  # resume at step 2: the column is cut with the others and continues
+    again.add_steps(records(2, 3, momentum=True))
+    assert again.steps["momentum"] == expected and again.steps["step"] == list(range(5))
 
 
 def test_epoch_mean_is_the_float64_mean_with_nulls_covered_by_the_next_value():

@@ -5,9 +5,11 @@ This module holds the training step and nothing else (no epochs, files or callba
 
     lr = schedule(global_step)                 # float32, from the trainer's checkpointed int64 step
     optimizer.learning_rate.assign(lr)         # the optimizer's own LR variable, cross-replica context
+    [m = momentum_schedule(global_step)        # only with a momentum schedule (cyclical momentum)
+     momentum_variable(optimizer).assign(m)]   # clrlab.optimizers' float64 momentum / beta_1 variable
     x, y = next(iterator)
     strategy.run(step_fn): tape -> loss (+ L2) -> [loss scaling] -> gradients -> optimizer.apply
-    summaries (learning_rate, loss, accuracy[, loss_scale]) at global_step, every `summary_every` steps
+    summaries (learning_rate[, momentum], loss, accuracy[, loss_scale]) at global_step, every `summary_every` steps
     global_step += 1
 
 The learning rate lives in one place (the optimizer's variable), is computed from one counter
@@ -29,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from clrlab import keras_internals
+from clrlab import keras_internals, optimizers
 from trainers.evaluation import Evaluator
 from trainers.fused_update import make_apply_fn
 
@@ -51,7 +53,8 @@ class StepRecords:
     `lr` is the learning rate the step trained with, `loss` that batch's loss (not a running average),
     `accuracy` that batch's accuracy, `applied` whether the optimizer applied the update (False only for
     mixed_float16 steps skipped for non-finite gradients), `loss_scale` the loss scale the step used
-    (None without loss scaling).
+    (None without loss scaling), `momentum` the momentum (SGD) or `beta_1` (Adam) the step trained with,
+    float32 (None when the trainer has no momentum schedule).
     """
 
     step: np.ndarray
@@ -60,6 +63,7 @@ class StepRecords:
     accuracy: np.ndarray
     applied: np.ndarray
     loss_scale: np.ndarray | None = None
+    momentum: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.step.shape[0])
@@ -120,17 +124,30 @@ class CustomLoopTrainer:
       fused_updates: apply plain SGD updates (momentum, Nesterov or none) with TensorFlow's fused
         training kernels, which do Keras' SGD arithmetic (`trainers/fused_update.py`); other optimizers
         and settings always use `optimizer.apply`. `fused_update_reason` says why a trainer is not fused.
+      momentum_schedule: optional callable `int64 step tensor -> momentum tensor` (e.g.
+        `clrlab.schedules.CyclicalMomentum`): every step, next to the LR and from the same global step,
+        the loop assigns it to `clrlab.optimizers.momentum_variable(optimizer)` (SGD momentum or Adam's
+        `beta_1`), records it (`StepRecords.momentum`) and writes the TensorBoard scalar `momentum`.
+        The optimizer must be a `clrlab.optimizers` one built with a float momentum (not a schedule).
     """
 
     def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer,
                  schedule: Callable[[tf.Tensor], tf.Tensor], *, strategy: tf.distribute.Strategy | None = None,
                  jit_compile: bool = False, summary_writer: Any = None, summary_every: int = 1,
-                 loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None, fused_updates: bool = True):
+                 loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None, fused_updates: bool = True,
+                 momentum_schedule: Callable[[tf.Tensor], tf.Tensor] | None = None):
         if keras_internals.holds_schedule(optimizer):
             raise ValueError("The custom loop assigns the learning rate itself every step: build the optimizer "
                              "with a float learning rate and pass the schedule to the trainer instead.")
         if summary_every < 1:
             raise ValueError(f"summary_every must be >= 1. Received: summary_every={summary_every}.")
+        self.momentum_schedule = momentum_schedule
+        self._momentum_variable = None
+        if momentum_schedule is not None:
+            self._momentum_variable = optimizers.momentum_variable(optimizer)  # one-line ValueError if none
+            if keras_internals.inner_optimizer(optimizer).momentum_schedule is not None:
+                raise ValueError("The optimizer already sets its momentum from its own schedule: build it with a "
+                                 "float momentum/beta_1 and pass the momentum schedule to the trainer instead.")
         self.model = model
         self.optimizer = optimizer
         self.schedule = schedule
@@ -154,6 +171,10 @@ class CustomLoopTrainer:
         # Schedules made only of exactly rounded elementwise ops (triangular CLR, Constant, LinearSweep...)
         # are evaluated for a whole call in one vectorised op chain: same values, bit for bit.
         self._lr_table = exactly_vectorizable(schedule)
+        self._momentum_table = momentum_schedule is not None and exactly_vectorizable(momentum_schedule)
+        # The record row: [lr, loss, accuracy] [+ momentum] [+ loss_scale, applied].
+        self._columns = ["lr", "loss", "accuracy"] + (["momentum"] if momentum_schedule is not None else []) \
+            + (["loss_scale", "applied"] if self.loss_scaling else [])
         self._loop_fn = tf.function(self._loop, reduce_retracing=True)
         self.evaluator = Evaluator(model, self.strategy, self.loss_fn)
 
@@ -191,15 +212,17 @@ class CustomLoopTrainer:
         Per-step cost matters here (a small model's step is ~1 ms on a CPU, and every op in the loop body
         costs a few microseconds of executor time), so the body is kept lean; each choice was measured
         with scripts/bench.py (see BENCHMARKS.md):
-          * the per-step records go into ONE float32 TensorArray ([lr, loss, accuracy] plus
-            [loss_scale, applied] under loss scaling): one write and one loop variable per step instead
+          * the per-step records go into ONE float32 TensorArray ([lr, loss, accuracy], plus [momentum]
+            with a momentum schedule, plus [loss_scale, applied] under loss scaling; `self._columns`):
+            one write and one loop variable per step instead
             of six. The step numbers are not recorded: they are `first_step + arange(n)`, since
             `global_step` advances by exactly one per iteration;
           * when the schedule is built only from exactly rounded elementwise ops (`exactly_vectorizable`:
             triangular CLR, Constant, LinearSweep; not exp/pow/cos schedules), its values for the whole
             call are computed once before the loop from `global_step + range(n)`; each step gathers its
             own (one op instead of the schedule's dozen). The values are bit for bit those of the
-            per-step evaluation, which other schedules keep;
+            per-step evaluation, which other schedules keep. The momentum schedule gets the same
+            treatment on its own (a `CyclicalMomentum` over a triangular CLR is exactly vectorizable);
           * the summary gate is decided once at trace time when it can be: with `summary_every == 1` the
             scalars are written unconditionally (no per-scalar `record_if` callable and cond), otherwise
             ONE `tf.cond` on `step % summary_every == 0` guards all of them; without `summary_writer` no
@@ -211,21 +234,35 @@ class CustomLoopTrainer:
             lr_table = tf.cast(self.schedule(first_step + tf.range(tf.cast(num_steps, tf.int64))), tf.float32)
             tf.debugging.assert_equal(tf.shape(lr_table), tf.reshape(num_steps, [1]),
                                       message="the schedule must map a vector of steps to one LR per step")
-        records = tf.TensorArray(tf.float32, size=num_steps, element_shape=[5 if self.loss_scaling else 3])
+        momentum_table = None
+        if self._momentum_table:  # likewise for the momentum schedule, in the variable's dtype
+            momentum_table = tf.cast(self.momentum_schedule(first_step + tf.range(tf.cast(num_steps, tf.int64))),
+                                     self._momentum_variable.dtype)
+            tf.debugging.assert_equal(tf.shape(momentum_table), tf.reshape(num_steps, [1]),
+                                      message="the momentum schedule must map a vector of steps to one value per step")
+        records = tf.TensorArray(tf.float32, size=num_steps, element_shape=[len(self._columns)])
         for i in tf.range(num_steps):
             with tf.name_scope(""):
                 lr = None if lr_table is None else tf.gather(lr_table, i)
-                records = records.write(i, self._train_one_step(iterator, lr))
+                momentum = None if momentum_table is None else tf.gather(momentum_table, i)
+                records = records.write(i, self._train_one_step(iterator, lr, momentum))
         return {"first_step": first_step, "records": records.stack()}
 
-    def _train_one_step(self, iterator, lr: tf.Tensor | None) -> tf.Tensor:
-        """The body of `_loop`: one step at `global_step`, with `lr` = schedule(global_step) precomputed by
-        the loop (or None: computed here). Returns the step's record row (float32)."""
+    def _train_one_step(self, iterator, lr: tf.Tensor | None, momentum: tf.Tensor | None = None) -> tf.Tensor:
+        """The body of `_loop`: one step at `global_step`, with `lr` = schedule(global_step) and `momentum` =
+        momentum_schedule(global_step) precomputed by the loop (or None: computed here). Returns the step's
+        record row (float32)."""
         strategy = self.strategy
         step = self.global_step.read_value()
         if lr is None:
             lr = tf.cast(self.schedule(step), tf.float32)
         self.optimizer.learning_rate.assign(lr)
+        momentum_record = None
+        if self.momentum_schedule is not None:
+            if momentum is None:
+                momentum = tf.cast(self.momentum_schedule(step), self._momentum_variable.dtype)
+            self._momentum_variable.assign(momentum)
+            momentum_record = tf.cast(momentum, tf.float32)
         # The loss scale this step uses (read before the step may change it).
         loss_scale = tf.cast(self.optimizer.dynamic_scale, tf.float32) if self.loss_scaling else None
         x, y = next(iterator)
@@ -235,6 +272,8 @@ class CustomLoopTrainer:
         count = strategy.reduce(tf.distribute.ReduceOp.SUM, count, axis=None)
         accuracy = correct / count
         row = [lr, loss, accuracy]
+        if momentum_record is not None:
+            row.append(momentum_record)
         if self.loss_scaling:  # the scale the step used, and whether the update was applied
             applied = tf.equal(strategy.reduce(tf.distribute.ReduceOp.SUM, finite, axis=None),
                                strategy.num_replicas_in_sync)
@@ -243,6 +282,8 @@ class CustomLoopTrainer:
             def write_scalars():
                 with tf.name_scope(""), tf.summary.record_if(True):  # tags without a "cond/" prefix
                     tf.summary.scalar("learning_rate", lr, step=step)
+                    if momentum_record is not None:
+                        tf.summary.scalar("momentum", momentum_record, step=step)
                     tf.summary.scalar("loss", loss, step=step)
                     tf.summary.scalar("accuracy", accuracy, step=step)
                     if self.loss_scaling:
@@ -279,14 +320,13 @@ class CustomLoopTrainer:
                 out = self._loop_fn(iterator, n)
         else:
             out = self._loop_fn(iterator, n)
-        first, columns = int(out["first_step"]), np.ascontiguousarray(out["records"].numpy().T)
+        first, rows = int(out["first_step"]), np.ascontiguousarray(out["records"].numpy().T)
+        columns = dict(zip(self._columns, rows, strict=True))
         step = np.arange(first, first + num_steps, dtype=np.int64)
-        if self.loss_scaling:
-            records = StepRecords(step=step, lr=columns[0], loss=columns[1], accuracy=columns[2],
-                                  applied=columns[4] != 0, loss_scale=columns[3])
-        else:
-            records = StepRecords(step=step, lr=columns[0], loss=columns[1], accuracy=columns[2],
-                                  applied=np.ones([num_steps], bool), loss_scale=None)
+        applied = columns["applied"] != 0 if self.loss_scaling else np.ones([num_steps], bool)
+        records = StepRecords(step=step, lr=columns["lr"], loss=columns["loss"], accuracy=columns["accuracy"],
+                              applied=applied, loss_scale=columns.get("loss_scale"),
+                              momentum=columns.get("momentum"))
         if not self.loss_scaling:
             bad = np.flatnonzero(~np.isfinite(records.loss))
             if bad.size:

@@ -21,6 +21,11 @@ rewritten and scheduled differently around the update.
 The update reads the optimizer's own learning-rate variable and momentum slots and advances its
 `iterations`, so checkpoints, `optimizer.learning_rate` and Keras callbacks see no difference.
 
+`clrlab.optimizers.SGD` keeps its momentum in a float64 variable that a loop may assign every step
+(cyclical momentum); its momentum slots always exist, so it always takes ResourceApplyKerasMomentum
+with `momentum = cast(momentum_variable, dtype)`, read at run time: the same arithmetic as its
+`update_step` (at momentum 0 too: `accum = accum * 0 - grad * lr; var += accum`).
+
 Only the plain case is fused; everything else keeps `optimizer.apply` (see `unfusable_reason`):
 other optimizers (Adam's kernel computes `1 - beta_1` in float32 where Keras rounds it from a Python
 double, so it would not be bit-identical), SGD subclasses, clipping, weight decay, EMA, gradient
@@ -36,7 +41,7 @@ from collections.abc import Callable, Sequence
 import keras
 import tensorflow as tf
 
-from clrlab import keras_internals
+from clrlab import keras_internals, optimizers
 
 ApplyFn = Callable[[Sequence[tf.Tensor | None], Sequence[keras.Variable]], None]
 
@@ -44,8 +49,11 @@ ApplyFn = Callable[[Sequence[tf.Tensor | None], Sequence[keras.Variable]], None]
 def unfusable_reason(optimizer: keras.optimizers.Optimizer,
                      strategy: tf.distribute.Strategy | None = None) -> str | None:
     """Why `optimizer`'s update cannot use the fused kernels, or None when it can (eager, no side effects)."""
-    if type(optimizer) is not keras.optimizers.SGD:  # exact type: a subclass may override update_step
-        return f"{type(optimizer).__name__} is not keras.optimizers.SGD"
+    # Exact types: a subclass may override update_step.
+    if type(optimizer) not in (keras.optimizers.SGD, optimizers.SGD):
+        return f"{type(optimizer).__name__} is not keras.optimizers.SGD or clrlab.optimizers.SGD"
+    if type(optimizer) is optimizers.SGD and optimizer.momentum_schedule is not None:
+        return "the optimizer sets its momentum from its own schedule inside apply"
     settings = {
         "clipnorm": optimizer.clipnorm, "clipvalue": optimizer.clipvalue,
         "global_clipnorm": optimizer.global_clipnorm, "weight_decay": optimizer.weight_decay,
@@ -74,7 +82,7 @@ def _tf_variable(variable) -> tf.Variable | None:
 
 
 class FusedSGDUpdate:
-    """`apply(grads, variables)` for a plain Keras SGD optimizer, one fused kernel per variable.
+    """`apply(grads, variables)` for a plain Keras or clrlab SGD optimizer, one fused kernel per variable.
 
     Call it where `optimizer.apply(grads, variables)` would be called, inside the compiled step; it
     falls back to `optimizer.apply` for the whole step (decided while tracing) when any gradient is
@@ -87,6 +95,8 @@ class FusedSGDUpdate:
         if reason is not None:
             raise ValueError(f"cannot fuse this optimizer's update: {reason}")
         self.optimizer = optimizer
+        # clrlab SGD: the momentum is a variable read each step (slots always exist); Keras SGD: a float.
+        self._momentum_variable = optimizer.momentum_variable if type(optimizer) is optimizers.SGD else None
 
     def _fusable(self, grads, variables) -> bool:
         for grad, variable in zip(grads, variables, strict=True):
@@ -107,6 +117,7 @@ class FusedSGDUpdate:
             return
         # As Keras' SGD.update_step: the LR variable and the momentum cast to each variable's dtype.
         learning_rate = optimizer.learning_rate
+        momenta = {}  # dtype -> the momentum cast to it: the clrlab variable is read and cast once per dtype
         for grad, variable in zip(grads, variables, strict=True):
             if grad is None:  # Keras filters (and warns about) variables without gradients
                 continue
@@ -114,11 +125,14 @@ class FusedSGDUpdate:
             dtype = tf_var.dtype
             lr = tf.cast(learning_rate, dtype)
             grad = tf.cast(grad, dtype)
-            if optimizer.momentum != 0:
+            if self._momentum_variable is not None or optimizer.momentum != 0:
+                if dtype not in momenta:
+                    momentum = optimizer.momentum if self._momentum_variable is None else self._momentum_variable
+                    momenta[dtype] = tf.cast(momentum, dtype)
                 accum = _tf_variable(optimizer.momentums[optimizer._get_variable_index(variable)])
                 tf.raw_ops.ResourceApplyKerasMomentum(
                     var=tf_var.handle, accum=accum.handle, lr=lr, grad=grad,
-                    momentum=tf.cast(optimizer.momentum, dtype), use_locking=False,
+                    momentum=momenta[dtype], use_locking=False,
                     use_nesterov=bool(optimizer.nesterov))
             else:
                 tf.raw_ops.ResourceApplyGradientDescent(var=tf_var.handle, alpha=lr, delta=grad, use_locking=False)

@@ -179,7 +179,9 @@ class KerasFitTrainer:
             model.compile(optimizer=self.optimizer,
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                           metrics=["accuracy"], steps_per_execution=k, jit_compile=self.jit_compile)
-        recorder = StepRecorder(writer=self.summary_writer, summary_every=self.summary_every, initial_step=start)
+        # A CyclicLR with cycle_momentum sets the momentum variable between batches: record it too.
+        recorder = StepRecorder(writer=self.summary_writer, summary_every=self.summary_every, initial_step=start,
+                                record_momentum=bool(getattr(self.lr_callback, "cycle_momentum", False)))
         driver = _Driver(self, recorder)
         own = [recorder, driver]
         if self.lr_callback is not None:
@@ -244,9 +246,10 @@ class _Driver(keras.callbacks.Callback):
         if steps.size == 0:
             return
         loss = np.asarray(rec["loss"][new], np.float64)
+        momentum = np.asarray(rec["momentum"][new], np.float32) if "momentum" in rec else None
         records = StepRecords(step=steps, lr=np.asarray(rec["lr"][new], np.float32), loss=loss,
                               accuracy=np.asarray(rec["accuracy"][new], np.float64),
-                              applied=np.ones(steps.shape, bool))
+                              applied=np.ones(steps.shape, bool), momentum=momentum)
         if not self.trainer.loss_scaling and not np.isfinite(loss[-1]):
             raise NonFiniteLossError(steps[-1], records.lr[-1], loss[-1], records)
         state.history.add_steps(records)

@@ -28,7 +28,6 @@ Seams for later work, deliberately not built here:
   history, checkpoints and epoch scalars (always True today; chief-only under a multi-worker strategy).
 * Logdir lock: `restore()` is the first touch of the run's folder; a lock would be taken there and
   released when the run ends.
-* Momentum: `History.add_steps` is where a per-step `momentum` column would join `lr`.
 """
 
 from __future__ import annotations
@@ -114,8 +113,9 @@ def _json_float(value) -> float | None:
 class History:
     """Per-step and per-epoch records of a run; `to_json` gives the `history.json` layout.
 
-    steps:  step (global step), lr, loss (that batch), accuracy (that batch) [, loss_scale, applied];
-            non-finite values are null
+    steps:  step (global step), lr, loss (that batch), accuracy (that batch) [, loss_scale, applied]
+            [, momentum (SGD momentum or Adam beta_1 the step trained with; only when it cycles, i.e. the
+            records carry it)]; non-finite values are null
     epochs: epoch (0-based), step (global step at the epoch's end), loss, accuracy (`epoch_mean` of the
             per-step values), val_loss, val_accuracy, lr (last LR of the epoch), seconds
     """
@@ -133,6 +133,8 @@ class History:
         if records.loss_scale is not None:
             self.steps.setdefault("loss_scale", []).extend(float(v) for v in records.loss_scale)
             self.steps.setdefault("applied", []).extend(bool(v) for v in records.applied)
+        if records.momentum is not None:
+            self.steps.setdefault("momentum", []).extend(_json_float(v) for v in records.momentum)
 
     def add_epoch(self, record: dict[str, Any]) -> None:
         for key, value in record.items():

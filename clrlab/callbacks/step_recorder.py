@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from clrlab import keras_internals
@@ -33,9 +34,17 @@ class StepRecorder(keras.callbacks.Callback):
     * one list per name in `metrics` (default `'loss'`, `'accuracy'`): the step's own value,
       de-averaged from Keras' running means (see `deaverage`; exact for equal-size unweighted batches).
       With `steps_per_execution = N > 1` only the mean over each chunk is known: it is recorded at the
-      chunk's last step and the other steps get NaN.
+      chunk's last step and the other steps get NaN;
+    * `'momentum'`, when the optimizer holds a momentum schedule (`clrlab.optimizers` with
+      `momentum=`/`beta_1=` a schedule, which sets its `momentum_variable` to the schedule at
+      `iterations` before each update) or `record_momentum=True`: the momentum (or `beta_1`) the step
+      trained with, as float32. With a schedule, the chunk's last step reads the variable itself after
+      the step, and earlier steps of a chunk get the schedule at their step, evaluated in graph (the
+      value the update assigned). Without one (a callback such as `CyclicLR(cycle_momentum=True)` sets
+      the variable between batches) the variable is read before the step, as a float LR is.
 
-    With a `writer` (a `tf.summary` writer), it also writes TensorBoard scalars `learning_rate`, `loss`,
+    With a `writer` (a `tf.summary` writer), it also writes TensorBoard scalars `learning_rate` [,
+    `momentum`] (per step), `loss`,
     `accuracy` (one per name in `metrics`) at the global step, for steps divisible by `summary_every`
     (a chunk's mean is written at its last step when the chunk holds such a step).
 
@@ -47,14 +56,16 @@ class StepRecorder(keras.callbacks.Callback):
       metrics: batch-log keys to de-average and record.
       initial_step: global step of the first batch; None: the optimizer's `iterations` at the first
         `on_train_begin`.
+      record_momentum: record the momentum variable of a `clrlab.optimizers` optimizer even when it holds
+        no momentum schedule (for a callback that sets it); it is always recorded when it holds one.
 
     Attributes:
-      records: dict of lists, keys `'step'`, `'lr'` and `metrics`, all of the same length.
+      records: dict of lists, keys `'step'`, `'lr'` [, `'momentum'`] and `metrics`, all of the same length.
       step: the global step of the next batch.
     """
 
     def __init__(self, writer: Any = None, summary_every: int = 1, metrics: Sequence[str] = ("loss", "accuracy"),
-                 initial_step: int | None = None):
+                 initial_step: int | None = None, record_momentum: bool = False):
         super().__init__()
         if int(summary_every) < 1:
             raise ValueError(f"summary_every must be >= 1. Received: summary_every={summary_every}.")
@@ -65,12 +76,26 @@ class StepRecorder(keras.callbacks.Callback):
         self.step = None if initial_step is None else int(initial_step)
         self._chunk_lrs: list[float] = []
         self._graph_lr = None
+        self._graph_momentum = None
+        self.record_momentum = bool(record_momentum)
+        self._chunk_momenta: list[float] = []
         self._begin_batch = 0
         self._means: dict[str, tuple[int, float | None]] = {}
 
     def on_train_begin(self, logs=None):
         if self.step is None:
             self.step = keras_internals.read_iterations(self.model.optimizer)
+        if self.record_momentum or self._momentum_schedule() is not None:
+            self.records.setdefault("momentum", [])
+
+    def _read_momentum(self) -> float:
+        """The optimizer's momentum variable, rounded to float32 (one host read)."""
+        variable = keras_internals.inner_optimizer(self.model.optimizer).momentum_variable
+        return float(np.float32(keras.ops.convert_to_numpy(variable)))
+
+    def _momentum_schedule(self):
+        """The momentum schedule the (inner) optimizer holds, or None (Keras optimizers hold none)."""
+        return getattr(keras_internals.inner_optimizer(self.model.optimizer), "momentum_schedule", None)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._means = {k: (0, None) for k in self.metrics}
@@ -87,6 +112,14 @@ class StepRecorder(keras.callbacks.Callback):
                 self._graph_lr = GraphLR(schedule)
             start = keras_internals.read_iterations(optimizer)
             self._chunk_lrs = self._graph_lr(range(start, start + n))
+        momentum_schedule = self._momentum_schedule()
+        if momentum_schedule is not None and n > 1:  # the steps before a chunk's last: in graph, as the update
+            if self._graph_momentum is None or self._graph_momentum.schedule is not momentum_schedule:
+                self._graph_momentum = GraphLR(momentum_schedule)
+            start = keras_internals.read_iterations(optimizer)
+            self._chunk_momenta = self._graph_momentum(range(start, start + n))
+        elif momentum_schedule is None and "momentum" in self.records:  # set between batches by a callback
+            self._chunk_momenta = [self._read_momentum()] * n
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
@@ -108,23 +141,33 @@ class StepRecorder(keras.callbacks.Callback):
             self._means[key] = (count_now, mean_now)
         self.records["step"].extend(steps)
         self.records["lr"].extend(lrs)
+        momenta = None
+        if "momentum" in self.records:
+            if self._momentum_schedule() is not None:  # the variable holds what the chunk's last step used
+                last = self._read_momentum()
+                momenta = (self._chunk_momenta + [last] * n)[:n - 1] + [last]
+            else:
+                momenta = (self._chunk_momenta + [self._chunk_momenta[-1]] * n)[:n]
+            self.records["momentum"].extend(momenta)
         for key in self.metrics:
             v = values[key]
             per_step = [float("nan")] * (n - 1) + [float("nan") if v is None else v]
             self.records[key].extend(per_step)
         if self.writer is not None:
-            self._write(steps, lrs, values)
+            self._write(steps, lrs, values, momenta)
         self.step += n
 
-    def _write(self, steps, lrs, values) -> None:
+    def _write(self, steps, lrs, values, momenta=None) -> None:
         every = self.summary_every
         due = [s for s in steps if s % every == 0]
         if not due:
             return
         with self.writer.as_default():
-            for s, lr in zip(steps, lrs, strict=True):
+            for i, (s, lr) in enumerate(zip(steps, lrs, strict=True)):
                 if s % every == 0:
                     tf.summary.scalar("learning_rate", lr, step=s)
+                    if momenta is not None:
+                        tf.summary.scalar("momentum", momenta[i], step=s)
             for key, v in values.items():
                 if v is not None:
                     tf.summary.scalar(key, v, step=steps[-1])
