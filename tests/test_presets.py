@@ -94,6 +94,8 @@ EXPECTED_LR = {
 # Momentum at chosen steps of the presets that cycle it: {step: momentum}; every other preset keeps it constant.
 EXPECTED_MOMENTUM = {
     "superconvergence_resnet56.cfg": {0: 0.95, 2500: 0.9, 5000: 0.85, 9999: 0.95 - 0.1 / 5000},
+    # one_cycle cycles Adam's beta_1 by default (PyTorch OneCycleLR's 0.95 -> 0.85 -> 0.95).
+    "mnist1d_cnn_one_cycle.cfg": {0: 0.95, 2400: 0.85},
 }
 
 
