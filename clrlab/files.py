@@ -43,6 +43,25 @@ def write_atomic(path: str, data: str | bytes) -> None:
     _fsync_folder(folder)
 
 
+def make_unique_dir(base: str) -> str:
+    """Creates a new folder `base`, or `base-2`, `base-3`, ... when taken, and returns its path.
+
+    `os.mkdir` is exclusive, so concurrent callers (threads or processes) always get distinct folders.
+    Missing parents are created.
+    """
+    parent = os.path.dirname(base)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    for n in range(1, 10_000):
+        path = base if n == 1 else f"{base}-{n}"
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        return path
+    raise UserError(f"cannot create a new folder {base}-N: 10000 names are taken; clean up {parent or '.'}.")
+
+
 def write_json(path: str, value: Any, *, indent: int | None = 1) -> None:
     """`write_atomic` of `json.dumps(value, indent=indent)`."""
     write_atomic(path, json.dumps(value, indent=indent))
