@@ -212,8 +212,8 @@ def _after_divergence(logdir: str) -> str:
     checkpoint_dir = os.path.join(logdir, "checkpoints")
     steps = run_dir.checkpoint_steps(checkpoint_dir)
     if not steps:
-        return (f"training stopped before any checkpoint was written, so --logdir={logdir} holds nothing to "
-                "resume: rerun with other flags and it starts afresh there.")
+        return (f"training stopped and no checkpoint was written, so --logdir={logdir} holds nothing to resume: "
+                "a rerun there with other flags starts afresh.")
     return (f"training stopped; the last good checkpoint (step {steps[-1]}) is kept in {checkpoint_dir}. A rerun "
             f"with other settings needs a new --logdir (or delete {logdir} to start over there).")
 
