@@ -529,8 +529,7 @@ def test_stop_message_prints_the_command_that_resumes_a_default_run_folder(tmp_p
     command = out.split("To resume, run: ")[1].splitlines()[0]
     assert command == " ".join(["python", "-m", "clrlab.train", *args, f"--logdir={logdir}"])
     stopped_at = int(out.split("Stopped by SIGTERM at step ")[1].split(";")[0])
-    # Run exactly that command (this interpreter for "python"), but stop it at once by asking for fewer
-    # epochs is not the same command: so check the resume by its first lines, then stop it again.
+    # Run exactly that command (this interpreter for "python"): it resumes in the same folder; stop it again.
     rerun = subprocess.Popen([sys.executable, *command.split()[1:]], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=tmp_path)
     line = ""
@@ -538,5 +537,5 @@ def test_stop_message_prints_the_command_that_resumes_a_default_run_folder(tmp_p
         line = rerun.stdout.readline()
     rerun.send_signal(signal.SIGTERM)
     rest, err = rerun.communicate(timeout=120)
-    assert line.strip() == f"Resuming from the checkpoint at step {stopped_at} (epoch {stopped_at // 45 + 1}).", err
+    assert line.startswith(f"Resuming from the checkpoint at step {stopped_at} (epoch "), err[-2000:]
     assert os.listdir(tmp_path / "runs") == [folder]  # no new folder
