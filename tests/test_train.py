@@ -466,12 +466,14 @@ def test_an_empty_run_config_json_is_one_line_not_a_traceback(tmp_path):
 def test_symlinks_planted_at_flags_txt_and_run_config_json_are_replaced(tmp_path):
     logdir = tmp_path / "run"
     logdir.mkdir()
-    target = tmp_path / "precious.txt"
-    target.write_text("keep me")
-    for name in ("flags.txt", "run_config.json"):
-        (logdir / name).symlink_to(target)
+    text, js = tmp_path / "precious.txt", tmp_path / "precious.json"
+    text.write_text("keep me")
+    js.write_text("{}")
+    (logdir / "flags.txt").symlink_to(text)
+    (logdir / "run_config.json").symlink_to(js)
     result = train_mod.run(tiny(tmp_path, model="mlp", epochs=1), progress="log")
-    assert target.read_text() == "keep me"
+    assert text.read_text() == "keep me" and js.read_text() == "{}"
+    assert not (logdir / "run_config.json").is_symlink()
     assert not (logdir / "flags.txt").is_symlink() and "--model=mlp" in (logdir / "flags.txt").read_text()
     with open(os.path.join(result.logdir, "run_config.json"), encoding="utf-8") as fh:
         assert json.load(fh)["model"] == "mlp"
