@@ -12,6 +12,7 @@ returns None when the caller would rather rebuild it). Pure Python, layer 1.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -23,11 +24,21 @@ from clrlab.errors import UserError
 def write_atomic(path: str, data: str | bytes) -> None:
     """Replaces `path` by a file holding `data` (str is written as UTF-8), atomically.
 
-    On any error (e.g. OSError ENOSPC) the temp file is removed and `path` keeps its previous content.
+    On any error the temp file is removed and `path` keeps its previous content; an OSError (disk full,
+    read-only folder, `path` being a folder) becomes a one-line `UserError` naming the path and what to do.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    try:
+        _replace_with(path, folder, payload)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}; {_what_to_do(e)}, then rerun "
+                        "(the previous file, if any, is unchanged).") from e
+    _fsync_folder(folder)
+
+
+def _replace_with(path: str, folder: str, payload: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -40,7 +51,6 @@ def write_atomic(path: str, data: str | bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_folder(folder)
 
 
 def make_unique_dir(base: str) -> str:
@@ -94,6 +104,14 @@ def read_json(path: str, what: str, *, fix: str | None = None, missing_ok: bool 
             return None
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{path} ({what}) is damaged ({reason}); {fix or 'delete it and rerun'}.") from None
+
+
+def _what_to_do(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "fix the folder's permissions"
+    return "remove what is in the way or fix the path"
 
 
 def _read_umask() -> int:

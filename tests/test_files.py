@@ -39,10 +39,11 @@ def test_enospc_mid_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)
-    with pytest.raises(OSError) as info:
+    with pytest.raises(UserError) as info:
         files.write_atomic(path, "new content " * 1000)
     monkeypatch.setattr(os, "fsync", real_fsync)
-    assert info.value.errno == errno.ENOSPC and calls
+    assert str(info.value).startswith(f"cannot write {path}: No space left on device; free some space, then rerun")
+    assert info.value.__cause__.errno == errno.ENOSPC and calls
     assert path.read_text() == "old content"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run_config.json"]
 
@@ -102,3 +103,19 @@ def test_make_unique_dir_gives_concurrent_callers_distinct_folders(tmp_path):
         t.join()
     assert sorted(made) == sorted([base] + [f"{base}-{n}" for n in range(2, 7)])
     assert all(os.path.isdir(p) for p in made)
+
+
+def test_a_folder_in_the_way_is_one_line_naming_the_path(tmp_path):
+    (tmp_path / "flags.txt").mkdir()
+    with pytest.raises(UserError, match=r"cannot write .*flags.txt: Is a directory; remove what is in the way"):
+        files.write_atomic(tmp_path / "flags.txt", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flags.txt"]
+
+
+def test_a_read_only_folder_says_fix_the_permissions(tmp_path, monkeypatch):
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", refused)
+    with pytest.raises(UserError, match=r"Permission denied; fix the folder's permissions, then rerun"):
+        files.write_atomic(tmp_path / "flags.txt", "x")
