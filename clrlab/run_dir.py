@@ -76,6 +76,18 @@ def new_run_dir(policy: str, model: str, root: str = "runs") -> str:
     return files.make_unique_dir(os.path.join(root, f"{policy}-{model}-{stamp}"))
 
 
+def remove_if_unused(logdir: str) -> None:
+    """Removes `logdir` when it holds nothing but the lock file (a default run folder of a run that was
+    refused before writing anything); leaves it otherwise."""
+    try:
+        if set(os.listdir(logdir)) <= {LOCK_NAME}:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(logdir, LOCK_NAME))
+            os.rmdir(logdir)
+    except OSError:
+        pass  # in use, not empty or already gone: nothing to tidy
+
+
 def run_identity(config: Any, schedule: Any, momentum_schedule: Any = None) -> dict[str, Any]:
     """The settings a resume must match, as JSON values: `RESUME_KEYS` of `config` (a TrainConfig), the
     serialized LR schedule, and the momentum schedule only when momentum cycles (so the run_config.json of

@@ -187,12 +187,15 @@ def main(argv: list[str]) -> int:
         return 1
     from trainers.custom_loop import NonFiniteLossError
 
+    config = None
     try:
         config = cli.config_from_flags()
         if flags.FLAGS.logdir is None:  # a new, unique folder runs/<policy>-<model>-<time>[-N], created now
             config = dataclasses.replace(config, logdir=run_dir.new_run_dir(config.policy, config.model))
         result = run(config)
     except UserError as e:
+        if flags.FLAGS.logdir is None and config is not None:
+            run_dir.remove_if_unused(config.logdir)  # a refused run leaves no empty runs/ folder behind
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     except NonFiniteLossError as e:

@@ -152,3 +152,16 @@ def test_checkpoint_steps_reads_the_index_file_names(tmp_path):
     for name in ("ckpt-100.index", "ckpt-9.index", "ckpt-9.data-00000-of-00001", "checkpoint", "ckpt-x.index"):
         (tmp_path / name).write_bytes(b"")
     assert run_dir.checkpoint_steps(str(tmp_path)) == [9, 100]
+
+
+def test_remove_if_unused_drops_only_a_folder_holding_nothing_but_the_lock(tmp_path):
+    unused, used = tmp_path / "a", tmp_path / "b"
+    for folder in (unused, used):
+        folder.mkdir()
+        with run_dir.lock_logdir(str(folder)):
+            pass
+    (used / "history.json").write_text("{}")
+    run_dir.remove_if_unused(str(unused))
+    run_dir.remove_if_unused(str(used))
+    run_dir.remove_if_unused(str(tmp_path / "missing"))
+    assert sorted(os.listdir(tmp_path)) == ["b"] and sorted(os.listdir(used)) == [".lock", "history.json"]

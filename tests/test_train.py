@@ -541,3 +541,10 @@ def test_stop_message_prints_the_command_that_resumes_a_default_run_folder(tmp_p
     rest, err = rerun.communicate(timeout=120)
     assert line.startswith(f"Resuming from the checkpoint at step {stopped_at} (epoch "), err[-2000:]
     assert os.listdir(tmp_path / "runs") == [folder]  # no new folder
+
+
+def test_a_refused_default_run_leaves_no_empty_run_folder(tmp_path):
+    (tmp_path / "bad.npz").write_text("not a zip")
+    proc = run_module("clrlab.train", f"--dataset=npz:{tmp_path / 'bad.npz'}", "--model=mlp", cwd=str(tmp_path))
+    assert proc.returncode == 1 and user_lines(proc.stderr)[-1].startswith("error: cannot read")
+    assert os.listdir(tmp_path / "runs") == []
