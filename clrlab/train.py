@@ -36,9 +36,13 @@ from clrlab.errors import UserError
 
 EXIT_INTERRUPTED = 130
 
+
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-    """What `run` returns: how it ended, the final step, the test metrics, and the history."""
+    """What `run` returns: how it ended, the final step, the test metrics, and the history.
+
+    `status` "already_complete" (a rerun of a finished --logdir): nothing was trained or evaluated,
+    `test_metrics` and `history` are None."""
 
     status: str
     step: int
