@@ -7,7 +7,8 @@
 Flags (clrlab.cli) -> `TrainConfig` (clrlab.config) -> data, model, optimizer, policy (clrlab.job) ->
 trainer (trainers/) -> report. A run leaves in --logdir: TensorBoard events (train/, validation/), checkpoints/,
 clr_plot.png, training_plot.png, history.json, flags.txt, run_config.json, classification_report.txt.
-Rerunning the same command with the same --logdir resumes from the last checkpoint.
+Rerunning the same command with the same --logdir resumes from the last checkpoint (a stop by Ctrl-C or
+SIGTERM prints that command, with the --logdir a default run got: runs/<policy>-<model>-<time>[-N]).
 
 Exit codes: 0 done (or stopped by SIGTERM after saving a checkpoint), 1 bad input or a NaN/inf loss,
 130 Ctrl-C (after saving a checkpoint).
@@ -18,30 +19,30 @@ to load, and `--help` (or importing this module for `RunResult`) answers without
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import os
+import shlex
 import sys
 from collections.abc import Iterable
 from typing import Any
 
 from absl import app, flags
 
-from clrlab import cli
+from clrlab import cli, files, run_dir
 from clrlab import config as config_lib
 from clrlab.config import TrainConfig
 from clrlab.errors import UserError
 
 EXIT_INTERRUPTED = 130
 
-# Settings that must match for a --logdir to be resumed (the LR policy is compared by its config).
-_RESUME_KEYS = ("dataset", "normalization", "augment", "model", "weight_decay", "batch_size", "optimizer",
-                "momentum", "mixed_precision", "seed", "trainer", "lr_control")
-
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-    """What `run` returns: how it ended, the final step, the test metrics, and the history."""
+    """What `run` returns: how it ended, the final step, the test metrics, and the history.
+
+    `status` "already_complete" (a rerun of a finished --logdir): nothing was trained or evaluated,
+    `test_metrics` and `history` are None."""
 
     status: str
     step: int
@@ -50,30 +51,6 @@ class RunResult:
     history: Any
     resumed_from: int | None
     signal: str | None = None
-
-
-def _run_identity(config: TrainConfig, schedule, momentum_schedule=None) -> dict[str, Any]:
-    """The settings a resume must match. The momentum cycle is a key only when momentum cycles, so the
-    run_config.json of a run with constant momentum keeps its layout."""
-    import keras  # deferred: see the module docstring
-
-    ident = {k: getattr(config, k) for k in _RESUME_KEYS}
-    ident["schedule"] = keras.saving.serialize_keras_object(schedule)
-    if momentum_schedule is not None:
-        ident["momentum_schedule"] = keras.saving.serialize_keras_object(momentum_schedule)
-    return json.loads(json.dumps(ident))
-
-
-def _check_resumable(logdir: str, identity: dict[str, Any]) -> None:
-    path = os.path.join(logdir, "run_config.json")
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as fh:
-        previous = json.load(fh)
-    changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-    if changed:
-        raise UserError(f"--logdir={logdir} holds a run with different settings ({', '.join(changed)}); "
-                        "rerun with the same flags to resume it, or use a new --logdir.")
 
 
 def run(config: TrainConfig, *, callbacks: Iterable[Any] | None = None, progress: str = "auto") -> RunResult:
@@ -86,12 +63,13 @@ def run(config: TrainConfig, *, callbacks: Iterable[Any] | None = None, progress
 
     policy = keras.mixed_precision.global_policy().name
     try:
-        return _run(config, callbacks=callbacks, progress=progress)
+        with contextlib.ExitStack() as run_scope:  # holds the logdir lock until the run ends
+            return _run(config, callbacks=callbacks, progress=progress, run_scope=run_scope)
     finally:
         keras.mixed_precision.set_global_policy(policy)  # setup_runtime changed it for this run only
 
 
-def _run(config: TrainConfig, *, callbacks, progress) -> RunResult:
+def _run(config: TrainConfig, *, callbacks, progress, run_scope: contextlib.ExitStack) -> RunResult:
     import tensorflow as tf  # deferred, with the modules below that import it: see the module docstring
 
     from clrlab import job as job_lib
@@ -104,13 +82,20 @@ def _run(config: TrainConfig, *, callbacks, progress) -> RunResult:
     job = job_lib.build_job(config)
     lr_callback = job_lib.make_lr_callback(config, job.step_size)  # before any output: it may refuse the policy
     logdir = os.path.abspath(config.logdir)
-    identity = _run_identity(config, job.schedule, job.momentum_schedule)
-    _check_resumable(logdir, identity)
+    identity = run_dir.run_identity(config, job.schedule, job.momentum_schedule)
     os.makedirs(logdir, exist_ok=True)
-    with open(os.path.join(logdir, "run_config.json"), "w", encoding="utf-8") as fh:
-        json.dump(identity, fh, indent=1)
-    with open(os.path.join(logdir, "flags.txt"), "w", encoding="utf-8") as fh:
-        fh.write(config_lib.flagfile_text(dataclasses.replace(config, logdir=logdir)))
+    run_scope.enter_context(run_dir.lock_logdir(logdir))  # one run per folder; the kernel frees it on exit
+    run_dir.check_resumable(logdir, identity, total_steps=job.total_steps, steps_per_epoch=job.steps_per_epoch)
+    reached = run_dir.checkpoint_steps(os.path.join(logdir, "checkpoints"))
+    if reached and reached[-1] == job.total_steps:  # nothing left to train: say so, don't re-evaluate
+        print(f"--logdir={logdir} already holds a complete run (step {job.total_steps} of {job.total_steps}); "
+              "nothing to do. For a new run, leave out --logdir (a new folder under runs/) or give a new one; "
+              "to train this one longer, rerun with a larger --epochs/--steps.", flush=True)
+        return RunResult(status="already_complete", step=job.total_steps, logdir=logdir, test_metrics=None,
+                         history=None, resumed_from=job.total_steps)
+    files.write_json(os.path.join(logdir, run_dir.RUN_CONFIG), identity)
+    files.write_atomic(os.path.join(logdir, "flags.txt"),
+                       config_lib.flagfile_text(dataclasses.replace(config, logdir=logdir)))
 
     train_writer = tf.summary.create_file_writer(os.path.join(logdir, "train"))
     val_writer = tf.summary.create_file_writer(os.path.join(logdir, "validation"))
@@ -206,22 +191,51 @@ def main(argv: list[str]) -> int:
         return 1
     from trainers.custom_loop import NonFiniteLossError
 
+    config = None
     try:
         config = cli.config_from_flags()
+        if flags.FLAGS.logdir is None:  # a new, unique folder runs/<policy>-<model>-<time>[-N], created now
+            config = dataclasses.replace(config, logdir=run_dir.new_run_dir(config.policy, config.model))
         result = run(config)
     except UserError as e:
+        if flags.FLAGS.logdir is None and config is not None:
+            run_dir.remove_if_unused(config.logdir)  # a refused run leaves no empty runs/ folder behind
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     except NonFiniteLossError as e:
-        print(f"error: {e}; training stopped and the last good checkpoint is kept in "
-              f"{os.path.join(os.path.abspath(config.logdir), 'checkpoints')}. Lower --max_lr "
+        print(f"error: {e}; {_after_divergence(os.path.abspath(config.logdir))} Lower --max_lr "
               "(python -m clrlab.range_finder suggests bounds).", file=sys.stderr)
         return 1
     if result.status == "interrupted":
-        print(f"Stopped by {result.signal} at step {result.step}; checkpoint saved. Run the same command "
-              "again to resume.", flush=True)
+        print(f"Stopped by {result.signal} at step {result.step}; checkpoint saved in "
+              f"{os.path.join(result.logdir, 'checkpoints')}. To resume, run: {_rerun_command(result.logdir)}",
+              flush=True)
         return EXIT_INTERRUPTED if result.signal == "SIGINT" else 0
     return 0
+
+
+def _after_divergence(logdir: str) -> str:
+    """What a NaN/inf stop left in `logdir` and how to rerun: the identity binds only with a checkpoint."""
+    checkpoint_dir = os.path.join(logdir, "checkpoints")
+    steps = run_dir.checkpoint_steps(checkpoint_dir)
+    if not steps:
+        return (f"training stopped and no checkpoint was written, so --logdir={logdir} holds nothing to resume: "
+                "a rerun there with other flags starts afresh.")
+    return (f"training stopped; the last good checkpoint (step {steps[-1]}) is kept in {checkpoint_dir}. A rerun "
+            f"with other settings needs a new --logdir (or delete {logdir} to start over there).")
+
+
+def _rerun_command(logdir: str) -> str:
+    """The command line of this process, with --logdir=`logdir` added when it was not given."""
+    prog = sys.argv[0]
+    if os.path.basename(prog) in ("train.py", "__main__.py"):  # python -m clrlab.train
+        head = ["python", "-m", "clrlab.train"]
+    else:
+        head = [os.path.basename(prog)]
+    args = list(sys.argv[1:])
+    if flags.FLAGS.logdir is None:
+        args.append(f"--logdir={logdir}")
+    return shlex.join(head + args)
 
 
 def run_main() -> None:

@@ -421,3 +421,130 @@ def test_sigkill_mid_cycle_then_rerun_gives_the_same_momentum_lr_and_weights(tmp
     assert wa.keys() == wb.keys() and wa
     for name in wa:
         np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)
+
+
+# ----------------------------------------------------------------------------- the run folder (lock, identity, names)
+def test_rerunning_a_finished_run_says_it_is_complete_and_does_not_retrain(tmp_path, capsys):
+    first = train_mod.run(tiny(tmp_path, model="mlp", epochs=1), progress="log")
+    assert first.status == "completed" and first.step == 22
+    report = os.path.join(first.logdir, "classification_report.txt")
+    os.remove(report)  # a re-evaluation would write it again
+    history = load_history(first.logdir)
+    capsys.readouterr()
+    again = train_mod.run(tiny(tmp_path, model="mlp", epochs=1), progress="log")
+    out = capsys.readouterr().out
+    assert again.status == "already_complete" and again.step == 22
+    assert "already holds a complete run (step 22 of 22)" in out and "For a new run, leave out --logdir" in out
+    assert "Resuming" not in out and not os.path.exists(report)
+    assert load_history(first.logdir) == history
+
+
+def test_resume_with_other_settings_names_each_old_and_new_value(tmp_path):
+    train_mod.run(tiny(tmp_path, model="mlp", epochs=1), progress="log")
+    with pytest.raises(UserError) as info:
+        train_mod.run(tiny(tmp_path, model="mlp", epochs=2, max_lr=0.2, seed=3), progress="log")
+    message = str(info.value)
+    assert "different settings (schedule, seed)" in message
+    assert message.endswith("Differs: schedule.config.max_lr: 0.1 -> 0.2; seed: 0 -> 3.")
+
+
+def test_resume_with_fewer_epochs_than_reached_says_the_step_and_what_to_do(tmp_path):
+    train_mod.run(tiny(tmp_path, model="mlp", epochs=2), progress="log")
+    with pytest.raises(UserError, match=r"already reached step 44 \(epoch 2\), past the 22 steps asked for; "
+                                        r"to continue it, rerun with at least --epochs=2"):
+        train_mod.run(tiny(tmp_path, model="mlp", epochs=1), progress="log")
+
+
+def test_an_empty_run_config_json_is_one_line_not_a_traceback(tmp_path):
+    result = train_mod.run(tiny(tmp_path, model="mlp", epochs=1), progress="log")
+    with open(os.path.join(result.logdir, "run_config.json"), "w", encoding="utf-8"):
+        pass  # what a SIGKILL mid-write used to leave
+    with pytest.raises(UserError, match=r"run_config.json \(the settings of the run in this folder\) is damaged"):
+        train_mod.run(tiny(tmp_path, model="mlp", epochs=2), progress="log")
+
+
+def test_symlinks_planted_at_flags_txt_and_run_config_json_are_replaced(tmp_path):
+    logdir = tmp_path / "run"
+    logdir.mkdir()
+    text, js = tmp_path / "precious.txt", tmp_path / "precious.json"
+    text.write_text("keep me")
+    js.write_text("{}")
+    (logdir / "flags.txt").symlink_to(text)
+    (logdir / "run_config.json").symlink_to(js)
+    result = train_mod.run(tiny(tmp_path, model="mlp", epochs=1), progress="log")
+    assert text.read_text() == "keep me" and js.read_text() == "{}"
+    assert not (logdir / "run_config.json").is_symlink()
+    assert not (logdir / "flags.txt").is_symlink() and "--model=mlp" in (logdir / "flags.txt").read_text()
+    with open(os.path.join(result.logdir, "run_config.json"), encoding="utf-8") as fh:
+        assert json.load(fh)["model"] == "mlp"
+
+
+def test_a_second_run_on_a_locked_logdir_names_the_process_holding_it(tmp_path):
+    logdir = tmp_path / "run"
+    logdir.mkdir()
+    code = ("import sys, time\nfrom clrlab import run_dir\nwith run_dir.lock_logdir(sys.argv[1]):\n"
+            "    print('locked', flush=True)\n    time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(logdir)], stdout=subprocess.PIPE, text=True,
+                              env=subprocess_env(), cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=f"--logdir={logdir} is in use by process {holder.pid}"):
+            train_mod.run(tiny(tmp_path, model="mlp", epochs=1), progress="log")
+        assert not (logdir / "run_config.json").exists()  # refused before writing anything
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.slow
+def test_nan_stop_without_a_checkpoint_says_so_and_a_sane_rerun_starts_afresh(tmp_path):
+    logdir = tmp_path / "nan"
+    common = ("--policy=constant", "--weight_decay=0", "--model=mlp", "--dataset=digits", "--batch_size=64",
+              "--checkpoint_every=0", f"--logdir={logdir}")
+    proc = run_module("clrlab.train", *common, "--base_lr=50", "--epochs=2")
+    assert proc.returncode == 1
+    lines = user_lines(proc.stderr)
+    assert len(lines) == 1 and "no checkpoint was written" in lines[0] and "last good checkpoint" not in lines[0]
+    assert not os.path.exists(logdir / "checkpoints" / "checkpoint")
+    rerun = run_module("clrlab.train", *common, "--base_lr=0.01", "--epochs=1")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "Resuming" not in rerun.stdout
+    assert load_history(logdir)["steps"]["step"] == list(range(22))
+
+
+@pytest.mark.slow
+def test_stop_message_prints_the_command_that_resumes_a_default_run_folder(tmp_path):
+    args = ["--dataset=digits", "--model=mlp", "--batch_size=32", "--epochs=200", "--steps_per_loop=2",
+            "--checkpoint_every=6"]
+    proc = subprocess.Popen([sys.executable, "-m", "clrlab.train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob("runs/*/checkpoints/checkpoint")):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    (folder,) = os.listdir(tmp_path / "runs")
+    assert folder.startswith("triangular-mlp-2")
+    logdir = os.path.realpath(tmp_path / "runs" / folder)
+    command = out.split("To resume, run: ")[1].splitlines()[0]
+    assert command == " ".join(["python", "-m", "clrlab.train", *args, f"--logdir={logdir}"])
+    stopped_at = int(out.split("Stopped by SIGTERM at step ")[1].split(";")[0])
+    # Run exactly that command (this interpreter for "python"): it resumes in the same folder; stop it again.
+    rerun = subprocess.Popen([sys.executable, *command.split()[1:]], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=tmp_path)
+    line = ""
+    while "Resuming" not in line and rerun.poll() is None:
+        line = rerun.stdout.readline()
+    rerun.send_signal(signal.SIGTERM)
+    rest, err = rerun.communicate(timeout=120)
+    assert line.startswith(f"Resuming from the checkpoint at step {stopped_at} (epoch "), err[-2000:]
+    assert os.listdir(tmp_path / "runs") == [folder]  # no new folder
+
+
+def test_a_refused_default_run_leaves_no_empty_run_folder(tmp_path):
+    (tmp_path / "bad.npz").write_text("not a zip")
+    proc = run_module("clrlab.train", f"--dataset=npz:{tmp_path / 'bad.npz'}", "--model=mlp", cwd=str(tmp_path))
+    assert proc.returncode == 1 and user_lines(proc.stderr)[-1].startswith("error: cannot read")
+    assert os.listdir(tmp_path / "runs") == []
