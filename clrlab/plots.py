@@ -26,6 +26,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from clrlab import files
+
 if TYPE_CHECKING:  # Only for the annotation; lr_suggest is pure numpy either way.
     from clrlab.lr_suggest import Recommendation
 
@@ -75,8 +77,7 @@ def _save(fig: Figure, path: PathLike) -> bytes:
         folder = os.path.dirname(os.fspath(path))
         if folder:
             os.makedirs(folder, exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
+        files.write_atomic(os.fspath(path), data)
     return data
 
 

@@ -177,8 +177,7 @@ def finish(job, logdir: str, predictions) -> dict[str, float]:
                                    target_names=[str(n) for n in job.splits.class_names], digits=4,
                                    zero_division=0)
     accuracy = float(np.mean(predictions == y_true))
-    with open(os.path.join(logdir, "classification_report.txt"), "w", encoding="utf-8") as fh:
-        fh.write(report)
+    files.write_atomic(os.path.join(logdir, "classification_report.txt"), report)
     print(report)
     print(f"test accuracy {accuracy:.4f}", flush=True)
     return {"accuracy": accuracy}
