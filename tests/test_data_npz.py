@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from clrlab import data
+from conftest import run_module, user_lines
 from helpers_data import assert_one_line, write_npz
 
 
@@ -126,3 +127,14 @@ def test_huge_number_of_classes_warns_in_one_line(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         data.load(write_npz(tmp_path, y_train=np.array([0, 1, 0, 9]), y_test=np.array([2, 3])))
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+@pytest.mark.slow
+def test_images_too_small_for_the_model_end_in_one_line_on_the_command_line(tmp_path):
+    spec = write_npz(tmp_path, x_train=np.zeros((4, 1, 1), np.uint8), x_test=np.zeros((2, 1, 1), np.uint8))
+    proc = run_module("clrlab.train", f"--dataset={spec}", "--epochs=1", "--batch_size=2",
+                      f"--logdir={tmp_path / 'run'}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert user_lines(proc.stderr) == [
+        f"error: --model=small_cnn cannot take {spec}: small_cnn needs inputs of at least 2x2. "
+        "Received: input_shape=(1, 1, 1)"]
