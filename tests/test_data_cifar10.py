@@ -104,6 +104,11 @@ def test_cifar10_batches_repickled_by_python3_load(tmp_path, protocol):
     np.testing.assert_array_equal(s.y_train, y_train)
     np.testing.assert_array_equal(s.y_test, y_test)
     assert s.class_names == CLASS_NAMES
+    with open(folder / "data_batch_1", "wb") as f:  # a transposed (non-C-order) array pickles with order "K"
+        pickle.dump({b"data": np.asfortranarray(batches["data_batch_1"][b"data"]), b"labels": [1, 2]}, f,
+                    protocol=protocol)
+    s = data.load("cifar10", data_dir=str(folder), normalization="none")
+    np.testing.assert_array_equal(np.round(s.x_train[:2] * 255.0).astype(np.uint8), x_train[:2])
 
 
 def test_cifar10_protocol5_refusals_name_the_reason(tmp_path):

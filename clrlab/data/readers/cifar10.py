@@ -19,12 +19,15 @@ CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "
 BATCH_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
-def _frombuffer(buf, dtype, shape, order):
+def _frombuffer(buf, dtype, shape, order, axis_order=None):
     """NumPy's protocol-5 array rebuild (``numpy/_core/numeric.py:_frombuffer``) for plain dtypes only."""
     dtype = np.dtype(dtype)
     if dtype.hasobject:
         raise pickle.UnpicklingError(f"refusing to unpickle an array of dtype {dtype}")
-    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
+    array = np.frombuffer(buf, dtype=dtype)
+    if order == "K" and axis_order is not None:
+        return array.reshape(shape, order="C").transpose(axis_order)
+    return array.reshape(shape, order=order)
 
 
 class _Refused(pickle.UnpicklingError):
