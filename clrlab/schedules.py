@@ -57,8 +57,12 @@ def _fail(name, value, allowed):
     raise ValueError(f"Argument `{name}` must be {allowed}. Received: {name}={value!r}.")
 
 
+_FLOAT32 = np.finfo(np.float32)
+
+
 def _real(name, value, allowed, ok):
-    """Returns `value` (numpy scalars as Python numbers) if it is a finite real with `ok(value)`."""
+    """Returns `value` (numpy scalars as Python numbers) if it is a finite real with `ok(value)`, and
+    0 or a normal float32 number (the precision the schedules compute in)."""
     if isinstance(value, np.generic):
         value = value.item()
     if (
@@ -68,6 +72,9 @@ def _real(name, value, allowed, ok):
         or not ok(value)
     ):
         _fail(name, value, allowed)
+    if value != 0 and not float(_FLOAT32.tiny) <= abs(value) <= float(_FLOAT32.max):
+        _fail(name, value, f"{allowed}, and 0 or within float32's normal range "
+              f"[{_FLOAT32.tiny:.3g}, {_FLOAT32.max:.3g}] in magnitude (the schedule computes in float32)")
     return value
 
 
@@ -310,6 +317,8 @@ class CyclicalLearningRate(keras.optimizers.schedules.LearningRateSchedule):
         self._down = float(self.step_size if step_size_down is None else step_size_down)
         self._period = self._up + self._down
         self._amplitude = float(self.max_lr) - float(self.base_lr)
+        if self._period > float(_FLOAT32.max):
+            _fail("step_size", step_size, f"small enough that a cycle ({self._period!r} steps) fits in float32")
         self._log_gamma = math.log(self.gamma)
 
     def _scale(self, cycle, t):
