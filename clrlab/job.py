@@ -152,8 +152,11 @@ def build_job(config: TrainConfig, *, splits: data.Splits | None = None) -> Job:
     strategy = make_strategy(config)
     model_name = config.model if config.model != "auto" else models.auto_model_name(splits.name, splits.input_shape)
     with strategy.scope():
-        model = models.build_model(model_name, splits.input_shape, splits.num_classes,
-                                   weight_decay=config.weight_decay, seed=config.seed)
+        try:
+            model = models.build_model(model_name, splits.input_shape, splits.num_classes,
+                                       weight_decay=config.weight_decay, seed=config.seed)
+        except ValueError as e:  # the data decides what the flags cannot: e.g. images too small for the model
+            raise UserError(f"--model={model_name} cannot take {splits.name}: {e}") from None
         # model.fit with the in-graph schedule: the optimizer holds the LR schedule (and the momentum
         # schedule next to it); otherwise a float LR (and a momentum variable the loop/callback assigns).
         in_graph = config.trainer == "keras_fit" and config.lr_control == "schedule"

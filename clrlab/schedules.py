@@ -11,8 +11,11 @@ Units and conventions (shared by all schedules):
 * `step_size` (CLR) is the number of steps in **half** a cycle; a full symmetric cycle is
   `2 * step_size` steps. Smith recommends 2-10x the steps per epoch.
 * A schedule accepts a scalar or a tensor of any shape of steps, of any integer or float dtype (or
-  a Python number), and returns `float32` of the same shape. The step is cast to `float32` before
-  any arithmetic, so integer steps are exact up to 2**24 (about 16.7 million).
+  a Python number), and returns `float32` of the same shape. Values match the formulas to float32
+  precision for any integer step below 2**53: the step is read in float64 and the part that decides
+  the value is computed exactly (the position within a CLR cycle by a float64 `floormod`; elsewhere
+  the step as a float32 head plus the tail that float32 rounding drops, zero below 2**24); the rest
+  is float32 arithmetic, the same ops as below 2**24, so small steps give the same bits.
 * Calls work eagerly, inside `tf.function` and under `tf.function(jit_compile=True)`.
 * Every LR schedule also has `height(step)`: the LR's normalised position above its floor, in
   [0, 1]. `CyclicalMomentum` turns it into a momentum that moves inversely to the LR.
@@ -57,8 +60,12 @@ def _fail(name, value, allowed):
     raise ValueError(f"Argument `{name}` must be {allowed}. Received: {name}={value!r}.")
 
 
+_FLOAT32 = np.finfo(np.float32)
+
+
 def _real(name, value, allowed, ok):
-    """Returns `value` (numpy scalars as Python numbers) if it is a finite real with `ok(value)`."""
+    """Returns `value` (numpy scalars as Python numbers) if it is a finite real with `ok(value)`, and
+    0 or a normal float32 number (the precision the schedules compute in)."""
     if isinstance(value, np.generic):
         value = value.item()
     if (
@@ -68,6 +75,9 @@ def _real(name, value, allowed, ok):
         or not ok(value)
     ):
         _fail(name, value, allowed)
+    if value != 0 and not float(_FLOAT32.tiny) <= abs(value) <= float(_FLOAT32.max):
+        _fail(name, value, f"{allowed}, and 0 or within float32's normal range "
+              f"[{_FLOAT32.tiny:.3g}, {_FLOAT32.max:.3g}] in magnitude (the schedule computes in float32)")
     return value
 
 
@@ -109,6 +119,21 @@ def _tail(x):
 def _as_float32_step(step):
     """Casts a step (Python number, array, tensor or variable of any numeric dtype) to float32."""
     return tf.cast(step, tf.float32)
+
+
+def _split_step(t64):
+    """A float64 step as float32 ``(head, tail)``: ``head = float32(t)`` (what a plain cast gives) and
+    ``tail = t - head``, the part the cast drops (exactly 0 below 2**24, exact below 2**48)."""
+    head = tf.cast(t64, tf.float32)
+    return head, tf.cast(t64 - tf.cast(head, tf.float64), tf.float32)
+
+
+def _clipped_step(step, last):
+    """The step clipped to [0, last] as float32 ``(head, tail)``; ``tail`` is None when ``last <= 2**24``
+    (float32 then holds every clipped step exactly: the plain cast, no extra ops)."""
+    if last <= 2**24:
+        return tf.clip_by_value(_as_float32_step(step), 0.0, last), None
+    return _split_step(tf.clip_by_value(tf.cast(step, tf.float64), 0.0, last))
 
 
 def _deserialized(config, key):
@@ -310,24 +335,35 @@ class CyclicalLearningRate(keras.optimizers.schedules.LearningRateSchedule):
         self._down = float(self.step_size if step_size_down is None else step_size_down)
         self._period = self._up + self._down
         self._amplitude = float(self.max_lr) - float(self.base_lr)
+        if self._period > float(_FLOAT32.max):
+            _fail("step_size", step_size, f"small enough that a cycle ({self._period!r} steps) fits in float32")
         self._log_gamma = math.log(self.gamma)
 
-    def _scale(self, cycle, t):
-        """The amplitude scale for float32 `cycle` and global step `t` (None means 1)."""
-        u = cycle if self._scale_mode == "cycle" else t
+    def _scale(self, cycle, t64):
+        """The amplitude scale for float32 `cycle` and float64 global step `t64` (None means 1)."""
+        if self._scale_mode == "cycle":
+            u, u_tail = cycle, None
+        else:
+            u, u_tail = _split_step(t64)
         if self.scale_fn is not None:
             return tf.cast(self.scale_fn(u), tf.float32)
         if self.mode == "triangular2":
             return tf.pow(tf.constant(0.5, tf.float32), u - 1.0)
         if self.mode == "exp_range" and self._log_gamma != 0.0:
-            return tf.exp(u * self._log_gamma)
+            # t * log(gamma) with the step's float32 tail (0 below 2**24, so the same bits there)
+            return tf.exp(u * self._log_gamma + u_tail * self._log_gamma)
         return None
 
-    def _height(self, t):
-        pos = tf.math.floormod(t, self._period)  # exact for floats (fmod-based)
-        cycle = tf.round((t - pos) / self._period) + 1.0
+    def _height(self, step):
+        # The position in the cycle, exactly: float64 fmod of the (exact below 2**53) step by the float32
+        # period; pos < period is a multiple of the period's last bit, so float32 holds it exactly.
+        t64 = tf.cast(step, tf.float64)
+        period = _head(self._period)
+        pos64 = tf.math.floormod(t64, period)
+        pos = tf.cast(pos64, tf.float32)
+        cycle = tf.cast(tf.round((t64 - pos64) / period), tf.float32) + 1.0
         h = tf.where(pos <= self._up, pos / self._up, (self._period - pos) / self._down)
-        scale = self._scale(cycle, t)
+        scale = self._scale(cycle, t64)
         return h if scale is None else h * scale
 
     def height(self, step):
@@ -343,12 +379,11 @@ class CyclicalLearningRate(keras.optimizers.schedules.LearningRateSchedule):
             float32 tensor of the same shape as `step`.
         """
         with tf.name_scope(self.name or "CyclicalLearningRate"):
-            return self._height(_as_float32_step(step))
+            return self._height(step)
 
     def __call__(self, step):
         with tf.name_scope(self.name or "CyclicalLearningRate"):
-            t = _as_float32_step(step)
-            return self.base_lr + self._amplitude * self._height(t)
+            return self.base_lr + self._amplitude * self._height(step)
 
     def get_config(self):
         """Returns the constructor arguments.
@@ -496,7 +531,7 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
 
     def _interpolate(self, step, start_index):
         """Per-phase anneal from value `start_index` to `start_index + 1` of each phase tuple."""
-        t = tf.clip_by_value(_as_float32_step(step), 0.0, float(self.total_steps - 1))
+        t, t_tail = _clipped_step(step, float(self.total_steps - 1))
         out = None
         for i in reversed(range(len(self._phases))):
             end = self._phases[i][0]
@@ -506,9 +541,13 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
             length = end - prev
             if length > 0:
                 # p = (t - prev) / length and q = 1 - p = (end - t) / length. A fractional phase
-                # end is split into float32 head + tail so that `end - t` stays accurate near t.
-                p = ((t - _head(prev)) - _tail(prev)) / length
-                q = ((_head(end) - t) + _tail(end)) / length
+                # end and the step are split into float32 head + tail so that `end - t` stays
+                # accurate near t (the step's tail is 0 below 2**24).
+                p = (t - _head(prev)) - _tail(prev)
+                q = (_head(end) - t) + _tail(end)
+                if t_tail is not None:
+                    p, q = p + t_tail, q - t_tail
+                p, q = p / length, q / length
             else:  # zero-length phase: only its end point can fall in it (PyTorch: 0/0)
                 p, q = tf.ones_like(t), tf.zeros_like(t)
             if self.anneal_strategy == "cos":
@@ -520,7 +559,8 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
                 value += start_val * wq
             if end_val != 0.0:
                 value += end_val * wp
-            # The first phase whose end is >= t wins; the last phase takes everything after.
+            # The first phase whose end is >= t wins; the last phase takes everything after. (The float32
+            # head decides: above 2**24 that can move a boundary by < 1 ulp of t, where the phases meet.)
             out = value if out is None else tf.where(t <= end, value, out)
         return out
 
@@ -610,8 +650,7 @@ class CyclicalMomentum(keras.optimizers.schedules.LearningRateSchedule):
 
     def __call__(self, step):
         with tf.name_scope(self.name or "CyclicalMomentum"):
-            t = _as_float32_step(step)
-            height = tf.cast(self.lr_schedule.height(t), tf.float32)
+            height = tf.cast(self.lr_schedule.height(step), tf.float32)
             return self.max_momentum - self._span * height
 
     def get_config(self):
@@ -682,10 +721,14 @@ class _Sweep(keras.optimizers.schedules.LearningRateSchedule):
         self.name = _name(name)
 
     def _fractions(self, step):
-        """(f, g) = (i / (N-1), (N-1-i) / (N-1)) with i the step clipped to [0, N-1]."""
+        """(f, g) = (i / (N-1), (N-1-i) / (N-1)) with i the step clipped to [0, N-1] (`g` from the step's
+        float32 head and tail, so it stays accurate near the end of a sweep longer than 2**24 steps)."""
         last = float(self.num_steps - 1)
-        i = tf.clip_by_value(_as_float32_step(step), 0.0, last)
-        return i / last, (last - i) / last
+        i, i_tail = _clipped_step(step, last)
+        rest = last - i
+        if i_tail is not None:
+            rest = (_head(last) - i) + _tail(last) - i_tail
+        return i / last, rest / last
 
     def get_config(self):
         return {
@@ -856,7 +899,7 @@ class PiecewiseConstant(keras.optimizers.schedules.LearningRateSchedule):
     solvers, each resumed from the previous one's snapshot at step 60k / 65k (60k + 5k + 5k steps). Keras'
     `PiecewiseConstantDecay` switches one step later (`step > boundary`), so Caffe's schedule is not
     reproduced by it exactly. Each output is exactly one of `values` rounded to float32 (a lookup, no
-    arithmetic). Boundaries are compared in float32: exact up to 2**24 steps.
+    arithmetic). Each step is compared exactly with each boundary (below 2**53).
 
     `height(t)` is 0: the stages are a decay, not a cycle, so `CyclicalMomentum` over this schedule holds
     its `max_momentum`.
@@ -894,10 +937,13 @@ class PiecewiseConstant(keras.optimizers.schedules.LearningRateSchedule):
         self.values = vals
         self.name = _name(name)
 
-    def _index(self, t):
+    def _index(self, step):
+        # float32 compares exactly up to 2**24; larger boundaries are compared in float64 (exact to 2**53)
+        t = _as_float32_step(step)
+        t64 = tf.cast(step, tf.float64) if self.boundaries[-1] > 2**24 else None
         index = tf.zeros_like(t, dtype=tf.int32)
         for b in self.boundaries:
-            index += tf.cast(t >= float(b), tf.int32)
+            index += tf.cast((t if b <= 2**24 else t64) >= float(b), tf.int32)
         return index
 
     def height(self, step):
@@ -907,10 +953,9 @@ class PiecewiseConstant(keras.optimizers.schedules.LearningRateSchedule):
 
     def __call__(self, step):
         with tf.name_scope(self.name or "PiecewiseConstant"):
-            t = _as_float32_step(step)
             if not self.boundaries:
-                return tf.zeros_like(t) + self.values[0]
-            return tf.gather(tf.constant(self.values, tf.float32), self._index(t))
+                return tf.zeros_like(_as_float32_step(step)) + self.values[0]
+            return tf.gather(tf.constant(self.values, tf.float32), self._index(step))
 
     def get_config(self):
         return {"boundaries": list(self.boundaries), "values": list(self.values), "name": self.name}

@@ -67,14 +67,18 @@ def _cifar_batches(rng):
     return batches
 
 
-def write_cifar_folder(folder, rng=None, skip=()):
-    """Writes an extracted cifar-10-batches-py folder (Python 2 style pickles, as the original files)."""
+def write_cifar_folder(folder, rng=None, skip=(), protocol=None):
+    """Writes an extracted cifar-10-batches-py folder: Python 2 style pickles, as the original files, or
+    with ``protocol`` the same dicts re-pickled by Python 3's ``pickle.dump(..., protocol=protocol)``."""
     batches = _cifar_batches(rng or np.random.default_rng(0))
     os.makedirs(folder, exist_ok=True)
     for name, d in batches.items():
         if name not in skip:
             with open(os.path.join(folder, name), "wb") as f:
-                dump_py2(d, f)
+                if protocol is None:
+                    dump_py2(d, f)
+                else:
+                    pickle.dump(d, f, protocol=protocol)
     return batches
 
 

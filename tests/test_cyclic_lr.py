@@ -262,3 +262,30 @@ def test_cycle_momentum_with_an_optimizer_holding_a_momentum_schedule_is_refused
     model = linear_model(optimizers.SGD(learning_rate=0.5, momentum=schedules.CyclicalMomentum(lr, 0.8, 0.9)))
     with pytest.raises(ValueError, match="cannot set the momentum of an optimizer built with a momentum schedule"):
         fit(model, [CyclicLR(base_lr=B, max_lr=M, step_size=2, cycle_momentum=True)], epochs=1)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"step_size": 1e-300}, r"step_size.*float32.*Received: step_size=1e-300\.$"),
+    ({"max_lr": 1e308}, r"max_lr.*float32.*Received: max_lr=1e\+308\.$"),
+    ({"step_size": 3e38}, r"step_size.*a cycle .* fits in float32"),
+    ({"scale_fn": lambda u: u * float("nan")}, r"scale_fn.*finite factor in \[0, 1\]\. Received: scale_fn\(1\)=nan"),
+    ({"scale_fn": lambda u: u * 0 + 1e30, "scale_mode": "iterations"}, r"scale_fn\(0\)=1e\+30"),
+    ({"scale_fn": lambda u: 1.0 - u / 100.0}, r"scale_fn\(1000\)=-9 "),
+])
+def test_values_that_would_make_nan_or_inf_lrs_are_refused_in_the_constructor(kwargs, match):
+    with pytest.raises(ValueError, match=match) as err:
+        CyclicLR(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_a_scale_fn_going_bad_at_a_step_the_constructor_did_not_try_stops_at_that_batch():
+    import tensorflow as tf
+
+    clr = CyclicLR(base_lr=B, max_lr=M, step_size=1,
+                   scale_fn=lambda u: tf.where(tf.equal(u, 4.0), float("nan"), 1.0), scale_mode="cycle")
+    model = linear_model()
+    with pytest.raises(ValueError, match=r"^CyclicLR computed the learning rate nan for clr_iterations=6, outside "
+                                         r"\[base_lr, max_lr\]"):
+        fit(model, [clr], epochs=3)
+    assert len(clr.history["lr"]) == 6 and all(np.isfinite(clr.history["lr"]))  # no NaN LR was ever set
+    assert np.isfinite(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))

@@ -91,3 +91,41 @@ def test_corrupt_cifar_batches(tmp_path):
     assert "data_batch_2" in assert_one_line(err)
     assert isinstance(err.value.__cause__, pickle.UnpicklingError)
     assert "refusing to unpickle posix.system" in str(err.value.__cause__)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_cifar10_batches_repickled_by_python3_load(tmp_path, protocol):
+    folder = tmp_path / f"p{protocol}" / "cifar-10-batches-py"
+    batches = write_cifar_folder(str(folder), protocol=protocol)
+    s = data.load("cifar10", data_dir=str(folder), normalization="none")
+    x_train, y_train, x_test, y_test = expected_cifar(batches)
+    np.testing.assert_array_equal(np.round(s.x_train * 255.0).astype(np.uint8), x_train)
+    np.testing.assert_array_equal(np.round(s.x_test * 255.0).astype(np.uint8), x_test)
+    np.testing.assert_array_equal(s.y_train, y_train)
+    np.testing.assert_array_equal(s.y_test, y_test)
+    assert s.class_names == CLASS_NAMES
+    with open(folder / "data_batch_1", "wb") as f:  # a transposed (non-C-order) array pickles with order "K"
+        pickle.dump({b"data": np.asfortranarray(batches["data_batch_1"][b"data"]), b"labels": [1, 2]}, f,
+                    protocol=protocol)
+    s = data.load("cifar10", data_dir=str(folder), normalization="none")
+    np.testing.assert_array_equal(np.round(s.x_train[:2] * 255.0).astype(np.uint8), x_train[:2])
+
+
+def test_cifar10_protocol5_refusals_name_the_reason(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    batches = write_cifar_folder(str(folder), protocol=5)
+    with open(folder / "data_batch_1", "wb") as f:  # out-of-band buffers live outside the file
+        pickle.dump(batches["data_batch_1"], f, protocol=5, buffer_callback=lambda buffer: False)
+    with pytest.raises(data.DataError) as err:
+        data.load("cifar10", data_dir=str(folder))
+    assert "data_batch_1 was pickled with out-of-band buffers" in assert_one_line(err)
+    with open(folder / "data_batch_1", "wb") as f:  # an object array rebuilt from a buffer is still refused
+        pickle.dump({b"data": np.array([os.system], dtype=object), b"labels": [0]}, f, protocol=5)
+    with pytest.raises(data.DataError) as err:
+        data.load("cifar10", data_dir=str(folder))
+    assert "data_batch_1" in assert_one_line(err) and "corrupt" not in str(err.value)
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": os.system, b"labels": []}, f, protocol=5)
+    with pytest.raises(data.DataError) as err:
+        data.load("cifar10", data_dir=str(folder))
+    assert "data_batch_1 pickles posix.system, which is refused" in assert_one_line(err)

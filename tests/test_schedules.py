@@ -652,3 +652,117 @@ def test_piecewise_invalid_arguments(kwargs, match):
 def test_make_schedule_piecewise_needs_values():
     with pytest.raises(ValueError, match="needs `values`"):
         S.make_schedule("piecewise", boundaries=[10])
+
+
+# ------------------------------------------------------------------------------------------------
+# Large steps: exact to float32 precision for any integer step below 2**53.
+# ------------------------------------------------------------------------------------------------
+LARGE = (2**24, 2**31, 2**40, 2**52)
+LARGE_STEPS = np.array(sorted({s + d for s in LARGE for d in range(-3, 45)}), np.int64)
+
+
+def exact_clr_height(steps, up, down, mode="triangular", gamma=1.0, scale=None):
+    """The cycle position with Python integers (exact at any step), then the factor in float64."""
+    out = []
+    for t in (int(s) for s in steps):
+        pos, cycle = t % (up + down), t // (up + down) + 1
+        h = pos / up if pos <= up else (up + down - pos) / down
+        if scale is not None:
+            h *= scale(cycle)
+        elif mode == "triangular2":
+            h *= 0.5 ** (cycle - 1)
+        elif mode == "exp_range":
+            h *= math.exp(t * math.log(gamma))
+        out.append(h)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("mode,gamma,up,down", [
+    ("triangular", 1.0, 10, None), ("triangular", 1.0, 7, 13), ("triangular2", 1.0, 10, None),
+    ("exp_range", 1 - 1e-12, 10, 17), ("custom", 1.0, 6, 9),
+])
+def test_cyclical_lr_and_momentum_are_exact_at_large_steps(mode, gamma, up, down):
+    if mode == "custom":
+        lr = S.CyclicalLearningRate(B, M, up, scale_fn=inverse_cycle, step_size_down=down)
+        ref = exact_clr_height(LARGE_STEPS, up, down or up, scale=lambda c: 1.0 / c)
+    else:
+        lr = S.CyclicalLearningRate(B, M, up, mode=mode, gamma=gamma, step_size_down=down)
+        ref = exact_clr_height(LARGE_STEPS, up, down or up, mode, gamma)
+    np.testing.assert_allclose(values(lr, LARGE_STEPS), B + (M - B) * ref, rtol=1e-6)
+    np.testing.assert_allclose(values(lr.height, LARGE_STEPS), ref, rtol=1e-6, atol=1e-7)
+    mom = S.CyclicalMomentum(lr, 0.85, 0.95)
+    np.testing.assert_allclose(values(mom, LARGE_STEPS), 0.95 - 0.1 * ref, rtol=1e-6)
+    # the issue's example: base 0.001, max 0.006, step_size 10 at step 2**24 + 1
+    assert values(S.CyclicalLearningRate(B, M, 10), [2**24 + 1]) == pytest.approx(0.0025, rel=1e-6)
+
+
+def one_cycle_at(step, total, max_lr, pct=0.3, div=25.0, final_div=1e4, anneal="cos", three_phase=False):
+    """PyTorch OneCycleLR's value (and momentum height) at one step, in float64 (as one_cycle_ref)."""
+    lr0, lr_min = max_lr / div, max_lr / div / final_div
+    phases = [(float(pct * total) - 1, lr0, max_lr, 0.0, 1.0)]
+    if three_phase:
+        phases += [(float(2 * pct * total) - 2, max_lr, lr0, 1.0, 0.0), (total - 1, lr0, lr_min, 0.0, 0.0)]
+    else:
+        phases += [(total - 1, max_lr, lr_min, 1.0, 0.0)]
+    step, start = min(max(step, 0), total - 1), 0.0
+    for i, (end, lr_a, lr_b, h_a, h_b) in enumerate(phases):
+        if step <= end or i == len(phases) - 1:
+            p = (step - start) / (end - start)
+            if anneal == "cos":
+                w = math.sin(math.pi / 2 * p) ** 2
+            else:
+                w = p
+            return lr_a + (lr_b - lr_a) * w, h_a + (h_b - h_a) * w
+        start = end
+
+
+@pytest.mark.parametrize("anneal,three_phase", [("cos", False), ("linear", True), ("linear", False)])
+def test_one_cycle_is_exact_at_large_steps(anneal, three_phase):
+    total = 2**41 + 3
+    e1 = int(0.3 * total)
+    steps = np.array(sorted(set(LARGE_STEPS[LARGE_STEPS < 2**41]) | set(range(e1 - 3, e1 + 4))
+                            | set(range(total - 40, total + 2)) | {2**52}), np.int64)
+    lr = S.OneCycle(0.1, total, anneal_strategy=anneal, three_phase=three_phase)
+    ref = np.array([one_cycle_at(int(t), total, 0.1, anneal=anneal, three_phase=three_phase) for t in steps])
+    np.testing.assert_allclose(values(lr, steps), ref[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(values(lr.height, steps), ref[:, 1], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(values(S.CyclicalMomentum(lr, 0.85, 0.95), steps), 0.95 - 0.1 * ref[:, 1], rtol=1e-6)
+
+
+def test_piecewise_and_sweeps_are_exact_at_large_steps():
+    boundaries = [2**24 + 1, 2**31 + 1, 2**40 + 1, 2**52 + 1]
+    pw = S.PiecewiseConstant(boundaries, [1.0, 0.5, 0.25, 0.125, 0.0625])
+    steps = np.array([b + d for b in boundaries for d in (-2, -1, 0, 1)], np.int64)
+    want = np.float32([[1.0, 0.5, 0.25, 0.125, 0.0625][int(np.searchsorted(boundaries, t, side="right"))]
+                       for t in steps])
+    np.testing.assert_array_equal(values(pw, steps), want)
+    n = 2**41
+    steps = np.array(sorted(set(LARGE_STEPS[LARGE_STEPS < n]) | set(range(n - 40, n + 2))), np.int64)
+    f = np.array([min(int(t), n - 1) / (n - 1) for t in steps])
+    g = np.array([(n - 1 - min(int(t), n - 1)) / (n - 1) for t in steps])
+    lin = S.LinearSweep(0.0, 1.0, n)
+    np.testing.assert_allclose(values(lin, steps), f, rtol=1e-6)
+    np.testing.assert_allclose(values(S.LinearSweep(1.0, 2.0, n), steps), 1.0 + f, rtol=1e-6)
+    exp = S.ExponentialSweep(1e-7, 10.0, n)
+    np.testing.assert_allclose(values(exp, steps), 10.0 * np.exp(-g * math.log(1e8)), rtol=1e-6)
+
+
+def test_large_steps_agree_across_dtypes_graph_xla_and_vectorised():
+    schedules = [S.CyclicalLearningRate(B, M, 10), S.CyclicalLearningRate(B, M, 7, step_size_down=13),
+                 S.OneCycle(0.1, 2**41 + 3, anneal_strategy="linear"), S.LinearSweep(0.0, 1.0, 2**41),
+                 S.PiecewiseConstant([2**24 + 1, 2**40 + 1], [1.0, 0.5, 0.25])]
+    steps = np.array([2**24 + 1, 2**31 + 5, 2**40 + 7, 2**52 + 3], np.int64)
+
+    def run_all(x):
+        return [s(x) for s in schedules]
+
+    graph = tf.function(run_all, autograph=False)
+    reference = [v.numpy() for v in graph(tf.constant(steps))]  # vectorised, in graph
+    as_float64 = graph(tf.constant(steps.astype(np.float64)))
+    xla = tf.function(run_all, jit_compile=True)(tf.constant(steps))
+    for k, ref in enumerate(reference):
+        for i, t in enumerate(steps):  # one step alone gives the vectorised value bit for bit
+            assert graph(tf.constant(t))[k].numpy() == ref[i]
+        np.testing.assert_array_equal(as_float64[k].numpy(), ref)
+        np.testing.assert_allclose(xla[k].numpy(), ref, rtol=1e-6)
+        np.testing.assert_allclose(values(schedules[k], steps), ref, rtol=1e-6)  # eager

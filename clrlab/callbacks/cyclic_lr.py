@@ -17,6 +17,7 @@ import numbers
 import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from clrlab import config, keras_internals, optimizers, schedules
@@ -114,7 +115,9 @@ class CyclicLR(keras.callbacks.Callback):
       gamma: `'exp_range'` decay per batch, in (0, 1].
       scale_fn: optional custom amplitude scale `u -> factor` (overrides `mode`). It is called eagerly
         with a float32 scalar tensor `u` (the cycle number or the step count, see `scale_mode`);
-        NumPy functions such as `lambda x: 0.5 * (1 + np.sin(x * np.pi / 2.))` work.
+        NumPy functions such as `lambda x: 0.5 * (1 + np.sin(x * np.pi / 2.))` work. It must return a
+        finite factor in [0, 1]: the constructor tries it at a few points (`_PROBES`) and every LR it
+        sets is checked, so a NaN/inf or out-of-range factor is a ValueError, never a NaN LR.
       scale_mode: `'cycle'` or `'iterations'`: what `scale_fn` receives. `'iterations'` passes
         `clr_iterations` (batches since the last `_reset`), not the position within the cycle.
       cycle_momentum: bool, cycle the momentum inversely to the LR (default False: momentum untouched).
@@ -129,7 +132,9 @@ class CyclicLR(keras.callbacks.Callback):
       trn_iterations: batches trained with this callback (never reset).
 
     Raises:
-      ValueError: for invalid arguments (constructor or `_reset`); at `on_train_begin` for an optimizer
+      ValueError: for invalid arguments (constructor or `_reset`), including bounds or step sizes outside
+        float32's range and a `scale_fn` factor outside [0, 1]; at the batch whose LR would be non-finite
+        or outside [base_lr, max_lr]; at `on_train_begin` for an optimizer
         built with a `LearningRateSchedule`, a model without an optimizer, or `steps_per_execution > 1`;
         with `cycle_momentum`, for an optimizer without a momentum variable or one built with a momentum
         schedule.
@@ -168,6 +173,8 @@ class CyclicLR(keras.callbacks.Callback):
         self.scale_mode = scale_mode if scale_fn is not None else config.IMPLIED_SCALE_MODE[mode]
         self.base_lr, self.max_lr, self.step_size = base_lr, max_lr, step_size
         self._set_schedule(self._make_schedule(base_lr, max_lr, step_size))
+        if scale_fn is not None:
+            self._probe_scale_fn()
         self._momentum = None  # the optimizer's momentum variable (with cycle_momentum), from on_train_begin
         self.clr_iterations = 0
         self.trn_iterations = 0
@@ -184,6 +191,18 @@ class CyclicLR(keras.callbacks.Callback):
         return schedules.CyclicalLearningRate(base_lr=base_lr, max_lr=max_lr, step_size=step_size,
                                               gamma=self.gamma, scale_fn=self.scale_fn,
                                               scale_mode=self.scale_mode)
+
+    # scale_fn arguments tried in the constructor: cycle numbers (1-based) or global steps
+    _PROBES = {"cycle": (1.0, 2.0, 3.0, 10.0, 1000.0), "iterations": (0.0, 1.0, 10.0, 1000.0, 1e6)}
+
+    def _probe_scale_fn(self) -> None:
+        """Calls a custom `scale_fn` eagerly at a few points (`_PROBES`); a value that is not a finite
+        number in [0, 1] (NaN, 1e30, ...) raises ValueError here rather than as a NaN/inf LR later."""
+        for u in self._PROBES[self.scale_mode]:
+            value = float(keras.ops.convert_to_numpy(self.scale_fn(tf.constant(u, tf.float32))))
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"Argument `scale_fn` must return a finite factor in [0, 1]. Received: "
+                                 f"scale_fn({u:g})={value:.6g} (scale_mode={self.scale_mode!r}).")
 
     def _set_schedule(self, schedule) -> None:
         self._schedule = schedule
@@ -208,6 +227,14 @@ class CyclicLR(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------------------------ hooks
     def _set_lr(self, value: float) -> None:
+        """Assigns the LR for `clr_iterations`, refusing a value that is non-finite or outside
+        [base_lr, max_lr] (a `scale_fn` factor outside [0, 1] at a step the constructor did not try)."""
+        lo, hi = float(np.float32(self.base_lr)), float(np.float32(self.max_lr))
+        if not (math.isfinite(value) and lo * (1 - 1e-6) <= value <= hi * (1 + 1e-6)):
+            raise ValueError(
+                f"CyclicLR computed the learning rate {value!r} for clr_iterations={self.clr_iterations}, "
+                f"outside [base_lr, max_lr] = [{self.base_lr!r}, {self.max_lr!r}]: scale_fn must return a "
+                "finite factor in [0, 1] at every step.")
         self.model.optimizer.learning_rate = float(value)
 
     def _set_momentum(self) -> None:

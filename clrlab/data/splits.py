@@ -8,9 +8,16 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from absl import logging
 
 from clrlab.config import NORMALIZATIONS
 from clrlab.errors import UserError
+
+# Labels are stored as int32 (what the loss and tf.data take): the largest label that fits as a class id.
+MAX_LABEL = np.iinfo(np.int32).max - 1
+# More classes than this, or (above 1000 classes) fewer than half of them seen in the data, is warned about:
+# one stray large label makes a huge output layer.
+MANY_CLASSES = 100_000
 
 
 class DataError(UserError, ValueError):
@@ -98,11 +105,20 @@ def _check_labels(y, n: int, what: str, num_classes: int | None) -> np.ndarray:
             raise DataError(f"{what} contains non-integer labels: labels must be integer class ids")
     elif y.dtype.kind not in "iu":
         raise DataError(f"{what} has dtype {y.dtype}: labels must be integer class ids")
-    if n and y.min() < 0:
-        raise DataError(f"{what} contains negative labels (min {y.min()}): labels must be in [0, num_classes)")
-    if n and num_classes is not None and y.max() >= num_classes:
+    if not n:
+        return y.astype(np.int32)
+    # compared as Python numbers (exact for any int64/uint64), never after a wrapping cast to int32
+    lo, hi = y.min().item(), y.max().item()
+    if lo < 0:
+        raise DataError(f"{what} contains negative labels (min {lo}): labels must be in [0, num_classes)")
+    if hi > MAX_LABEL:
         raise DataError(
-            f"{what} contains label {int(y.max())} but there are only {num_classes} classes: labels must "
+            f"{what} contains label {hi}, larger than the largest class id {MAX_LABEL} (int32): labels must be "
+            "class ids 0, 1, ..., num_classes - 1"
+        )
+    if num_classes is not None and hi >= num_classes:
+        raise DataError(
+            f"{what} contains label {int(hi)} but there are only {num_classes} classes: labels must "
             f"be in [0, {num_classes})"
         )
     return y.astype(np.int32)
@@ -121,6 +137,8 @@ def _to_float_channels_last(x, what: str, spatial_dims: int) -> np.ndarray:
         raise DataError(f"{what} must be {layout}; got shape {x.shape}")
     if len(x) == 0:
         raise DataError(f"{what} is empty: the dataset needs at least one image per split")
+    if 0 in x.shape[1:]:
+        raise DataError(f"{what} has a zero-size dimension {x.shape}: every image needs at least one pixel")
     if spatial_dims == 2 and x.shape[1] in (1, 3) and x.shape[3] > 4:
         raise DataError(f"{what} looks channels-first {x.shape}: store images as (N, H, W, C)")
     if x.dtype.kind in "iu":
@@ -167,6 +185,19 @@ def _normalize(x_train: np.ndarray, x_test: np.ndarray, normalization: str):
     return x_train, x_test
 
 
+def _warn_many_classes(name: str, num_classes: int, y_train: np.ndarray, y_test: np.ndarray) -> None:
+    """One warning line when the output layer gets huge: more than `MANY_CLASSES` classes, or more than
+    1000 of which fewer than half occur in the data (e.g. one stray label 1000000 among 0..9)."""
+    if num_classes <= 1000:
+        return
+    seen = len(np.union1d(y_train, y_test))
+    if num_classes > MANY_CLASSES or 2 * seen < num_classes:
+        logging.warning(
+            "%s has %d classes (largest label %d, %d distinct labels occur): the model gets a %d-way "
+            "output layer; check the labels for a stray value", name, num_classes,
+            int(max(y_train.max(), y_test.max())), seen, num_classes)
+
+
 def check_normalization(normalization: str) -> None:
     """Raises `DataError` unless ``normalization`` is one of `clrlab.config.NORMALIZATIONS`."""
     if normalization not in NORMALIZATIONS:
@@ -205,5 +236,6 @@ def from_arrays(name: str, x_train, y_train, x_test, y_test, class_names, normal
         class_names = tuple(str(i) for i in range(num_classes))
     if num_classes < 2:
         raise DataError(f"{name} has a single class: a classifier needs at least 2 classes")
+    _warn_many_classes(name, num_classes, y_train, y_test)
     x_train, x_test = _normalize(x_train, x_test, normalization)
     return Splits(name, x_train, y_train, x_test, y_test, num_classes, tuple(class_names))

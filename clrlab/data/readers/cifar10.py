@@ -19,11 +19,32 @@ CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "
 BATCH_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
+def _frombuffer(buf, dtype, shape, order, axis_order=None):
+    """NumPy's protocol-5 array rebuild (``numpy/_core/numeric.py:_frombuffer``) for plain dtypes only."""
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"refusing to unpickle an array of dtype {dtype}")
+    array = np.frombuffer(buf, dtype=dtype)
+    if order == "K" and axis_order is not None:
+        return array.reshape(shape, order="C").transpose(axis_order)
+    return array.reshape(shape, order=order)
+
+
+class _Refused(pickle.UnpicklingError):
+    """The pickle names a class or function (``qualname``) outside the allow-list."""
+
+    def __init__(self, qualname: str):
+        super().__init__(f"refusing to unpickle {qualname}")
+        self.qualname = qualname
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickles plain containers and NumPy arrays only, like ``keras/src/datasets/npz_utils.py``.
 
     Also allows ``_codecs.encode`` (a pure data transform), which Python 3 emits for bytes under pickle
-    protocol 2, so batches re-pickled by Python 3 load too.
+    protocol 2, so batches re-pickled by Python 3 load too, and NumPy's ``_frombuffer``, which rebuilds
+    arrays pickled at protocol 5 from their in-band buffer (``BYTEARRAY8``; out-of-band buffers are
+    refused: no ``buffers=`` is passed).
     """
 
     _ALLOWED = frozenset({
@@ -33,17 +54,35 @@ class _RestrictedUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
     })
+    _FROMBUFFER = frozenset({("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")})
 
     def find_class(self, module, name):
+        if (module, name) in self._FROMBUFFER:
+            return _frombuffer
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        raise _Refused(f"{module}.{name}")
 
 
 def _unpickle(raw: bytes, where: str) -> dict:
-    """Reads one CIFAR python batch: a (Python 2) pickled dict with bytes keys, as Keras' load_batch."""
+    """Reads one CIFAR python batch: a (Python 2) pickled dict with bytes keys, as Keras' load_batch
+    (any pickle protocol up to 5 with in-band buffers)."""
     try:
         d = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except _Refused as e:
+        raise DataError(
+            f"CIFAR-10 batch {where} pickles {e.qualname}, which is refused (only containers and NumPy arrays "
+            "are unpickled): re-download it, or re-pickle plain dicts of lists and uint8 arrays"
+        ) from e
+    except pickle.UnpicklingError as e:
+        if "out-of-band" in str(e):
+            raise DataError(
+                f"CIFAR-10 batch {where} was pickled with out-of-band buffers (protocol 5 buffer_callback), "
+                "which the file does not contain: re-pickle it without buffer_callback"
+            ) from e
+        raise DataError(
+            f"cannot read CIFAR-10 batch {where} (UnpicklingError): the file is corrupt, re-download it"
+        ) from e
     except Exception as e:  # pickle raises many types on garbage input
         raise DataError(
             f"cannot read CIFAR-10 batch {where} ({type(e).__name__}): the file is corrupt, re-download it"

@@ -7,10 +7,45 @@ import zipfile
 import zlib
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from clrlab.data.splits import DataError
 
 REQUIRED = ("x_train", "y_train", "x_test", "y_test")
+# zlib's deflate expands at most ~1032:1 (zlib technical details); np.savez writes only stored or deflated members
+_MAX_DEFLATE_RATIO = 1032
+
+
+def _human(n: int) -> str:
+    return f"{n} bytes" if n < 2**20 else f"{n / 2**30:.3g} GiB"
+
+
+def _check_declared_sizes(path: str) -> None:
+    """Compares every member's .npy header (shape x dtype) with the bytes the archive holds for it, so a
+    header that claims a huge array fails in one line BEFORE `np.load` allocates it."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with archive.open(info) as f:
+                version = npy_format.read_magic(f)
+                # read_array_header_2_0 also parses a 3.0 header (same layout, utf8 field names)
+                if version == (1, 0):
+                    shape, _, dtype = npy_format.read_array_header_1_0(f)
+                else:
+                    shape, _, dtype = npy_format.read_array_header_2_0(f)
+                available = info.file_size - f.tell()
+            if dtype.hasobject:
+                continue  # np.load refuses pickles below
+            declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            stored = info.compress_size * (_MAX_DEFLATE_RATIO if info.compress_type == zipfile.ZIP_DEFLATED else 1)
+            if declared > available or (info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+                                        and declared > stored + 1024):
+                raise DataError(
+                    f"{path}: {info.filename} declares a {dtype} array of shape {shape} ({_human(declared)}) but "
+                    f"holds {_human(max(min(available, stored), 0))}: the file is truncated or corrupt, re-save it "
+                    "with np.savez"
+                )
 
 
 def read_npz(path: str) -> dict:
@@ -22,8 +57,13 @@ def read_npz(path: str) -> dict:
     if not is_zip:
         raise DataError(f"cannot read {path}: it is not a valid .npz (zip) archive, re-save it with np.savez")
     try:
+        _check_declared_sizes(path)
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
+    except DataError:
+        raise
+    except MemoryError as e:
+        raise DataError(f"not enough memory to load {path}: use a smaller dataset or a machine with more RAM") from e
     except ValueError as e:
         if "pickle" in str(e):
             raise DataError(
