@@ -414,8 +414,9 @@ MIN_RULE_POINTS = 20
 MIN_RATIO = 3.0
 """Smallest ``max_lr / base_lr`` recommended without a warning (the CLR paper's factor 3-4)."""
 
-MAX_RATIO = 10.0
-"""Largest ``max_lr / base_lr``: a rise that starts further below ``max_lr`` is clamped (one-cycle's 10)."""
+MAX_RATIO = 4.0
+"""Largest ``max_lr / base_lr``: a rise that starts further below ``max_lr`` is clamped to ``max_lr / 4``
+(Smith 2018, sec. 4.1: the minimum bound is a factor 3-4 below the maximum)."""
 
 
 def _odd_window(window: int, n: int) -> int:
@@ -513,7 +514,7 @@ def _ratio_guard(lr: np.ndarray, base: int | None, max_index: int, max_rule: str
 
 
 def suggest_from_accuracy(lrs: Any, accuracies: Any, *, sweep: str = "linear", window: int | None = None,
-                          start_fraction: float = 0.05, p: float = 0.1, plateau: float = 0.9,
+                          start_fraction: float = 0.05, p: float = 0.1, plateau: float = 0.98,
                           ragged: float = 3.0, min_rise: float = 0.02) -> Bounds:
     """Smith's CLR rule (2015, sec. 3.3) on a zero-lag, noise-aware accuracy curve.
 
@@ -527,11 +528,11 @@ def suggest_from_accuracy(lrs: Any, accuracies: Any, *, sweep: str = "linear", w
        no bounds (``"no_accuracy_rise"``).
     2. base (``"accuracy_rise"``): first index with ``t > acc0 + max(p * rise, 3 sigma_t)``.
     3. max: the earliest of ``"accuracy_plateau"`` (``t`` within ``max((1 - plateau) * rise,
-       2 sigma_t)`` of the peak: the rise has stopped), ``"accuracy_ragged"`` (past half the rise, the
+       2 sigma_t)`` of the peak: the rise has stopped; ``plateau`` 0.98), ``"accuracy_ragged"`` (past half the rise, the
        local residual std exceeds ``ragged x sigma``) and ``"accuracy_falls"`` (``t`` more than
        ``3 sigma_t`` below its running maximum; one window before that point).
-    4. The ratio guard: ``max/base < 3`` gives ``base = max/3`` and a warning; ``> 10`` is clamped to
-       ``max/10``; a rise from the first ``n0`` points (the sweep started mid-rise) gives
+    4. The ratio guard: ``max/base < 3`` gives ``base = max/3`` and a warning; ``> 4`` is clamped to
+       ``max/4`` (:data:`MAX_RATIO`); a rise from the first ``n0`` points (the sweep started mid-rise) gives
        ``max/3`` and a warning to lower the start LR.
 
     Args:
@@ -592,8 +593,8 @@ def suggest_from_loss(lrs: Any, losses: Any, *, window: int | None = None, skip_
     ``skip_start`` and last ``skip_end`` points.
 
     * ``max_lr`` (``"loss_steepest"``): the LR of the steepest descent of ``t`` against ``ln lr``
-      before its minimum; if that lies more than a decade below the minimum (a descent at the very
-      start), ``lr_min / 10`` (``"loss_minimum/10"``).
+      before its minimum; if that lies more than a factor 3 below the minimum (the steepest fall of
+      a loss that keeps falling for a decade or more), ``lr_min / 3`` (``"loss_minimum/3"``).
     * ``base_lr`` = ``max_lr / 4`` (``"max_lr/4 (loss rule)"``, the paper's factor 3-4).
     * No bounds when the trend falls by less than ``max(6 sigma_t, min_fall * |start level|)``
       (``"loss_flat"``), or when the minimum lies in the first 10% of the points (``"loss_rises_at_once"``).
@@ -622,8 +623,8 @@ def suggest_from_loss(lrs: Any, losses: Any, *, window: int | None = None, skip_
         steep = int(np.argmin(grad[lo:])) + lo if lo < grad.size else int(np.argmin(grad))
         max_rule = "loss_steepest"
     max_lr = float(lr[steep])
-    if max_lr < lr[i_min] / 10.0:
-        max_lr, max_rule, steep = float(lr[i_min] / 10.0), "loss_minimum/10", None
+    if max_lr < lr[i_min] / 3.0:
+        max_lr, max_rule, steep = float(lr[i_min] / 3.0), "loss_minimum/3", None
     return Bounds(max_lr / 4.0, max_lr, "max_lr/4 (loss rule)", max_rule, None, steep)
 
 
