@@ -164,7 +164,8 @@ def test_result_merges_held_out_accuracy_into_the_bounds_with_smiths_rule():
     assert bounds.base_lr is not None and bounds.max_lr is not None
     rec = result.recommendation
     assert (result.base_lr, result.max_lr) == (bounds.base_lr, bounds.max_lr)
-    assert rec.rule == f"heldout_{bounds.rule}"
+    assert (rec.base_rule, rec.max_rule) == (f"heldout_{bounds.base_rule}", f"heldout_{bounds.max_rule}")
+    assert rec.rule == f"base: heldout_{bounds.base_rule}; max: heldout_{bounds.max_rule}"
     assert (rec.suggestions["accuracy_base"], rec.suggestions["accuracy_max"]) == (bounds.base_lr, bounds.max_lr)
     out = result.to_dict()
     assert out["eval"] == {"steps": list(range(9, 100, 10)), "lrs": lrs[9::10],
@@ -172,7 +173,7 @@ def test_result_merges_held_out_accuracy_into_the_bounds_with_smiths_rule():
     # Without the held-out points the same records give the per-batch recommendation.
     plain = SweepRecorder(dataclasses.replace(options, eval_every=0))
     plain.record(lrs, loss, [0.5] * 100)
-    assert not plain.result().recommendation.rule.startswith("heldout_")
+    assert "heldout_" not in plain.result().recommendation.rule
 
 
 def test_result_keeps_the_per_batch_bounds_with_a_logged_warning_when_too_few_evaluations(caplog):
@@ -184,7 +185,7 @@ def test_result_keeps_the_per_batch_bounds_with_a_logged_warning_when_too_few_ev
         result = recorder.result()
     assert [r.getMessage() for r in caplog.records if r.name == "clrlab.sweep"] == [
         "Held-out accuracy not used for the bounds: Need at least 10 points. Received: 1"]
-    assert result.eval_steps == (28,) and not result.recommendation.rule.startswith("heldout_")
+    assert result.eval_steps == (28,) and "heldout_" not in result.recommendation.rule
 
 
 # ---------------------------------------------------------------------------------------- snapshot, run_sweep
