@@ -27,8 +27,8 @@ Example:
 >>> losses = 2.3 - 2.0 / (1.0 + np.exp(-(x + 3.0) / 0.3)) + np.exp((x + 0.5) / 0.1)
 >>> rec = recommend(lrs, losses)
 >>> rec.base_rule, rec.max_rule, rec.stopped_early, rec.reason
-('max_lr/4 (loss rule)', 'loss_steepest (no accuracy recorded)', True, 'diverged')
->>> bool(1e-4 < rec.base_lr < rec.max_lr < 10 ** -2)
+('max_lr/4 (loss rule)', 'loss_minimum/3 (no accuracy recorded)', True, 'diverged')
+>>> bool(rec.max_lr == rec.base_lr * 4 and 10 ** -3 < rec.max_lr < 10 ** -0.5)
 True
 """
 
@@ -524,13 +524,13 @@ def suggest_from_accuracy(lrs: Any, accuracies: Any, *, sweep: str = "linear", w
     the noise left in the trend:
 
     1. ``acc0`` = median of the first ``n0 = max(3, ceil(start_fraction * n))`` raw points, ``peak``
-       = argmax ``t``, ``rise = t[peak] - acc0``. A rise under ``max(min_rise, 6 sigma_t)`` is noise:
-       no bounds (``"no_accuracy_rise"``).
+       = argmax ``t``, ``rise = t[peak] - acc0``. A rise under ``max(min_rise, 6 sigma_t + 3 sigma /
+       sqrt(n0))`` (the trend's noise plus that of ``acc0``) is noise: no bounds (``"no_accuracy_rise"``).
     2. base (``"accuracy_rise"``): first index with ``t > acc0 + max(p * rise, 3 sigma_t)``.
-    3. max: the earliest of ``"accuracy_plateau"`` (``t`` within ``max((1 - plateau) * rise,
-       2 sigma_t)`` of the peak: the rise has stopped; ``plateau`` 0.98), ``"accuracy_ragged"`` (past half the rise, the
-       local residual std exceeds ``ragged x sigma``) and ``"accuracy_falls"`` (``t`` more than
-       ``3 sigma_t`` below its running maximum; one window before that point).
+    3. max: the earliest of ``"accuracy_plateau"`` (``t`` within ``(1 - plateau) * rise + 3 sigma_t``
+       of the peak: the rise has stopped; ``plateau`` 0.98), ``"accuracy_ragged"`` (past half the rise, the
+       local residual std exceeds ``ragged x`` the residual noise before the rise) and ``"accuracy_falls"`` (past half the rise,
+       ``t`` more than ``4 sigma_t + 0.05 rise`` below its running maximum; half a window before that).
     4. The ratio guard: ``max/base < 3`` gives ``base = max/3`` and a warning; ``> 4`` is clamped to
        ``max/4`` (:data:`MAX_RATIO`); a rise from the first ``n0`` points (the sweep started mid-rise) gives
        ``max/3`` and a warning to lower the start LR.
@@ -561,20 +561,22 @@ def suggest_from_accuracy(lrs: Any, accuracies: Any, *, sweep: str = "linear", w
     acc0 = float(np.median(acc[:n0]))
     peak = int(np.argmax(t))
     rise = float(t[peak]) - acc0
-    if rise < max(min_rise, 6.0 * sigma_t):
+    if rise < max(min_rise, 6.0 * sigma_t + 3.0 * sigma / math.sqrt(n0)):  # trend noise + acc0's own error
         return Bounds(None, None, "no_accuracy_rise", "no_accuracy_rise",
                       warnings=(f"accuracy does not rise above the batch noise (rise {rise:.3g}, "
                                 f"noise {sigma:.2g} per step)",))
     base = int(np.flatnonzero(t > acc0 + max(p * rise, 3.0 * sigma_t))[0])
-    candidates = {"accuracy_plateau": int(np.flatnonzero(t >= t[peak] - max((1 - plateau) * rise,
-                                                                           2.0 * sigma_t))[0])}
+    tolerance = (1 - plateau) * rise + 3.0 * sigma_t  # the peak itself is biased up by the trend's noise
+    candidates = {"accuracy_plateau": int(np.flatnonzero(t >= t[peak] - tolerance)[0])}
     half_up = int(np.flatnonzero(t >= acc0 + 0.5 * rise)[0])
-    rough = np.flatnonzero(_rolling_std(acc - t, w)[half_up:] > ragged * max(sigma, 1e-12))
+    head = max(base, w)  # the noise before the rise is the baseline raggedness is measured against
+    sigma0 = batch_noise(acc[:head], t[:head])
+    rough = np.flatnonzero(_rolling_std(acc - t, w)[half_up:] > ragged * max(sigma0, 1e-12))
     if rough.size:
         candidates["accuracy_ragged"] = half_up + int(rough[0])
-    falls = np.flatnonzero(np.maximum.accumulate(t) - t > 3.0 * sigma_t + 0.02 * rise)
+    falls = np.flatnonzero(np.maximum.accumulate(t[half_up:]) - t[half_up:] > 4.0 * sigma_t + 0.05 * rise)
     if falls.size:
-        candidates["accuracy_falls"] = max(int(falls[0]) - w // 2, base)
+        candidates["accuracy_falls"] = max(half_up + int(falls[0]) - w // 2, base)
     max_rule = min(candidates, key=lambda k: candidates[k])
     max_index = max(candidates[max_rule], base)
     warnings: list[str] = []
