@@ -527,9 +527,10 @@ def suggest_from_accuracy(lrs: Any, accuracies: Any, *, sweep: str = "linear", w
        = argmax ``t``, ``rise = t[peak] - acc0``. A rise under ``max(min_rise, 6 sigma_t + 3 sigma /
        sqrt(n0))`` (the trend's noise plus that of ``acc0``) is noise: no bounds (``"no_accuracy_rise"``).
     2. base (``"accuracy_rise"``): first index with ``t > acc0 + max(p * rise, 3 sigma_t)``.
-    3. max: the earliest of ``"accuracy_plateau"`` (``t`` within ``(1 - plateau) * rise + 3 sigma_t``
-       of the peak: the rise has stopped; ``plateau`` 0.98), ``"accuracy_ragged"`` (past half the rise, the
-       local residual std exceeds ``ragged x`` the residual noise before the rise) and ``"accuracy_falls"`` (past half the rise,
+    3. max: the earliest of ``"accuracy_plateau"`` (``t`` within ``max((1 - plateau) * rise, 2 sigma_t)``
+       of the peak level, the median of ``t`` over a window around the peak: the rise has stopped;
+       ``plateau`` 0.98), ``"accuracy_ragged"`` (past half the rise, the local residual std exceeds
+       ``ragged x`` the residual noise before the rise) and ``"accuracy_falls"`` (past half the rise,
        ``t`` more than ``4 sigma_t + 0.05 rise`` below its running maximum; half a window before that).
     4. The ratio guard: ``max/base < 3`` gives ``base = max/3`` and a warning; ``> 4`` is clamped to
        ``max/4`` (:data:`MAX_RATIO`); a rise from the first ``n0`` points (the sweep started mid-rise) gives
@@ -566,8 +567,10 @@ def suggest_from_accuracy(lrs: Any, accuracies: Any, *, sweep: str = "linear", w
                       warnings=(f"accuracy does not rise above the batch noise (rise {rise:.3g}, "
                                 f"noise {sigma:.2g} per step)",))
     base = int(np.flatnonzero(t > acc0 + max(p * rise, 3.0 * sigma_t))[0])
-    tolerance = (1 - plateau) * rise + 3.0 * sigma_t  # the peak itself is biased up by the trend's noise
-    candidates = {"accuracy_plateau": int(np.flatnonzero(t >= t[peak] - tolerance)[0])}
+    # The peak's level: the median of the trend over a window around it (its maximum is biased up by noise).
+    top = float(np.median(t[max(peak - w // 2, 0):peak + w // 2 + 1]))
+    tolerance = max((1 - plateau) * rise, 2.0 * sigma_t)
+    candidates = {"accuracy_plateau": int(np.flatnonzero(t >= top - tolerance)[0])}
     half_up = int(np.flatnonzero(t >= acc0 + 0.5 * rise)[0])
     head = max(base, w)  # the noise before the rise is the baseline raggedness is measured against
     sigma0 = batch_noise(acc[:head], t[:head])
