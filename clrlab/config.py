@@ -205,7 +205,8 @@ def bounds_mismatch(config: TrainConfig, path: str) -> str | None:
         if name == "model" and ours in (theirs, result.get("model")):
             continue  # "auto" and the model it resolved to are the same model
         if ours != theirs:
-            diffs.append(f"{name} {theirs} (this run: {ours})")
+            shown = result.get("model", theirs) if name == "model" and theirs == "auto" else theirs
+            diffs.append(f"{name} {shown} (this run: {ours})")
     if not diffs:
         return None
     return f"--bounds_from={path}: the range test ran with another " + ", ".join(diffs) + "; its bounds may not fit."

@@ -1,7 +1,7 @@
 """Analysis of an LR range-test curve: smoothing, divergence, LR suggestions and CLR bounds.
 
 Everything here is pure numpy on host arrays. It runs eagerly after the sweep has finished (never
-inside a traced function) and imports neither TensorFlow nor Keras, so ``range_test.py`` calls it
+inside a traced function) and imports neither TensorFlow nor Keras, so the range test calls it
 once on the recorded series and the tests run without TF.
 
 Units and conventions used throughout:
@@ -18,6 +18,22 @@ Units and conventions used throughout:
 
 The entry point a range test calls is :func:`recommend`; its :class:`Recommendation` serialises to
 the range test's JSON result (:meth:`Recommendation.to_dict` lists its fields).
+
+The bounds: Smith's accuracy rule (CLR paper, sec. 3.3) on a zero-lag trend (:func:`trend`, a centred
+moving average, so nothing shifts toward higher LR) with the batch noise estimated from the residuals
+(:func:`batch_noise`); a rise, plateau, raggedness or fall counts only when it exceeds that noise
+(:func:`suggest_from_accuracy`). The loss rule (Smith 2018, arXiv 1803.09820, sec. 4.1:
+:func:`suggest_from_loss`) cross-checks it and is the fallback without an accuracy rise. Each bound names
+the rule that produced it (``base_rule``/``max_rule``, fallbacks say so); doubts are plain ``warnings``.
+``max_lr / base_lr`` is kept within [3, 4] (:data:`MIN_RATIO`, :data:`MAX_RATIO`); a ratio under 3 is
+never returned without a warning.
+
+The fastai suggestions, kept for reference (:data:`SUGGESTION_HELP`, printed by the range test):
+
+* steep: the LR where the smoothed loss falls fastest against log(LR).
+* minimum: the LR of the lowest smoothed loss, divided by 10.
+* valley: the middle of the longest stretch where the smoothed loss keeps falling (fastai's default).
+* slide: where the loss gradient stops changing, sliding left from the end of the sweep.
 
 Example:
 
