@@ -177,3 +177,14 @@ def test_range_test_runs_on_one_dimensional_mnist1d_signals(tmp_path, capsys, ra
     assert len(result["lrs"]) == 30 and result["base_lr"] * 3 <= result["max_lr"]
     assert (logdir / "range_test.png").stat().st_size > 10_000
     assert sorted(read_scalars(str(logdir / "range_test"), "range_test/loss")) == list(range(30))
+
+
+def test_repeats_average_the_sweeps_and_record_each_sweeps_bounds(tmp_path):
+    from clrlab.config import TrainConfig
+
+    out = range_finder.run(TrainConfig(model="mlp", batch_size=64, logdir=str(tmp_path / "rt")),
+                           {"sweep": "exponential", "steps": 20, "start_lr": 1e-3, "end_lr": 0.5, "repeats": 2},
+                           progress=False)
+    assert out["repeats"] == 2 and len(out["spread"]["base_lr"]) == len(out["spread"]["max_lr"]) == 2
+    saved = json.loads((tmp_path / "rt" / "range_test.json").read_text())
+    assert saved["spread"] == out["spread"] and saved["base_rule"] == out["base_rule"]
