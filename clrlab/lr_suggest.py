@@ -598,6 +598,10 @@ def suggest_from_accuracy(lrs: Any, accuracies: Any, *, sweep: str = "linear", w
         candidates["accuracy_falls"] = max(half_up + int(falls[0]) - w // 2, base)
     max_rule = min(candidates, key=lambda k: candidates[k])
     max_index = max(candidates[max_rule], base)
+    if max_index <= base:  # it "stops rising" where it starts to: no rise that can be read
+        return Bounds(None, None, "no_accuracy_rise", "no_accuracy_rise",
+                      warnings=(f"accuracy stops rising ({max_rule}) where it starts to, at lr={float(lr[base]):.3g}: "
+                                "no readable rise",))
     warnings: list[str] = []
     if base < n0:
         warnings.append("accuracy already rises at the start of the sweep: lower the start LR to see where it "
@@ -806,8 +810,9 @@ def choose_bounds(acc_bounds: Bounds | None, loss_bounds: Bounds, *, n: int, lrs
     """Picks the bounds: Smith's accuracy rule when it found a rise, cross-checked by the loss rule.
 
     Returns ``(base_lr, max_lr, base_rule, max_rule, warnings)``. When the two rules' ``max_lr``
-    differ by more than ``disagree_factor`` (half a decade), a warning names both and says which one is
-    used (the accuracy rule). Without an accuracy rise the loss rule is used (its rules carry
+    differ by more than ``disagree_factor`` (half a decade), a warning names both and the LOWER one is
+    used (an LR too high diverges, one too low only trains slower); a loss-rule pick says it is a fallback.
+    Without an accuracy rise the loss rule is used (its rules carry
     ``fallback``). When neither finds bounds, a curve that rises at once recommends ``lrs[0]`` as
     ``max_lr`` (``"sweep_start (fallback)"``); a flat curve recommends nothing.
     """
@@ -821,9 +826,14 @@ def choose_bounds(acc_bounds: Bounds | None, loss_bounds: Bounds, *, n: int, lrs
         if loss_bounds.max_lr is not None:
             factor = acc_bounds.max_lr / loss_bounds.max_lr
             if not 1 / disagree_factor <= factor <= disagree_factor:
+                # Too high an LR diverges, too low one only trains slower: take the lower of the two.
+                lower = "accuracy" if factor < 1 else "loss"
                 warnings.append(f"the accuracy rule (max_lr={acc_bounds.max_lr:.3g}) and the loss rule "
                                 f"(max_lr={loss_bounds.max_lr:.3g}) disagree by {max(factor, 1 / factor):.2g}x; "
-                                "using the accuracy rule: check the plot")
+                                f"using the lower, the {lower} rule: check the plot")
+                if factor > 1:
+                    return (loss_bounds.base_lr, loss_bounds.max_lr, loss_bounds.base_rule,
+                            f"{loss_bounds.max_rule} (fallback: below the accuracy rule's max_lr)", warnings)
         return acc_bounds.base_lr, acc_bounds.max_lr, acc_bounds.base_rule, acc_bounds.max_rule, warnings
     if loss_bounds.max_lr is not None:
         why = "no accuracy recorded" if acc_bounds is None else "accuracy does not rise"

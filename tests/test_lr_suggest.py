@@ -10,6 +10,7 @@ from __future__ import annotations
 import doctest
 import json
 import math
+import pathlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -375,7 +376,7 @@ def test_accuracy_rule_validates_its_arguments():
 # The loss rule and recommend() on recorded curves.
 # ----------------------------------------------------------------------------------------------
 
-ISSUE_CURVES = np.load(__import__("pathlib").Path(__file__).parent / "data" / "range_test_issue_curves.npz")
+ISSUE_CURVES = np.load(pathlib.Path(__file__).parent / "data" / "range_test_issue_curves.npz")
 ISSUE_CASES = sorted({k.rsplit("_", 1)[0] for k in ISSUE_CURVES.files})
 
 
@@ -416,13 +417,34 @@ def test_a_too_short_sweep_is_read_but_warned_about():
     assert any("only 12 sweep points" in w for w in rec.warnings)
 
 
-def test_disagreeing_rules_are_named_in_a_warning():
+def test_disagreeing_rules_are_named_in_a_warning_and_the_lower_max_is_used():
     # The accuracy stops rising around 10**-2.15; the loss falls at 10**-3.5 and blows up from 10**-2.5.
     acc = noisy(log_accuracy(LOG_LRS), 0.02, 0)
     losses = noisy(loss_curve(LOG_LRS, x_s=-3.5, w=0.2, x_d=-2.0, v=0.2), 0.02, 1)
     rec = ls.recommend(LOG_LRS, losses, acc)
-    assert rec.max_rule == "accuracy_plateau" and rec.rule == f"base: {rec.base_rule}; max: accuracy_plateau"
-    assert any("disagree" in w and "using the accuracy rule" in w for w in rec.warnings)
+    assert rec.suggestions["loss_max"] * 10 ** 0.5 < rec.suggestions["accuracy_max"]
+    assert rec.max_lr == rec.suggestions["loss_max"] and rec.base_lr == rec.suggestions["loss_base"]
+    assert rec.max_rule.endswith("(fallback: below the accuracy rule's max_lr)")
+    assert any("disagree" in w and "using the lower, the loss rule" in w for w in rec.warnings)
+    # The other way round: the accuracy rule's lower max is kept.
+    late = noisy(loss_curve(LOG_LRS, x_s=-1.2, w=0.1, x_d=0.5, v=0.2), 0.02, 1)
+    rec = ls.recommend(LOG_LRS, late, acc)
+    assert rec.max_lr == rec.suggestions["accuracy_max"] and rec.max_rule == "accuracy_plateau"
+    assert any("using the lower, the accuracy rule" in w for w in rec.warnings)
+
+
+def test_an_accuracy_that_stops_rising_where_it_starts_is_no_rise_and_the_loss_rule_takes_over():
+    # Recorded: `scripts/range_check.py --setup=mnist1d_cnn_exp` seed 1 (MNIST-1D, 1-D CNN, 1e-4 -> 10 in 200
+    # steps). The noisy per-batch accuracy "falls" at the very start; read as a rise it gave max_lr = 1e-4,
+    # 3 decades below the loss rule, and a follow-up at chance accuracy.
+    curve = np.load(pathlib.Path(__file__).parent / "data" / "range_test_mnist1d_seed1.npz")
+    lrs, loss, acc = (curve[k].astype(np.float64) for k in ("lrs", "loss", "acc"))
+    got = ls.suggest_from_accuracy(lrs, acc, sweep="exponential")
+    assert (got.base_lr, got.max_lr, got.max_rule) == (None, None, "no_accuracy_rise")
+    assert got.warnings[0].startswith("accuracy stops rising (accuracy_falls) where it starts to")
+    rec = ls.recommend(lrs, loss, acc, sweep="exponential")
+    assert rec.max_rule == "loss_steepest (fallback: accuracy does not rise)" and 0.02 < rec.max_lr < 0.2
+    assert rec.base_lr == pytest.approx(rec.max_lr / 4)
 
 
 def test_without_an_accuracy_rise_the_loss_rule_is_a_named_fallback():
