@@ -346,6 +346,9 @@ def _check_schedule(f: dict[str, Any]) -> bool:
         _finite(name, f[name])
     policy = f["policy"]
     if f["bounds_from"] is not None:
+        given = [f"--{name}" for name in ("base_lr", "max_lr") if FLAGS[name].present]
+        _error_unless(not given, f"--bounds_from takes base_lr and max_lr from {f['bounds_from']}: drop "
+                      f"{' and '.join(given)} (or drop --bounds_from).")
         _error_unless(os.path.isfile(f["bounds_from"]),
                       f"--bounds_from={f['bounds_from']}: no such file (give the range_test.json "
                       "written by python -m clrlab.range_finder).")
@@ -469,6 +472,9 @@ def config_from_flags() -> TrainConfig:
         values["lr_values"] = _parse_values(FLAGS.lr_values or [])
     if values.get("bounds_from"):
         values["base_lr"], values["max_lr"] = config.read_bounds(values["bounds_from"])
+        mismatch = config.bounds_mismatch(TrainConfig(**values), values["bounds_from"])
+        if mismatch:
+            print(f"warning: {mismatch}", file=sys.stderr)
     return TrainConfig(**values)
 
 

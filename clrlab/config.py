@@ -179,3 +179,34 @@ def read_bounds(path: str) -> tuple[float, float]:
         raise UserError(f"--bounds_from={path}: need 0 < base_lr < max_lr. Received: base_lr={base_lr}, "
                         f"max_lr={max_lr}.")
     return base_lr, max_lr
+
+
+# The settings a range test records in range_test.json ("setup") and `bounds_mismatch` compares.
+BOUNDS_SETUP_FIELDS = ("dataset", "model", "batch_size", "optimizer")
+
+
+def bounds_mismatch(config: TrainConfig, path: str) -> str | None:
+    """One line naming the settings in which the range test of `path` (its range_test.json "setup", and its
+    resolved "model" name) differs from `config`, or None when they match or the file does not record them.
+    Bounds found for another dataset, model, batch size or optimizer rarely transfer."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            result = json.load(fh)
+    except (OSError, ValueError):
+        return None  # read_bounds reports an unreadable file
+    setup = result.get("setup") if isinstance(result, dict) else None
+    if not isinstance(setup, dict):
+        return None
+    diffs = []
+    for name in BOUNDS_SETUP_FIELDS:
+        if name not in setup:
+            continue
+        ours, theirs = getattr(config, name), setup[name]
+        if name == "model" and ours in (theirs, result.get("model")):
+            continue  # "auto" and the model it resolved to are the same model
+        if ours != theirs:
+            shown = result.get("model", theirs) if name == "model" and theirs == "auto" else theirs
+            diffs.append(f"{name} {shown} (this run: {ours})")
+    if not diffs:
+        return None
+    return f"--bounds_from={path}: the range test ran with another " + ", ".join(diffs) + "; its bounds may not fit."

@@ -1,7 +1,7 @@
 """Analysis of an LR range-test curve: smoothing, divergence, LR suggestions and CLR bounds.
 
 Everything here is pure numpy on host arrays. It runs eagerly after the sweep has finished (never
-inside a traced function) and imports neither TensorFlow nor Keras, so ``range_test.py`` calls it
+inside a traced function) and imports neither TensorFlow nor Keras, so the range test calls it
 once on the recorded series and the tests run without TF.
 
 Units and conventions used throughout:
@@ -19,16 +19,32 @@ Units and conventions used throughout:
 The entry point a range test calls is :func:`recommend`; its :class:`Recommendation` serialises to
 the range test's JSON result (:meth:`Recommendation.to_dict` lists its fields).
 
+The bounds: Smith's accuracy rule (CLR paper, sec. 3.3) on a zero-lag trend (:func:`trend`, a centred
+moving average, so nothing shifts toward higher LR) with the batch noise estimated from the residuals
+(:func:`batch_noise`); a rise, plateau, raggedness or fall counts only when it exceeds that noise
+(:func:`suggest_from_accuracy`). The loss rule (Smith 2018, arXiv 1803.09820, sec. 4.1:
+:func:`suggest_from_loss`) cross-checks it and is the fallback without an accuracy rise. Each bound names
+the rule that produced it (``base_rule``/``max_rule``, fallbacks say so); doubts are plain ``warnings``.
+``max_lr / base_lr`` is kept within [3, 4] (:data:`MIN_RATIO`, :data:`MAX_RATIO`); a ratio under 3 is
+never returned without a warning.
+
+The fastai suggestions, kept for reference (:data:`SUGGESTION_HELP`, printed by the range test):
+
+* steep: the LR where the smoothed loss falls fastest against log(LR).
+* minimum: the LR of the lowest smoothed loss, divided by 10.
+* valley: the middle of the longest stretch where the smoothed loss keeps falling (fastai's default).
+* slide: where the loss gradient stops changing, sliding left from the end of the sweep.
+
 Example:
 
 >>> import numpy as np
 >>> lrs = np.geomspace(1e-5, 1.0, 100)
 >>> x = np.log10(lrs)
 >>> losses = 2.3 - 2.0 / (1.0 + np.exp(-(x + 3.0) / 0.3)) + np.exp((x + 0.5) / 0.1)
->>> rec = recommend(lrs, losses, smoother="none")
->>> rec.rule, rec.stopped_early, rec.reason
-('loss_valley', True, 'diverged')
->>> bool(rec.base_lr < rec.max_lr < 10 ** -0.5)
+>>> rec = recommend(lrs, losses)
+>>> rec.base_rule, rec.max_rule, rec.stopped_early, rec.reason
+('max_lr/4 (loss rule)', 'loss_minimum/3 (no accuracy recorded)', True, 'diverged')
+>>> bool(rec.max_lr == rec.base_lr * 4 and 10 ** -3 < rec.max_lr < 10 ** -0.5)
 True
 """
 
@@ -46,27 +62,33 @@ import numpy as np
 from clrlab.config import SWEEPS
 
 __all__ = [
-    "ACCURACY_SMOOTHERS",
-    "AccuracyBounds",
+    "MAX_RATIO",
     "MIN_POINTS",
-    "Recommendation",
+    "MIN_RATIO",
+    "MIN_RULE_POINTS",
     "SMOOTHERS",
+    "SUGGESTION_HELP",
+    "Bounds",
+    "Recommendation",
+    "batch_noise",
+    "choose_bounds",
+    "default_window",
     "divergence_index",
     "first_nonfinite",
     "recommend",
+    "recommend_repeats",
     "smooth",
     "suggest_from_accuracy",
+    "suggest_from_loss",
     "suggest_minimum",
     "suggest_slide",
     "suggest_steep",
     "suggest_valley",
+    "trend",
 ]
 
 SMOOTHERS = ("none", "ema_seeded", "ema_debiased")
 """Loss smoothers accepted by :func:`smooth` and :func:`recommend`."""
-
-ACCURACY_SMOOTHERS = ("moving_average", "savgol")
-"""Zero-lag (centred) smoothers accepted by :func:`suggest_from_accuracy`."""
 
 MIN_POINTS = 5
 """Fewest finite, non-diverged sweep points :func:`recommend` accepts (and keeps after trimming)."""
@@ -399,30 +421,18 @@ def suggest_slide(lrs: Any, losses: Any, *, lr_diff: int = 15, thresh: float = 0
 
 
 # ----------------------------------------------------------------------------------------------
-# Smith's accuracy rule.
+# Zero-lag trends and batch noise.
 # ----------------------------------------------------------------------------------------------
 
+MIN_RULE_POINTS = 20
+"""Fewest kept sweep points for a noise-aware reading; shorter sweeps get a warning."""
 
-@dataclasses.dataclass(frozen=True)
-class AccuracyBounds:
-    """CLR bounds read off an accuracy-vs-LR sweep (see :func:`suggest_from_accuracy`).
+MIN_RATIO = 3.0
+"""Smallest ``max_lr / base_lr`` recommended without a warning (the CLR paper's factor 3-4)."""
 
-    Attributes:
-      base_lr: Lower CLR bound (learning rate), or ``None`` when the accuracy never rises.
-      max_lr: Upper CLR bound (learning rate), or ``None`` when the accuracy never rises.
-      rule: What fired: ``"accuracy_slows"``, ``"accuracy_ragged"`` or ``"accuracy_peak"`` for
-        ``max_lr``, with ``"+fallback_max_over_3"`` (or the configured divisor) appended when
-        ``base_lr`` is ``max_lr / 3`` because the start of the rise was unclear; or
-        ``"no_accuracy_rise"``.
-      base_index: Sweep index of ``base_lr`` (``None`` for a fallback or no rise).
-      max_index: Sweep index of ``max_lr``.
-    """
-
-    base_lr: float | None
-    max_lr: float | None
-    rule: str
-    base_index: int | None = None
-    max_index: int | None = None
+MAX_RATIO = 4.0
+"""Largest ``max_lr / base_lr``: a rise that starts further below ``max_lr`` is clamped to ``max_lr / 4``
+(Smith 2018, sec. 4.1: the minimum bound is a factor 3-4 below the maximum)."""
 
 
 def _odd_window(window: int, n: int) -> int:
@@ -430,172 +440,217 @@ def _odd_window(window: int, n: int) -> int:
     return max(window if window % 2 else window - 1, 1)
 
 
-def _centred_mean(x: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average whose window shrinks symmetrically at the edges (zero lag)."""
+def default_window(n: int) -> int:
+    """Default smoothing window, in sweep points, for ``n`` points: ``max(5, n // 10)`` made odd."""
+    return _odd_window(max(5, n // 10), max(n, 1))
+
+
+def trend(values: Any, window: int | None = None) -> np.ndarray:
+    """Zero-lag trend of a per-step series: a centred moving average over ``window`` sweep points.
+
+    The window (odd, default :func:`default_window`) shrinks symmetrically at the ends, so no
+    point is pulled toward later (higher-LR) values: unlike the causal EMAs of :func:`smooth`,
+    the trend has no lag. It is centred in the sweep index, i.e. in ``ln lr`` for an exponential
+    sweep and in ``lr`` for a linear one (the axis the sweep is uniform in).
+
+    >>> trend([0.0, 3.0, 0.0, 3.0, 0.0], 3).tolist()
+    [0.0, 1.0, 2.0, 1.0, 0.0]
+    """
+    x = _as_1d("values", values)
     n = x.size
-    half = _odd_window(window, n) // 2
+    if n == 0:
+        return x.copy()
+    half = _odd_window(default_window(n) if window is None else window, n) // 2
     idx = np.arange(n)
     h = np.minimum(half, np.minimum(idx, n - 1 - idx))
     csum = np.concatenate([[0.0], np.cumsum(x)])
     return (csum[idx + h + 1] - csum[idx - h]) / (2 * h + 1)
 
 
-def _savgol(x: np.ndarray, window: int, polyorder: int) -> np.ndarray:
-    """Savitzky-Golay smoothing (numpy only); edges use a polynomial fit to the end windows."""
-    n = x.size
-    window = _odd_window(window, n)
-    polyorder = min(polyorder, window - 1)
-    half = window // 2
-    if window == 1:
-        return x.copy()
-    offsets = np.arange(-half, half + 1, dtype=np.float64)
-    design = np.vander(offsets, polyorder + 1, increasing=True)
-    coeffs = np.linalg.pinv(design)[0]  # Value of the fitted polynomial at offset 0.
-    out = np.empty_like(x)
-    out[half:n - half] = np.convolve(x, coeffs[::-1], mode="valid")
-    pos = np.arange(window, dtype=np.float64)
-    head = np.polynomial.polynomial.polyfit(pos, x[:window], polyorder)
-    tail = np.polynomial.polynomial.polyfit(pos, x[n - window:], polyorder)
-    out[:half] = np.polynomial.polynomial.polyval(pos[:half], head)
-    out[n - half:] = np.polynomial.polynomial.polyval(pos[window - half:], tail)
-    return out
+def batch_noise(values: Any, smoothed: Any) -> float:
+    """Robust per-step noise of a series around its trend: ``1.4826 * median |residual - median|``
+    (the MAD scaled to a normal standard deviation), in the series' units."""
+    resid = _as_1d("values", values) - _as_1d("smoothed", smoothed)
+    if resid.size == 0:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(resid - np.median(resid))))
 
 
 def _rolling_std(x: np.ndarray, window: int) -> np.ndarray:
-    """Centred rolling standard deviation with the same shrinking edges as `_centred_mean`."""
-    mean = _centred_mean(x, window)
-    mean_sq = _centred_mean(x * x, window)
-    return np.sqrt(np.maximum(mean_sq - mean * mean, 0.0))
+    mean = trend(x, window)
+    return np.sqrt(np.maximum(trend(x * x, window) - mean * mean, 0.0))
 
 
-def suggest_from_accuracy(
-    lrs: Any,
-    accuracies: Any,
-    *,
-    sweep: str = "linear",
-    smoother: str = "savgol",
-    window: int | None = None,
-    polyorder: int = 2,
-    start_fraction: float = 0.05,
-    p: float = 0.1,
-    q: float = 0.15,
-    r: float = 3.0,
-    min_rise: float = 0.02,
-    clear_start_slope: float = 0.3,
-    fallback_divisor: float = 3.0,
-) -> AccuracyBounds:
-    """Formalises Smith's CLR rule: base where accuracy starts to rise, max where it stops.
+# ----------------------------------------------------------------------------------------------
+# Smith's accuracy rule and the loss rule.
+# ----------------------------------------------------------------------------------------------
 
-    The CLR paper (sec. 3.3): "note the learning rate value when the accuracy starts to increase and
-    when the accuracy slows, becomes ragged, or starts to fall". With ``n`` sweep points:
 
-    1. Smooth the accuracy with a zero-lag centred filter (``savgol``: quadratic Savitzky-Golay,
-       or ``moving_average``) over ``window`` points (default ``max(5, n // 20)``, made odd).
-       Slopes are ``d acc / d lr`` for a linear sweep and ``d acc / d ln lr`` for an exponential
-       one, smoothed once more with the same window.
-    2. ``acc0`` = median of the first ``n0 = max(1, ceil(start_fraction * n))`` raw points;
-       ``peak`` = argmax of the smoothed accuracy; ``rise = acc_peak - acc0``.
-    3. If ``rise < min_rise`` (accuracy units) or ``rise`` is under 5x the noise (median rolling std
-       of the residuals), nothing rises: ``AccuracyBounds(None, None, "no_accuracy_rise")``.
-    4. ``base`` = first index whose smoothed accuracy exceeds ``acc0 + p * rise``.
-    5. ``max`` = the earliest index after ``base`` (and at or before ``peak``) where
-       (a) ``"accuracy_slows"``: past the steepest point, the slope drops below ``q * max slope``;
-       (b) ``"accuracy_ragged"``: the rolling std of the residuals exceeds ``r x`` its baseline
-       (the median over the points up to ``base``, floored at 1% of ``rise``); or
-       (c) ``"accuracy_peak"``: the peak. Smoothing rounds a sharp peak, so a slowdown that reaches
-       the peak within half a window is reported as the peak, at the peak.
-    6. The start is *unclear* when the rise begins inside the first ``n0`` points, when the mean
-       slope over them is at least ``clear_start_slope x`` the maximal slope (the sweep started
-       mid-rise), or when ``max`` is not after ``base``. Then ``base_lr = max_lr /
-       fallback_divisor`` (the paper's /3 or /4; /10 for one-cycle) and the rule gets
-       ``"+fallback_max_over_3"``.
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """CLR bounds from one rule, with the name of the rule that produced EACH bound.
 
-    The centred filters look ``window // 2`` points ahead, so (a) and (b) can fire up to half a
-    window early, which errs on the safe (lower) side for ``max_lr``.
+    Attributes:
+      base_lr, max_lr: learning rates, or ``None`` when the rule found nothing.
+      base_rule, max_rule: what produced each bound (e.g. ``"accuracy_rise"``,
+        ``"max_lr/3 (fallback: ...)"``), or why nothing was found (e.g. ``"no_accuracy_rise"``).
+      base_index, max_index: sweep indices of the bounds when read off the curve, else ``None``.
+      warnings: plain-language warnings (each one line).
+    """
+
+    base_lr: float | None
+    max_lr: float | None
+    base_rule: str
+    max_rule: str
+    base_index: int | None = None
+    max_index: int | None = None
+    warnings: tuple[str, ...] = ()
+
+
+def _ratio_guard(lr: np.ndarray, base: int | None, max_index: int, max_rule: str, what: str,
+                 warnings: list[str]) -> Bounds:
+    """Bounds with ``MIN_RATIO <= max_lr / base_lr <= MAX_RATIO``; out-of-range base bounds are replaced
+    (``base_rule`` says so, a ratio under 3 also adds a warning)."""
+    max_lr = float(lr[max_index])
+    if base is None:
+        return Bounds(max_lr / MIN_RATIO, max_lr, f"max_lr/{MIN_RATIO:g} (fallback)", max_rule, None,
+                      max_index, tuple(warnings))
+    base_lr = float(lr[base])
+    if max_lr / base_lr < MIN_RATIO:
+        warnings.append(f"{what} starts rising at lr={base_lr:.3g}, only {max_lr / base_lr:.2g}x below "
+                        f"max_lr={max_lr:.3g}; base_lr = max_lr/{MIN_RATIO:g} instead (the CLR range "
+                        "should span a factor >= 3)")
+        return Bounds(max_lr / MIN_RATIO, max_lr, f"max_lr/{MIN_RATIO:g} (fallback: rise within 3x of max)",
+                      max_rule, None, max_index, tuple(warnings))
+    if max_lr / base_lr > MAX_RATIO:
+        return Bounds(max_lr / MAX_RATIO, max_lr,
+                      f"max_lr/{MAX_RATIO:g} (clamp: {what} rise starts {max_lr / base_lr:.3g}x below max)",
+                      max_rule, None, max_index, tuple(warnings))
+    return Bounds(base_lr, max_lr, f"{what}_rise", max_rule, base, max_index, tuple(warnings))
+
+
+def suggest_from_accuracy(lrs: Any, accuracies: Any, *, sweep: str = "linear", window: int | None = None,
+                          start_fraction: float = 0.05, p: float = 0.1, plateau: float = 0.98,
+                          ragged: float = 3.0, min_rise: float = 0.02) -> Bounds:
+    """Smith's CLR rule (2015, sec. 3.3) on a zero-lag, noise-aware accuracy curve.
+
+    "Note the learning rate value when the accuracy starts to increase and when the accuracy slows,
+    becomes ragged, or starts to fall." With ``n`` points, ``t`` = :func:`trend` (window ``w``,
+    default :func:`default_window`), ``sigma`` = :func:`batch_noise` and ``sigma_t = sigma / sqrt(w)``
+    the noise left in the trend:
+
+    1. ``acc0`` = median of the first ``n0 = max(3, ceil(start_fraction * n))`` raw points, ``peak``
+       = argmax ``t``, ``rise = t[peak] - acc0``. A rise under ``max(min_rise, 6 sigma_t + 3 sigma /
+       sqrt(n0))`` (the trend's noise plus that of ``acc0``) is noise: no bounds (``"no_accuracy_rise"``).
+    2. base (``"accuracy_rise"``): first index with ``t > acc0 + max(p * rise, 3 sigma_t)``.
+    3. max: the earliest of ``"accuracy_plateau"`` (``t`` within ``max((1 - plateau) * rise, 2 sigma_t)``
+       of the peak level, the median of ``t`` over a window around the peak: the rise has stopped;
+       ``plateau`` 0.98), ``"accuracy_ragged"`` (past half the rise, the local residual std exceeds
+       ``ragged x`` the residual noise before the rise) and ``"accuracy_falls"`` (past half the rise,
+       ``t`` more than ``4 sigma_t + 0.05 rise`` below its running maximum; half a window before that).
+    4. The ratio guard: ``max/base < 3`` gives ``base = max/3`` and a warning; ``> 4`` is clamped to
+       ``max/4`` (:data:`MAX_RATIO`); a rise from the first ``n0`` points (the sweep started mid-rise) gives
+       ``max/3`` and a warning to lower the start LR.
 
     Args:
       lrs: Strictly increasing learning rates (positive for an exponential sweep).
       accuracies: Finite accuracies, same length, at least 10 points.
-      sweep: ``"linear"`` (Smith) or ``"exponential"``; sets the slope's x axis.
-      smoother: One of :data:`ACCURACY_SMOOTHERS`.
-      window: Smoothing window in sweep points (odd; even values are reduced by one).
-      polyorder: Savitzky-Golay polynomial order.
-      start_fraction: Fraction of the sweep used for the starting level ``acc0``.
-      p: Fraction of the rise that marks "starts to increase" (0.05-0.1).
-      q: Fraction of the maximal slope below which the accuracy "slows" (0.1-0.2).
-      r: Raggedness factor over the baseline residual std.
-      min_rise: Smallest rise, in accuracy units, that counts as a rise.
-      clear_start_slope: Initial slope (relative to the maximal slope) that marks a mid-rise start.
-      fallback_divisor: ``base_lr = max_lr / fallback_divisor`` when the start is unclear.
+      sweep: ``"linear"`` or ``"exponential"`` (only validated: the trend is centred in the index).
+      window: Trend window in sweep points.
+      start_fraction, p, plateau, ragged, min_rise: the thresholds above.
 
     Returns:
-      An :class:`AccuracyBounds`.
-
-    Raises:
-      ValueError: On invalid inputs or thresholds.
+      :class:`Bounds` (``base_lr``/``max_lr`` ``None`` when nothing rises).
     """
     lr, acc = _curve(lrs, accuracies, name="accuracies", min_len=_MIN_ACCURACY_POINTS,
                      positive=(sweep == "exponential"))
     if sweep not in SWEEPS:
         raise ValueError(f"`sweep` must be one of {SWEEPS}. Received: sweep={sweep!r}")
-    if smoother not in ACCURACY_SMOOTHERS:
-        raise ValueError(
-            f"`smoother` must be one of {ACCURACY_SMOOTHERS}. Received: smoother={smoother!r}")
-    for name, value in (("start_fraction", start_fraction), ("p", p), ("q", q)):
+    for name, value in (("start_fraction", start_fraction), ("p", p), ("plateau", plateau)):
         if not 0.0 < value < 1.0:
             raise ValueError(f"`{name}` must be in (0, 1). Received: {name}={value!r}")
-    if not r > 1.0 or not fallback_divisor > 1.0:
-        raise ValueError(
-            f"`r` and `fallback_divisor` must be > 1. Received: r={r!r}, "
-            f"fallback_divisor={fallback_divisor!r}")
     n = acc.size
-    if window is None:
-        window = max(5, n // 20)
-    if window < 1:
-        raise ValueError(f"`window` must be >= 1. Received: window={window!r}")
-    half = _odd_window(window, n) // 2
-
-    if smoother == "savgol":
-        smoothed = _savgol(acc, window, polyorder)
-    else:
-        smoothed = _centred_mean(acc, window)
-    axis = lr if sweep == "linear" else np.log(lr)
-    slope = _centred_mean(np.gradient(smoothed, axis), window)
-    ragged = _rolling_std(acc - smoothed, window)
-
-    n0 = max(1, math.ceil(start_fraction * n))
+    w = _odd_window(default_window(n) if window is None else window, n)
+    t = trend(acc, w)
+    sigma = batch_noise(acc, t)
+    sigma_t = sigma / math.sqrt(w)
+    n0 = max(3, math.ceil(start_fraction * n))
     acc0 = float(np.median(acc[:n0]))
-    peak = int(np.argmax(smoothed))
-    rise = float(smoothed[peak]) - acc0
-    noise = float(np.median(ragged))
-    if rise < min_rise or rise < 5.0 * noise:
-        return AccuracyBounds(None, None, "no_accuracy_rise")
-
-    base = int(np.flatnonzero(smoothed > acc0 + p * rise)[0])
-    steepest = int(np.argmax(slope[:peak + 1]))
-    max_slope = float(slope[steepest])
-
-    candidates = {"accuracy_peak": peak}
-    after = max(base, steepest)
-    slow = np.flatnonzero(slope[after + 1:peak + 1] < q * max_slope)
-    if slow.size:
-        i_slow = after + 1 + int(slow[0])
-        if peak - i_slow > half:
-            candidates["accuracy_slows"] = i_slow
-    baseline = max(float(np.median(ragged[:max(base, 2 * half, 1) + 1])), 0.01 * rise)
-    rough = np.flatnonzero(ragged[base + 1:peak + 1] > r * baseline)
+    peak = int(np.argmax(t))
+    rise = float(t[peak]) - acc0
+    if rise < max(min_rise, 6.0 * sigma_t + 3.0 * sigma / math.sqrt(n0)):  # trend noise + acc0's own error
+        return Bounds(None, None, "no_accuracy_rise", "no_accuracy_rise",
+                      warnings=(f"accuracy does not rise above the batch noise (rise {rise:.3g}, "
+                                f"noise {sigma:.2g} per step)",))
+    base = int(np.flatnonzero(t > acc0 + max(p * rise, 3.0 * sigma_t))[0])
+    # The peak's level: the median of the trend over a window around it (its maximum is biased up by noise).
+    top = float(np.median(t[max(peak - w // 2, 0):peak + w // 2 + 1]))
+    tolerance = max((1 - plateau) * rise, 2.0 * sigma_t)
+    candidates = {"accuracy_plateau": int(np.flatnonzero(t >= top - tolerance)[0])}
+    half_up = int(np.flatnonzero(t >= acc0 + 0.5 * rise)[0])
+    head = max(base, w)  # the noise before the rise is the baseline raggedness is measured against
+    sigma0 = batch_noise(acc[:head], t[:head])
+    rough = np.flatnonzero(_rolling_std(acc - t, w)[half_up:] > ragged * max(sigma0, 1e-12))
     if rough.size:
-        candidates["accuracy_ragged"] = base + 1 + int(rough[0])
-    max_rule = min(candidates, key=lambda k: (candidates[k], k != "accuracy_peak"))
-    max_index = candidates[max_rule]
-    max_lr = float(lr[max_index])
+        candidates["accuracy_ragged"] = half_up + int(rough[0])
+    falls = np.flatnonzero(np.maximum.accumulate(t[half_up:]) - t[half_up:] > 4.0 * sigma_t + 0.05 * rise)
+    if falls.size:
+        candidates["accuracy_falls"] = max(half_up + int(falls[0]) - w // 2, base)
+    max_rule = min(candidates, key=lambda k: candidates[k])
+    max_index = max(candidates[max_rule], base)
+    if max_index <= base:  # it "stops rising" where it starts to: no rise that can be read
+        return Bounds(None, None, "no_accuracy_rise", "no_accuracy_rise",
+                      warnings=(f"accuracy stops rising ({max_rule}) where it starts to, at lr={float(lr[base]):.3g}: "
+                                "no readable rise",))
+    warnings: list[str] = []
+    if base < n0:
+        warnings.append("accuracy already rises at the start of the sweep: lower the start LR to see where it "
+                        f"starts; base_lr = max_lr/{MIN_RATIO:g}")
+        return _ratio_guard(lr, None, max_index, max_rule, "accuracy", warnings)
+    return _ratio_guard(lr, base, max_index, max_rule, "accuracy", warnings)
 
-    start_slope = float(np.mean(slope[:n0]))
-    unclear = base < n0 or start_slope >= clear_start_slope * max_slope or max_index <= base
-    if unclear:
-        return AccuracyBounds(max_lr / fallback_divisor, max_lr,
-                              f"{max_rule}+fallback_max_over_{fallback_divisor:g}", None, max_index)
-    return AccuracyBounds(float(lr[base]), max_lr, max_rule, base, max_index)
+
+def suggest_from_loss(lrs: Any, losses: Any, *, window: int | None = None, skip_start: int = 0,
+                      skip_end: int = 0, min_fall: float = 0.02) -> Bounds:
+    """The loss rule (Smith 2018, arXiv 1803.09820, sec. 4.1) on a zero-lag, noise-aware loss curve.
+
+    ``t`` = :func:`trend` of the (kept) losses; the minimum is searched in ``t`` without the first
+    ``skip_start`` and last ``skip_end`` points.
+
+    * ``max_lr`` (``"loss_steepest"``): the LR of the steepest descent of ``t`` against ``ln lr``
+      before its minimum; if that lies more than a factor 3 below the minimum (the steepest fall of
+      a loss that keeps falling for a decade or more), ``lr_min / 3`` (``"loss_minimum/3"``).
+    * ``base_lr`` = ``max_lr / 4`` (``"max_lr/4 (loss rule)"``, the paper's factor 3-4).
+    * No bounds when the trend falls by less than ``max(6 sigma_t, min_fall * |start level|)``
+      (``"loss_flat"``), or when the minimum lies in the first 10% of the points (``"loss_rises_at_once"``).
+    """
+    lr, loss = _curve(lrs, losses)
+    n = loss.size
+    w = _odd_window(default_window(n) if window is None else window, n)
+    t = trend(loss, w)
+    sigma_t = batch_noise(loss, t) / math.sqrt(w)
+    lo, hi = min(skip_start, n - 2), max(n - skip_end, min(skip_start, n - 2) + 2)
+    i_min = lo + int(np.argmin(t[lo:hi]))
+    level = float(np.median(t[:max(3, math.ceil(0.05 * n))]))
+    drop = level - float(t[i_min])
+    if i_min <= max(2, n // 10) and drop < max(6.0 * sigma_t, min_fall * abs(level)):
+        return Bounds(None, None, "loss_rises_at_once", "loss_rises_at_once",
+                      warnings=("the loss rises from the first steps: the usable LRs lie below the start LR; "
+                                "rerun with a lower start",))
+    if drop < max(6.0 * sigma_t, min_fall * abs(level)):
+        return Bounds(None, None, "loss_flat", "loss_flat",
+                      warnings=(f"the loss falls by {drop:.3g}, not clearly above the batch noise "
+                                f"({sigma_t:.2g} in the trend): widen the sweep or sweep longer",))
+    if i_min < 2:
+        steep, max_rule = 0, "loss_minimum"
+    else:
+        grad = np.diff(t[:i_min + 1]) / np.diff(np.log(lr[:i_min + 1]))
+        steep = int(np.argmin(grad[lo:])) + lo if lo < grad.size else int(np.argmin(grad))
+        max_rule = "loss_steepest"
+    max_lr = float(lr[steep])
+    if max_lr < lr[i_min] / 3.0:
+        max_lr, max_rule, steep = float(lr[i_min] / 3.0), "loss_minimum/3", None
+    return Bounds(max_lr / 4.0, max_lr, "max_lr/4 (loss rule)", max_rule, None, steep)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -628,19 +683,22 @@ class Recommendation:
     Attributes:
       lrs: Learning rate of every kept sweep step.
       loss_raw: Raw per-step loss of every kept step.
-      loss_smooth: Smoothed loss (the smoother given to :func:`recommend`).
+      loss_smooth: The causal EMA of the losses that the divergence stop uses (it lags the sweep).
       accuracy: Per-step accuracy of every kept step, or ``None`` when none was recorded.
       suggestions: Name -> learning rate (``None`` where it could not be computed): ``steep``,
-        ``minimum``, ``valley``, ``slide``, plus ``accuracy_base``/``accuracy_max`` with accuracies.
-      base_lr: Recommended lower CLR bound (learning rate).
-      max_lr: Recommended upper CLR bound (learning rate).
-      rule: How the bounds were chosen: an :class:`AccuracyBounds` rule, or ``"loss_valley"`` /
-        ``"loss_minimum"`` (see :func:`recommend`).
+        ``minimum``, ``valley``, ``slide`` (see :data:`SUGGESTION_HELP`), the loss rule's
+        ``loss_base``/``loss_max``, plus ``accuracy_base``/``accuracy_max`` with accuracies.
+      base_lr: Recommended lower CLR bound (learning rate), or ``None``.
+      max_lr: Recommended upper CLR bound (learning rate), or ``None``.
+      rule: ``"base: <base_rule>; max: <max_rule>"``.
       stopped_early: Whether the series were truncated (divergence or NaN/inf).
       reason: ``"diverged"``, ``"nonfinite"`` or ``None``.
-      stop_index: Sweep index where the sweep stopped (the diverged point, or the first non-finite
-        value), or ``None``.
+      stop_index: Sweep index where the sweep stopped, or ``None``.
       sweep: ``"linear"`` or ``"exponential"``.
+      base_rule, max_rule: the rule that produced each bound (fallbacks say so).
+      warnings: one-line warnings (disagreeing rules, short/flat/diverging curves, ratio < 3).
+      loss_trend, accuracy_trend: the zero-lag trends (:func:`trend`) the rules read and plots draw.
+      spread: with repeated sweeps (:func:`recommend_repeats`), per bound the per-sweep values.
     """
 
     lrs: tuple[float, ...]
@@ -655,6 +713,12 @@ class Recommendation:
     reason: str | None
     stop_index: int | None
     sweep: str
+    base_rule: str = ""
+    max_rule: str = ""
+    warnings: tuple[str, ...] = ()
+    loss_trend: tuple[float, ...] = ()
+    accuracy_trend: tuple[float, ...] | None = None
+    spread: dict[str, tuple[float | None, ...]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Returns a JSON-serialisable dict with exactly the dataclass fields; NaN/inf become None."""
@@ -671,6 +735,12 @@ class Recommendation:
             "reason": self.reason,
             "stop_index": None if self.stop_index is None else int(self.stop_index),
             "sweep": str(self.sweep),
+            "base_rule": str(self.base_rule),
+            "max_rule": str(self.max_rule),
+            "warnings": [str(w) for w in self.warnings],
+            "loss_trend": _json_series(self.loss_trend),
+            "accuracy_trend": _json_series(self.accuracy_trend),
+            "spread": None if self.spread is None else {k: _json_series(v) for k, v in self.spread.items()},
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -682,13 +752,17 @@ class Recommendation:
         """Rebuilds a Recommendation from :meth:`to_dict` output (``None`` series entries -> NaN).
 
         Raises:
-          ValueError: If a field is missing. Unknown keys are ignored (newer writers may add some).
+          ValueError: If a field written since the first release is missing (``base_rule`` and later
+            fields are optional, for older files). Unknown keys are ignored.
         """
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
+        required = [f.name for f in dataclasses.fields(cls)][:12]
+        missing = [name for name in required if name not in data]
         if missing:
             raise ValueError(f"Recommendation dict lacks fields {missing}. Received keys: "
                              f"{sorted(data)}")
         accuracy = data["accuracy"]
+        acc_trend = data.get("accuracy_trend")
+        spread = data.get("spread")
         return cls(
             lrs=_series(data["lrs"]),
             loss_raw=_series(data["loss_raw"]),
@@ -702,7 +776,23 @@ class Recommendation:
             reason=data["reason"],
             stop_index=None if data["stop_index"] is None else int(data["stop_index"]),
             sweep=str(data["sweep"]),
+            base_rule=str(data.get("base_rule", "")),
+            max_rule=str(data.get("max_rule", "")),
+            warnings=tuple(str(w) for w in data.get("warnings", ())),
+            loss_trend=_series(data.get("loss_trend") or ()),
+            accuracy_trend=None if acc_trend is None else _series(acc_trend),
+            spread=None if spread is None else {str(k): tuple(_json_float(x) for x in v)
+                                                for k, v in spread.items()},
         )
+
+
+SUGGESTION_HELP = {
+    "steep": "steep: the LR where the smoothed loss falls fastest against log(LR) (fastai)",
+    "minimum": "minimum: the LR of the lowest smoothed loss, divided by 10 (fastai)",
+    "valley": "valley: the middle of the longest stretch where the smoothed loss keeps falling (fastai's default)",
+    "slide": "slide: where the loss gradient stops changing, sliding left from the end of the sweep (fastai)",
+}
+"""One line per loss suggestion, printed by the range test and listed here for the docs."""
 
 
 def _infer_sweep(lr: np.ndarray) -> str:
@@ -713,6 +803,49 @@ def _infer_sweep(lr: np.ndarray) -> str:
     cv_lin = np.std(lin) / abs(np.mean(lin))
     cv_log = np.std(log) / abs(np.mean(log))
     return "linear" if cv_lin <= cv_log else "exponential"
+
+
+def choose_bounds(acc_bounds: Bounds | None, loss_bounds: Bounds, *, n: int, lrs: Sequence[float],
+                  disagree_factor: float = 10.0 ** 0.5) -> tuple[float | None, float | None, str, str, list[str]]:
+    """Picks the bounds: Smith's accuracy rule when it found a rise, cross-checked by the loss rule.
+
+    Returns ``(base_lr, max_lr, base_rule, max_rule, warnings)``. When the two rules' ``max_lr``
+    differ by more than ``disagree_factor`` (half a decade), a warning names both and the LOWER one is
+    used (an LR too high diverges, one too low only trains slower); a loss-rule pick says it is a fallback.
+    Without an accuracy rise the loss rule is used (its rules carry
+    ``fallback``). When neither finds bounds, a curve that rises at once recommends ``lrs[0]`` as
+    ``max_lr`` (``"sweep_start (fallback)"``); a flat curve recommends nothing.
+    """
+    warnings = list(loss_bounds.warnings)
+    if n < MIN_RULE_POINTS:
+        warnings.append(f"only {n} sweep points before the stop: too short for a noise-aware reading; "
+                        "sweep longer or from a lower start LR")
+    if acc_bounds is not None:
+        warnings = list(acc_bounds.warnings) + warnings
+    if acc_bounds is not None and acc_bounds.max_lr is not None:
+        if loss_bounds.max_lr is not None:
+            factor = acc_bounds.max_lr / loss_bounds.max_lr
+            if not 1 / disagree_factor <= factor <= disagree_factor:
+                # Too high an LR diverges, too low one only trains slower: take the lower of the two.
+                lower = "accuracy" if factor < 1 else "loss"
+                warnings.append(f"the accuracy rule (max_lr={acc_bounds.max_lr:.3g}) and the loss rule "
+                                f"(max_lr={loss_bounds.max_lr:.3g}) disagree by {max(factor, 1 / factor):.2g}x; "
+                                f"using the lower, the {lower} rule: check the plot")
+                if factor > 1:
+                    return (loss_bounds.base_lr, loss_bounds.max_lr, loss_bounds.base_rule,
+                            f"{loss_bounds.max_rule} (fallback: below the accuracy rule's max_lr)", warnings)
+        return acc_bounds.base_lr, acc_bounds.max_lr, acc_bounds.base_rule, acc_bounds.max_rule, warnings
+    if loss_bounds.max_lr is not None:
+        why = "no accuracy recorded" if acc_bounds is None else "accuracy does not rise"
+        if acc_bounds is not None:
+            warnings.append("the accuracy rule found no rise: bounds from the loss rule")
+        return (loss_bounds.base_lr, loss_bounds.max_lr, f"{loss_bounds.base_rule}",
+                f"{loss_bounds.max_rule} ({'fallback: ' if acc_bounds is not None else ''}{why})", warnings)
+    if loss_bounds.max_rule == "loss_rises_at_once":
+        max_lr = float(lrs[0])
+        return (max_lr / MIN_RATIO, max_lr, f"max_lr/{MIN_RATIO:g} (fallback)", "sweep_start (fallback: rises at once)",
+                warnings)
+    return None, None, "none", "none", warnings
 
 
 def recommend(
@@ -727,61 +860,20 @@ def recommend(
     divergence_skip: int = 5,
     skip_start: int | None = None,
     skip_end: int = 5,
-    fall_fraction: float = 0.1,
+    window: int | None = None,
     accuracy_kwargs: Mapping[str, Any] | None = None,
 ) -> Recommendation:
     """Analyses a range-test sweep and recommends CLR bounds: the one call a range test makes.
 
-    Steps:
-
     1. Validate: equal lengths, LRs finite, > 0 and strictly increasing.
-    2. Truncate before the first non-finite loss (or accuracy); at least :data:`MIN_POINTS` must
-       remain.
-    3. Smooth the losses (:func:`smooth`) and truncate after the divergence point, which is kept
-       (:func:`divergence_index` with ``divergence_factor`` and ``divergence_skip``).
-    4. Trim the ends like fastai: drop the first ``skip_start`` (default ``n // 10`` of the kept
-       points) and the last ``skip_end`` (default 5) points, which hold start-up noise and the
-       blow-up. Trims shrink (the end first) so that :data:`MIN_POINTS` points always remain.
-    5. On the trimmed smoothed curve compute ``steep``, ``minimum``, ``valley`` and (with more than
-       15 points) ``slide``.
-    6. Choose the bounds.
-
-       *With accuracies*, Smith's rule (:func:`suggest_from_accuracy` on the kept, untrimmed
-       accuracies, since the rule needs the flat start): its ``base_lr``/``max_lr``/rule.
-
-       *Without accuracies* (or when the accuracy never rises), the loss rule:
-
-       - ``max_lr`` = ``valley``, the middle of the longest falling stretch: well past where the
-         loss starts to fall, safely below the minimum and the blow-up (fastai's default pick);
-         rule ``"loss_valley"``. If the longest strictly decreasing subsequence has fewer than 3
-         points (the loss never really falls), ``max_lr`` = ``minimum`` (lr at the minimum / 10)
-         and the rule is ``"loss_minimum"``, with ``base_lr = max_lr / 4``.
-       - ``base_lr`` = the LR where the smoothed loss has fallen ``fall_fraction`` (10%) of the way
-         from its starting level (median of the first 5% of trimmed points) to its minimum, the loss
-         analogue of "accuracy starts to increase", clamped to ``[max_lr / 10, max_lr / 3]``: CLR
-         cycles between a factor 3-4 (the CLR paper) and 10 (one-cycle) below ``max_lr``. (The fall
-       point lags like the rest of the smoothed curve; the clamp bounds what that can do.)
-
-    Args:
-      lrs: Learning rate of each sweep step.
-      losses: Raw per-step losses (may be negative; NaN/inf stop the sweep).
-      accuracies: Optional per-step accuracies, same length.
-      sweep: ``"linear"``, ``"exponential"`` or ``"auto"`` (whichever has the more uniform steps).
-      smoother: Loss smoother, one of :data:`SMOOTHERS`.
-      beta: Smoother decay.
-      divergence_factor: ``k`` of the divergence rule (4 like fastai; 5 like torch-lr-finder).
-      divergence_skip: Leading steps never tested for divergence.
-      skip_start: Points trimmed from the start before suggesting (default ``n // 10``).
-      skip_end: Points trimmed from the end before suggesting.
-      fall_fraction: Fraction of the loss drop that marks "the loss starts falling".
-      accuracy_kwargs: Extra keyword arguments for :func:`suggest_from_accuracy`.
-
-    Returns:
-      A :class:`Recommendation`.
-
-    Raises:
-      ValueError: On mismatched lengths, non-finite / non-positive / non-increasing LRs, fewer
-        than :data:`MIN_POINTS` finite losses at the start of the sweep, or invalid options.
+    2. Truncate before the first non-finite loss (or accuracy); at least :data:`MIN_POINTS` remain.
+    3. Smooth the losses with the causal ``smoother`` (:func:`smooth`) and truncate after the divergence
+       point (kept; :func:`divergence_index`): the stop rule, as in the sweep itself.
+    4. Zero-lag trends (:func:`trend`, window ``window``) of the kept losses and accuracies.
+    5. The fastai suggestions ``steep``/``minimum``/``valley``/``slide`` on the trimmed trend (first
+       ``skip_start``, default ``n // 10``, and last ``skip_end`` points dropped), for reference.
+    6. The bounds: :func:`suggest_from_accuracy` (Smith's rule) with accuracies, cross-checked by
+       :func:`suggest_from_loss`; :func:`choose_bounds` picks and writes the warnings.
     """
     lr = _as_1d("lrs", lrs)
     loss = _as_1d("losses", losses)
@@ -800,8 +892,6 @@ def recommend(
         raise ValueError(
             f"`skip_start` and `skip_end` must be >= 0. Received: skip_start={skip_start!r}, "
             f"skip_end={skip_end!r}")
-    if not 0.0 < fall_fraction < 1.0:
-        raise ValueError(f"`fall_fraction` must be in (0, 1). Received: {fall_fraction!r}")
 
     bad = [i for i in (first_nonfinite(loss), None if acc is None else first_nonfinite(acc))
            if i is not None]
@@ -823,52 +913,65 @@ def recommend(
         keep, reason, stop = lr.size, None, None
     lr_k, loss_k, smooth_k = lr[:keep], loss[:keep], smoothed[:keep]
     acc_k = None if acc is None else acc[:keep]
+    loss_t = trend(loss_k, window)
+    acc_t = None if acc_k is None else trend(acc_k, window)
 
     spare = max(keep - MIN_POINTS, 0)
     end = min(skip_end, spare)
     start = min(keep // 10 if skip_start is None else skip_start, spare - end)
-    lr_w, s_w = lr_k[start:keep - end], smooth_k[start:keep - end]
-
-    lengths = _lds_lengths(s_w)
+    lr_w, t_w = lr_k[start:keep - end], loss_t[start:keep - end]
     suggestions: dict[str, float | None] = {
-        "steep": suggest_steep(lr_w, s_w),
-        "minimum": suggest_minimum(lr_w, s_w),
-        "valley": float(lr_w[_valley_index(lengths)]),
-        "slide": suggest_slide(lr_w, s_w) if s_w.size > 15 else None,
+        "steep": suggest_steep(lr_w, t_w),
+        "minimum": suggest_minimum(lr_w, t_w),
+        "valley": suggest_valley(lr_w, t_w),
+        "slide": suggest_slide(lr_w, t_w) if t_w.size > 15 else None,
     }
-
-    bounds = None
+    loss_bounds = suggest_from_loss(lr_k, loss_k, window=window, skip_start=start, skip_end=end)
+    suggestions["loss_base"], suggestions["loss_max"] = loss_bounds.base_lr, loss_bounds.max_lr
+    acc_bounds = None
     if acc_k is not None:
-        bounds = (suggest_from_accuracy(lr_k, acc_k, sweep=sweep, **dict(accuracy_kwargs or {}))
-                  if keep >= _MIN_ACCURACY_POINTS else AccuracyBounds(None, None, "too_few_points"))
-        suggestions["accuracy_base"] = bounds.base_lr
-        suggestions["accuracy_max"] = bounds.max_lr
-
-    if bounds is not None and bounds.max_lr is not None:
-        base_lr, max_lr, rule = bounds.base_lr, bounds.max_lr, bounds.rule
-    else:
-        if int(lengths.max()) >= 3:
-            max_lr, rule = suggestions["valley"], "loss_valley"
-            level = float(np.median(s_w[:max(1, math.ceil(0.05 * s_w.size))]))
-            drop = level - float(s_w.min())
-            falls = np.flatnonzero(s_w < level - fall_fraction * drop)
-            lr_fall = float(lr_w[falls[0]]) if drop > 0 and falls.size else max_lr / 4.0
-            base_lr = min(max(lr_fall, max_lr / 10.0), max_lr / 3.0)
+        if keep >= _MIN_ACCURACY_POINTS:
+            kwargs = dict(accuracy_kwargs or {})
+            kwargs.setdefault("window", window)
+            acc_bounds = suggest_from_accuracy(lr_k, acc_k, sweep=sweep, **kwargs)
         else:
-            max_lr, rule = suggestions["minimum"], "loss_minimum"
-            base_lr = max_lr / 4.0
-
+            acc_bounds = Bounds(None, None, "too_few_points", "too_few_points")
+        suggestions["accuracy_base"], suggestions["accuracy_max"] = acc_bounds.base_lr, acc_bounds.max_lr
+    base_lr, max_lr, base_rule, max_rule, warnings = choose_bounds(acc_bounds, loss_bounds, n=keep, lrs=lr_k)
+    if base_lr is None:
+        warnings.append("no bounds: neither the accuracy nor the loss changes clearly over the sweep")
     return Recommendation(
-        lrs=_series(lr_k),
-        loss_raw=_series(loss_k),
-        loss_smooth=_series(smooth_k),
-        accuracy=None if acc_k is None else _series(acc_k),
-        suggestions=suggestions,
-        base_lr=float(base_lr),
-        max_lr=float(max_lr),
-        rule=rule,
-        stopped_early=reason is not None,
-        reason=reason,
-        stop_index=stop,
-        sweep=sweep,
-    )
+        lrs=_series(lr_k), loss_raw=_series(loss_k), loss_smooth=_series(smooth_k),
+        accuracy=None if acc_k is None else _series(acc_k), suggestions=suggestions,
+        base_lr=base_lr, max_lr=max_lr, rule=f"base: {base_rule}; max: {max_rule}",
+        stopped_early=reason is not None, reason=reason, stop_index=stop, sweep=sweep,
+        base_rule=base_rule, max_rule=max_rule, warnings=tuple(warnings), loss_trend=_series(loss_t),
+        accuracy_trend=None if acc_t is None else _series(acc_t))
+
+
+def recommend_repeats(runs: Sequence[tuple[Any, Any, Any]], **kwargs: Any) -> Recommendation:
+    """Averages several sweeps over the same LR grid and recommends on the mean curve.
+
+    ``runs`` are ``(lrs, losses, accuracies_or_None)`` of sweeps with the same schedule (a stopped sweep
+    is a prefix of the grid); the curves are averaged over their common prefix (the shortest run). The
+    result's ``spread`` holds every run's own ``base_lr``/``max_lr`` (:func:`recommend` on each), and a
+    spread of ``max_lr`` over a factor 2 adds a warning. ``kwargs`` go to :func:`recommend`.
+    """
+    if not runs:
+        raise ValueError("recommend_repeats needs at least one sweep.")
+    n = min(len(r[0]) for r in runs)
+    lr = _as_1d("lrs", runs[0][0])[:n]
+    for r in runs:
+        if not np.allclose(_as_1d("lrs", r[0])[:n], lr, rtol=1e-6):
+            raise ValueError("recommend_repeats needs sweeps over the same LR grid.")
+    singles = [recommend(*r, **kwargs) for r in runs]
+    losses = np.mean([_as_1d("losses", r[1])[:n] for r in runs], axis=0)
+    accs = None if any(r[2] is None for r in runs) else np.mean([_as_1d("acc", r[2])[:n] for r in runs], axis=0)
+    rec = recommend(lr, losses, accs, **kwargs)
+    spread = {"base_lr": tuple(s.base_lr for s in singles), "max_lr": tuple(s.max_lr for s in singles)}
+    warnings = list(rec.warnings)
+    maxes = [m for m in spread["max_lr"] if m is not None]
+    if maxes and max(maxes) / min(maxes) > 2.0:
+        warnings.append(f"the {len(runs)} sweeps disagree: max_lr from {min(maxes):.3g} to {max(maxes):.3g}; "
+                        "the bounds come from their mean curve")
+    return dataclasses.replace(rec, spread=spread, warnings=tuple(warnings))

@@ -265,8 +265,11 @@ def _range_test_figure(
     loss_smooth: Sequence[float] | None,
     *,
     accuracy: Sequence[float] | None = None,
+    accuracy_trend: Sequence[float] | None = None,
     base_lr: float | None = None,
     max_lr: float | None = None,
+    base_rule: str | None = None,
+    max_rule: str | None = None,
     log_x: bool = False,
     suggestions: Mapping[str, float | None] | None = None,
     title: str | None = None,
@@ -290,7 +293,7 @@ def _range_test_figure(
 
     ax.plot(lrs, raw, color=_LOSS_COLOR, lw=0.8, alpha=0.3, label="loss (raw)")
     if loss_smooth is not None:
-        ax.plot(lrs, smooth, color=_LOSS_COLOR, lw=2.0, label="loss (smoothed)")
+        ax.plot(lrs, smooth, color=_LOSS_COLOR, lw=2.0, label="loss (smoothed, zero lag)")
     ylim = _loss_ylim(raw, smooth)
     if ylim is not None:
         ax.set_ylim(*ylim)
@@ -298,13 +301,17 @@ def _range_test_figure(
 
     if ax_acc is not None:
         ax_acc.plot(lrs, acc, color=_ACC_COLOR, lw=0.8, alpha=0.3, label="accuracy (raw)")
-        window = max(5, lrs.size // 20)
-        ax_acc.plot(lrs, _moving_average(acc, window), color=_ACC_COLOR, lw=2.0,
-                    label=f"accuracy ({window}-step mean)")
+        if accuracy_trend is not None:
+            acc_smooth, acc_label = _array(accuracy_trend), "accuracy (trend, zero lag)"
+        else:
+            window = max(5, lrs.size // 20)
+            acc_smooth, acc_label = _moving_average(acc, window), f"accuracy ({window}-step centred mean)"
+        ax_acc.plot(lrs, acc_smooth, color=_ACC_COLOR, lw=2.0, label=acc_label)
         _style(ax_acc, ylabel="Accuracy")
 
     # Vertical markers: the chosen bounds (solid, labelled with their values), then the rest. A
     # suggestion equal to a bound is named in the bound's label instead of drawn twice.
+    rules = {"base_lr": base_rule, "max_lr": max_rule}
     bounds = [(name, float(v), color) for name, v, color in (("base_lr", base_lr, _BASE_COLOR),
                                                              ("max_lr", max_lr, _MAX_COLOR))
               if v is not None and math.isfinite(v) and (not log_x or v > 0)]
@@ -314,13 +321,18 @@ def _range_test_figure(
         if v is None or not math.isfinite(v) or (log_x and v <= 0):
             continue
         same = [name for name, b, _ in bounds if math.isclose(float(v), b, rel_tol=1e-9)]
-        if same:
+        if same and not rules[same[0]]:
             aliases[same[0]].append(str(key))
+        elif same:
+            continue  # the bound's label names the rule that produced it
         else:
             extra.append((str(key), float(v)))
     markers: list[tuple[str, float, Any, Any, float]] = []
     for name, value, color in bounds:
-        also = f" (= {', '.join(aliases[name])})" if aliases[name] else ""
+        if rules[name]:
+            also = f" ({rules[name]})"
+        else:
+            also = f" (= {', '.join(aliases[name])})" if aliases[name] else ""
         markers.append((f"{name} = {_fmt(value)}{also}", value, color, "-", 2.0))
     for i, (name, value) in enumerate(extra):
         markers.append((f"{name} = {_fmt(value)}", value, _SUGGESTION_COLORS[i % 6],
@@ -363,8 +375,11 @@ def plot_range_test(
     path: PathLike = None,
     *,
     accuracy: Sequence[float] | None = None,
+    accuracy_trend: Sequence[float] | None = None,
     base_lr: float | None = None,
     max_lr: float | None = None,
+    base_rule: str | None = None,
+    max_rule: str | None = None,
     log_x: bool = False,
     suggestions: Mapping[str, float | None] | None = None,
     title: str | None = None,
@@ -377,12 +392,16 @@ def plot_range_test(
     Args:
       lrs: Learning rate of each sweep step (x axis).
       loss_raw: Raw per-step loss.
-      loss_smooth: Smoothed loss, or ``None`` to draw only the raw series.
+      loss_smooth: Smoothed loss, or ``None`` to draw only the raw series. Pass a zero-lag curve
+        (``Recommendation.loss_trend``, a centred mean): a causal EMA trails the raw loss toward higher LR.
       path: Where to write the PNG, or ``None`` to only render it.
       accuracy: Optional per-step accuracy, drawn on a second panel below (raw, faint, and a
         centred moving average over 5% of the sweep for readability).
+      accuracy_trend: Optional zero-lag accuracy trend to draw instead of the default centred mean.
       base_lr: Lower CLR bound, a solid green line labelled with its value.
       max_lr: Upper CLR bound, a solid red line labelled with its value.
+      base_rule, max_rule: the rule that produced each bound (fallbacks included), named in its label,
+        e.g. ``base_lr = 0.02 (max_lr/4 (fallback))``; without one, suggestions equal to the bound are named.
       log_x: Log LR axis: use it for exponential sweeps.
       suggestions: Other named LRs (e.g. ``steep``, ``valley``), drawn as labelled thin lines;
         ``None``/NaN values are skipped.
@@ -394,8 +413,9 @@ def plot_range_test(
     Raises:
       ValueError: If a series does not have one value per learning rate.
     """
-    fig = _range_test_figure(lrs, loss_raw, loss_smooth, accuracy=accuracy, base_lr=base_lr,
-                             max_lr=max_lr, log_x=log_x, suggestions=suggestions, title=title)
+    fig = _range_test_figure(lrs, loss_raw, loss_smooth, accuracy=accuracy, accuracy_trend=accuracy_trend,
+                             base_lr=base_lr, max_lr=max_lr, base_rule=base_rule, max_rule=max_rule,
+                             log_x=log_x, suggestions=suggestions, title=title)
     return _save(fig, path)
 
 
@@ -403,8 +423,8 @@ def plot_recommendation(rec: Recommendation, path: PathLike = None, *,
                         title: str | None = None) -> bytes:
     """Plots a :class:`clrlab.lr_suggest.Recommendation` with :func:`plot_range_test`.
 
-    The x axis is logarithmic for exponential sweeps, the bounds carry the rule that chose them,
-    and an early stop is noted in the corner.
+    The x axis is logarithmic for exponential sweeps, the drawn smooth curves are the zero-lag trends
+    the rules read, each bound carries the rule that produced it, and an early stop is noted in the corner.
 
     Args:
       rec: The range-test result.
@@ -418,7 +438,8 @@ def plot_recommendation(rec: Recommendation, path: PathLike = None, *,
     if rec.stopped_early:
         note = f"sweep stopped at step {rec.stop_index} ({rec.reason})"
     fig = _range_test_figure(
-        rec.lrs, rec.loss_raw, rec.loss_smooth, accuracy=rec.accuracy, base_lr=rec.base_lr,
-        max_lr=rec.max_lr, log_x=rec.sweep == "exponential", suggestions=rec.suggestions,
-        title=title or f"LR range test ({rec.sweep} sweep, rule: {rec.rule})", note=note)
+        rec.lrs, rec.loss_raw, rec.loss_trend or rec.loss_smooth, accuracy=rec.accuracy,
+        accuracy_trend=rec.accuracy_trend, base_lr=rec.base_lr, max_lr=rec.max_lr,
+        base_rule=rec.base_rule or None, max_rule=rec.max_rule or None, log_x=rec.sweep == "exponential",
+        suggestions=rec.suggestions, title=title or f"LR range test ({rec.sweep} sweep)", note=note)
     return _save(fig, path)

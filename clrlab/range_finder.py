@@ -13,9 +13,25 @@ losses) and at once on NaN/inf. Afterwards every model weight (batch-norm statis
 optimizer variable (slots, iterations, the LR variable, loss-scale state) and the step counter are
 restored bitwise, so a sweep can run inside a session before training (`run_sweep`).
 
-The analysis is `clrlab.lr_suggest.recommend` (pure numpy). Outputs in --logdir: range_test.png,
-range_test.json (every series, every suggestion, the chosen bounds, the rule used, whether and why it
-stopped early, and the train command), TensorBoard scalars per step and the plot as an image.
+The analysis is `clrlab.lr_suggest.recommend` (pure numpy): Smith's accuracy rule on a zero-lag,
+noise-aware trend (base where the accuracy starts to rise, max where it stops rising, turns ragged or
+falls), cross-checked by the loss rule (Smith 2018, sec. 4.1); each bound names the rule that produced it
+(fallbacks say so) and every doubt is a printed `warning:` line (disagreeing rules, a short, flat or at once
+diverging curve, a range under 3x). The other suggestions, printed for reference:
+
+* steep: the LR where the smoothed loss falls fastest against log(LR) (fastai).
+* minimum: the LR of the lowest smoothed loss, divided by 10 (fastai).
+* valley: the middle of the longest stretch where the smoothed loss keeps falling (fastai's default).
+* slide: where the loss gradient stops changing, sliding left from the end of the sweep (fastai).
+
+`--repeats=N` runs N sweeps (other batches), recommends on their mean curve and reports each sweep's bounds.
+
+Outputs in --logdir: range_test.png, range_test.json (every series, every suggestion, the chosen bounds
+and the rule of each, the warnings, whether and why it stopped early, the setup --bounds_from checks, and
+the train command), and in --logdir/range_test TensorBoard scalars under their own `range_test/` tags
+(`range_test/learning_rate`, `range_test/loss`, `range_test/accuracy` per sweep step, the smoothed curves)
+and the plot as the image `range_test/plot`, so `tensorboard --logdir runs/` never mixes a sweep into the
+training cards. The default --logdir is runs/range_test-<timestamp>.
 
 The command: flags (`clrlab.cli.define_range_test_flags`) -> `TrainConfig` (`cli.config_from_flags`, the
 same conversion as `python -m clrlab.train`) and the sweep settings (`cli.sweep_options_from_flags`) ->
@@ -32,7 +48,8 @@ from typing import Any
 
 from absl import app, flags
 
-from clrlab import cli
+from clrlab import cli, lr_suggest
+from clrlab import config as config_lib
 from clrlab.config import TrainConfig
 from clrlab.errors import UserError
 from clrlab.sweep import SWEEP_DEFAULTS, SweepOptions, run_sweep
@@ -99,21 +116,32 @@ def run(config: TrainConfig, options_flags: dict[str, Any], *, progress: bool = 
         print(f"clrlab range test: {sweep} sweep {options.start_lr:g} -> {options.end_lr:g} over {num_steps} steps "
               f"({num_steps / job.steps_per_epoch:.2g} epochs of {job.splits.name}); model {job.model.name}; "
               f"logdir {logdir}", flush=True)
-        result = run_sweep(job.model, job.optimizer, job.train_data_fn(0), options, strategy=job.strategy,
-                           eval_dataset=job.eval_dataset() if options.eval_every else None,
-                           summary_writer=writer, progress=progress and sys.stdout.isatty())
+        repeats = max(1, int(options_flags.get("repeats") or 1))
+        results = [run_sweep(job.model, job.optimizer, job.train_data_fn(r), options, strategy=job.strategy,
+                             eval_dataset=job.eval_dataset() if options.eval_every else None,
+                             summary_writer=writer if r == 0 else None, progress=progress and sys.stdout.isatty())
+                   for r in range(repeats)]
     finally:
         keras.mixed_precision.set_global_policy(policy)
+    result = results[0]
+    if repeats > 1:  # the mean curve of the sweeps (same schedule, other batches); spread = each sweep's bounds
+        recs = [r.recommendation for r in results]
+        combined = lr_suggest.recommend_repeats([(r.lrs, r.loss_raw, r.accuracy) for r in recs], sweep=sweep,
+                                                smoother=options.smoother, beta=options.beta,
+                                                divergence_factor=options.divergence_factor)
+        result = dataclasses.replace(result, recommendation=combined)
     rec = result.recommendation
-    png = plots.plot_range_test(rec.lrs, rec.loss_raw, rec.loss_smooth, os.path.join(logdir, "range_test.png"),
-                                accuracy=rec.accuracy, base_lr=rec.base_lr, max_lr=rec.max_lr,
+    png = plots.plot_range_test(rec.lrs, rec.loss_raw, rec.loss_trend or None, os.path.join(logdir, "range_test.png"),
+                                accuracy=rec.accuracy, accuracy_trend=rec.accuracy_trend, base_lr=rec.base_lr,
+                                max_lr=rec.max_lr, base_rule=rec.base_rule, max_rule=rec.max_rule,
                                 log_x=(sweep == "exponential"), suggestions=rec.suggestions,
                                 title=f"LR range test ({sweep}, {job.splits.name}, {job.model.name})")
     with writer.as_default():
-        for i, value in enumerate(rec.loss_smooth):
-            tf.summary.scalar("smoothed_loss", value, step=i)
+        for i, (smoothed, trend) in enumerate(zip(rec.loss_smooth, rec.loss_trend, strict=True)):
+            tf.summary.scalar("range_test/loss_smooth", smoothed, step=i)
+            tf.summary.scalar("range_test/loss_trend", trend, step=i)
         if isinstance(png, (bytes, bytearray)):
-            tf.summary.image("range_test", tf.image.decode_png(png)[tf.newaxis], step=0)
+            tf.summary.image("range_test/plot", tf.image.decode_png(png)[tf.newaxis], step=0)
     writer.flush()
     out = result.to_dict()
     json_path = os.path.join(logdir, "range_test.json")
@@ -123,6 +151,9 @@ def run(config: TrainConfig, options_flags: dict[str, Any], *, progress: bool = 
         out["command"], out["command_bounds_from"] = explicit, from_file
     out["options"] = dataclasses.asdict(options)
     out["dataset"], out["model"] = job.splits.name, job.model.name
+    out["repeats"] = repeats
+    # The settings a training run with --bounds_from is checked against (clrlab.config.bounds_mismatch).
+    out["setup"] = {name: getattr(config, name) for name in config_lib.BOUNDS_SETUP_FIELDS}
     with open(json_path, "w", encoding="utf-8") as fh:
         json.dump(out, fh, indent=1, allow_nan=False)
     return out
@@ -132,12 +163,24 @@ def _report(out: dict[str, Any], logdir: str) -> None:
     stop = f"stopped early ({out['reason']} at step {out['stop_index']})" if out["stopped_early"] else "ran to the end"
     print(f"Sweep {stop}. Suggestions: " + ", ".join(
         f"{k}={v:.3g}" for k, v in out["suggestions"].items() if v is not None))
+    for name in lr_suggest.SUGGESTION_HELP:
+        if out["suggestions"].get(name) is not None:
+            print("  " + lr_suggest.SUGGESTION_HELP[name])
+    for warning in out.get("warnings", ()):
+        print(f"warning: {warning}")
     if out.get("command"):
-        print(f"Recommended bounds ({out['rule']}): base_lr={out['base_lr']:.3g} max_lr={out['max_lr']:.3g}")
+        print(f"Recommended bounds: base_lr={out['base_lr']:.3g} ({out['base_rule']}), "
+              f"max_lr={out['max_lr']:.3g} ({out['max_rule']})")
+        if out.get("spread"):
+            spread = out["spread"]
+            print(f"Spread over {out['repeats']} sweeps: base_lr " + ", ".join(
+                "none" if v is None else f"{v:.3g}" for v in spread["base_lr"]) + "; max_lr " + ", ".join(
+                "none" if v is None else f"{v:.3g}" for v in spread["max_lr"]))
         print(f"Plot: {os.path.join(logdir, 'range_test.png')}   Result: {os.path.join(logdir, 'range_test.json')}")
         print("Train with them:\n  " + out["command"] + "\nor:\n  " + out["command_bounds_from"])
     else:
-        print("No bounds could be recommended (the loss never fell): widen --start_lr/--end_lr or sweep longer.")
+        print("No bounds could be recommended (neither loss nor accuracy changed clearly): widen "
+              "--start_lr/--end_lr or sweep longer.")
 
 
 def main(argv: list[str]) -> int:
@@ -147,7 +190,10 @@ def main(argv: list[str]) -> int:
         return 1
     try:
         config = cli.config_from_flags()
-        out = run(config, cli.sweep_options_from_flags())
+        options_flags = cli.sweep_options_from_flags()
+        if "repeats" in flags.FLAGS:
+            options_flags["repeats"] = flags.FLAGS.repeats
+        out = run(config, options_flags)
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
@@ -159,6 +205,9 @@ def run_main() -> None:
     """Console-script entry point (`clrlab-range-test`; also `python -m clrlab.range_finder` and
     scripts/range_test.py): defines the flags, parses them, runs `main`."""
     cli.define_range_test_flags(SWEEP_DEFAULTS)
+    if "repeats" not in flags.FLAGS:
+        flags.DEFINE_integer("repeats", 1, "Run this many sweeps (same schedule, other batches), recommend on "
+                             "their mean curve and print the spread of the bounds.", lower_bound=1)
     flags.adopt_module_key_flags(cli)  # so that --help lists them (absl shows the main module's key flags)
     app.run(main, flags_parser=cli.parse_flags_or_exit)
 

@@ -30,8 +30,8 @@ import numpy as np
 
 from clrlab import config, lr_suggest
 
-__all__ = ["SWEEP_DEFAULTS", "RangeTestResult", "StateSnapshot", "SweepOptions", "SweepRecorder", "run_sweep",
-           "sweep_schedule"]
+__all__ = ["RANGE_TEST_TAGS", "SWEEP_DEFAULTS", "RangeTestResult", "StateSnapshot", "SweepOptions", "SweepRecorder",
+           "run_sweep", "sweep_schedule", "write_sweep_scalars"]
 
 _log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ class SweepRecorder:
         divergence factor). With held-out evaluations, Smith's accuracy rule on them replaces the bounds
         (rule `heldout_<rule>`, suggestions `accuracy_base`/`accuracy_max`): held-out accuracy beats the
         noisier per-batch training accuracy; too few evaluations keep the per-batch bounds (logged as a
-        warning).
+        warning). The held-out rules are `heldout_<rule>` in `base_rule`/`max_rule`.
 
         Raises:
           ValueError: when `recommend` cannot analyse the records (too few finite steps).
@@ -261,8 +261,11 @@ class SweepRecorder:
                 bounds = None
             if bounds is not None and bounds.base_lr is not None and bounds.max_lr is not None:
                 suggestions = dict(rec.suggestions, accuracy_base=bounds.base_lr, accuracy_max=bounds.max_lr)
+                base_rule, max_rule = f"heldout_{bounds.base_rule}", f"heldout_{bounds.max_rule}"
                 rec = dataclasses.replace(rec, base_lr=bounds.base_lr, max_lr=bounds.max_lr,
-                                          rule=f"heldout_{bounds.rule}", suggestions=suggestions)
+                                          rule=f"base: {base_rule}; max: {max_rule}", base_rule=base_rule,
+                                          max_rule=max_rule, suggestions=suggestions,
+                                          warnings=rec.warnings + bounds.warnings)
         return RangeTestResult(recommendation=rec, eval_steps=tuple(self.eval_steps),
                                eval_lrs=tuple(self.eval_lrs), eval_accuracies=tuple(self.eval_accuracies))
 
@@ -284,6 +287,24 @@ class StateSnapshot:
         return all(np.array_equal(v.numpy(), value) for v, value in zip(self._variables, self._values, strict=True))
 
 
+RANGE_TEST_TAGS = {"lr": "range_test/learning_rate", "loss": "range_test/loss",
+                   "accuracy": "range_test/accuracy"}
+"""The per-step TensorBoard tags of a sweep: a `range_test/` card of their own, apart from training's."""
+
+
+def write_sweep_scalars(writer, first_step: int, lrs, losses, accuracies=None) -> None:
+    """Writes consecutive sweep steps `first_step, first_step + 1, ...` under `RANGE_TEST_TAGS` (eager)."""
+    import tensorflow as tf  # deferred: the options and the recorder do not need TensorFlow
+
+    with writer.as_default():
+        for i, lr in enumerate(lrs):
+            step = first_step + i
+            tf.summary.scalar(RANGE_TEST_TAGS["lr"], float(lr), step=step)
+            tf.summary.scalar(RANGE_TEST_TAGS["loss"], float(losses[i]), step=step)
+            if accuracies is not None:
+                tf.summary.scalar(RANGE_TEST_TAGS["accuracy"], float(accuracies[i]), step=step)
+
+
 def run_sweep(model, optimizer, train_dataset, options: SweepOptions, *, strategy=None, eval_dataset=None,
               summary_writer=None, restore: bool = True, progress: bool = False) -> RangeTestResult:
     """Runs the sweep on `model`/`optimizer` (eager driver; compiled steps), then restores their state.
@@ -299,7 +320,9 @@ def run_sweep(model, optimizer, train_dataset, options: SweepOptions, *, strateg
       options: the sweep.
       strategy: optional `tf.distribute` strategy, as for `CustomLoopTrainer`.
       eval_dataset: finite held-out dataset, used every `options.eval_every` steps.
-      summary_writer: per-step `learning_rate`/`loss`/`accuracy` scalars go here (None: none).
+      summary_writer: per-step scalars go here under the range test's own tags `range_test/learning_rate`,
+        `range_test/loss` and `range_test/accuracy` (step = sweep step), never the training run's
+        `learning_rate`/`loss`/`accuracy`, so TensorBoard keeps sweeps out of the training cards (None: none).
       restore: put weights and optimizer state back afterwards (default; the point of the test).
       progress: show a Keras Progbar.
     """
@@ -308,8 +331,7 @@ def run_sweep(model, optimizer, train_dataset, options: SweepOptions, *, strateg
 
     from trainers.custom_loop import CustomLoopTrainer, NonFiniteLossError
 
-    trainer = CustomLoopTrainer(model, optimizer, sweep_schedule(options), strategy=strategy,
-                                summary_writer=summary_writer)
+    trainer = CustomLoopTrainer(model, optimizer, sweep_schedule(options), strategy=strategy)
     snapshot = StateSnapshot(model, optimizer)
     recorder = SweepRecorder(options)
     evaluate = (lambda: trainer.evaluate(eval_dataset)["accuracy"]) if eval_dataset is not None else None
@@ -324,7 +346,10 @@ def run_sweep(model, optimizer, train_dataset, options: SweepOptions, *, strateg
             if bar is not None:
                 bar.update(recorder.steps + len(records.lr),
                            [("lr", float(records.lr[-1])), ("loss", float(records.loss[-1]))])
+            first = recorder.steps
             recorder.record(records.lr.tolist(), records.loss.tolist(), records.accuracy.tolist(), evaluate)
+            if summary_writer is not None:
+                write_sweep_scalars(summary_writer, first, records.lr, records.loss, records.accuracy)
     finally:
         if restore:
             snapshot.restore()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import doctest
 import json
 import math
+import pathlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -257,134 +258,240 @@ def test_suggestions_reject_invalid_curves(fn):
 
 
 # ----------------------------------------------------------------------------------------------
+# Zero-lag trend and noise.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_trend_is_centred_and_has_no_lag():
+    x = np.arange(200, dtype=float)
+    v = (x - 120.0) ** 2  # a parabola: a centred mean keeps its minimum where it is
+    t = ls.trend(v, 21)
+    assert int(np.argmin(t)) == 120
+    causal = ls.smooth(v, "ema_debiased", 0.9)
+    assert int(np.argmin(causal)) > 125  # the causal EMA lags toward later steps
+    assert ls.default_window(200) == 19 and ls.default_window(30) == 5
+    rng = np.random.default_rng(0)
+    values = np.linspace(0, 1, 2000) + rng.normal(0, 0.05, 2000)
+    assert ls.batch_noise(values, ls.trend(values)) == pytest.approx(0.05, rel=0.1)
+
+
+# ----------------------------------------------------------------------------------------------
 # Smith's accuracy rule.
 # ----------------------------------------------------------------------------------------------
 
 ACC_LRS = np.linspace(5e-4, 0.02, 400)
 ACC_STEP = float(ACC_LRS[1] - ACC_LRS[0])
-C, W = 0.006, 0.0008  # Logistic rise centred at lr = C with width W.
-TRUE_BASE = C + W * math.log(0.1 / 0.9)  # Where the rise reaches p = 10%.
-_S = 0.5 + 0.5 * math.sqrt(1 - 0.15)
-TRUE_SLOWS = C + W * math.log(_S / (1 - _S))  # Where the logistic's slope is q = 15% of its maximum.
+LOG_LRS = np.geomspace(1e-4, 1.0, 200)
+LOG_C, LOG_W = -2.5, 0.09  # logistic rise in log10(lr): 10% at -2.698, 98% at -2.150 (3.5x apart)
 
 
-def sigmoid_accuracy(lrs):
-    """0.1 -> 0.8 logistic rise, a plateau, then a linear fall from lr = 0.014 back to 0.1 at 0.02."""
-    rise = 0.1 + 0.7 / (1.0 + np.exp(-(lrs - C) / W))
-    return rise - 0.7 * np.clip((lrs - 0.014) / 0.006, 0.0, 1.0)
+def log_accuracy(lrs, fall_at=-1.0):
+    x = np.log10(lrs)
+    rise = 0.1 + 0.8 / (1.0 + np.exp(-(x - LOG_C) / LOG_W))
+    return rise - 0.7 * np.clip((x - fall_at) / 0.5, 0.0, 1.0)
 
 
-@pytest.mark.parametrize("smoother", ls.ACCURACY_SMOOTHERS)
-@pytest.mark.parametrize("sigma", [0.0, 0.02])
-def test_accuracy_rule_finds_the_rise_and_the_slowdown(smoother, sigma):
-    for seed in range(3 if sigma else 1):
-        acc = noisy(sigmoid_accuracy(ACC_LRS), sigma, seed)
-        got = ls.suggest_from_accuracy(ACC_LRS, acc, smoother=smoother)
-        assert got.rule == "accuracy_slows"
-        # Smoothed noise (~0.01) over a rise of ~0.004 per step near the 10% point: a few steps.
-        assert abs(got.base_lr - TRUE_BASE) <= 5 * ACC_STEP
-        assert abs(got.max_lr - TRUE_SLOWS) <= 6 * ACC_STEP
-        assert got.base_lr == ACC_LRS[got.base_index] and got.max_lr == ACC_LRS[got.max_index]
+def test_accuracy_rule_finds_where_the_accuracy_starts_and_stops_rising():
+    # 10% and 98% of the rise; the 19-point centred mean (0.38 decades) widens the rise by up to half a window.
+    base_true = 10 ** (LOG_C - LOG_W * math.log(9))
+    max_true = 10 ** (LOG_C + LOG_W * math.log(49))
+    step = math.log(LOG_LRS[1] / LOG_LRS[0])
+    for seed in range(4):
+        got = ls.suggest_from_accuracy(LOG_LRS, noisy(log_accuracy(LOG_LRS), 0.03, seed), sweep="exponential")
+        assert got.max_rule == "accuracy_plateau" and got.warnings == ()
+        assert -10 * step <= math.log(got.max_lr / max_true) <= 10 * step
+        assert got.max_lr == LOG_LRS[got.max_index]
+        # The rise starts 3.5x below its end: base is read off the curve, or clamped to max/4 when the
+        # smoothing stretched the rise past 4x.
+        if got.base_rule == "accuracy_rise":
+            assert abs(math.log(got.base_lr / base_true)) <= 10 * step and got.base_lr == LOG_LRS[got.base_index]
+        else:
+            assert got.base_rule.startswith("max_lr/4 (clamp") and got.base_lr == pytest.approx(got.max_lr / 4)
+        assert 3 <= got.max_lr / got.base_lr <= 4 + 1e-9
 
 
 def test_accuracy_rule_reports_raggedness():
-    # The noise grows 6x from lr = 0.0075, before the slowdown at 0.0086; the centred rolling std can
-    # see it up to half a window (10 points) early.
-    sigma = np.where(ACC_LRS > 0.0075, 0.12, 0.02)
+    # The noise grows 5x from lr = 10**-2.4, half-way up the rise and before it stops.
+    sigma = np.where(np.log10(LOG_LRS) > -2.4, 0.15, 0.03)
     for seed in range(3):
-        acc = sigmoid_accuracy(ACC_LRS) + np.random.default_rng(seed).normal(size=ACC_LRS.size) * sigma
-        got = ls.suggest_from_accuracy(ACC_LRS, acc)
-        assert got.rule == "accuracy_ragged"
-        assert 0.0075 - 12 * ACC_STEP <= got.max_lr <= 0.0075 + 2 * ACC_STEP
-        assert abs(got.base_lr - TRUE_BASE) <= 5 * ACC_STEP
+        acc = log_accuracy(LOG_LRS) + np.random.default_rng(seed).normal(size=LOG_LRS.size) * sigma
+        got = ls.suggest_from_accuracy(LOG_LRS, acc, sweep="exponential")
+        assert got.max_rule == "accuracy_ragged"
+        assert 10 ** -2.6 <= got.max_lr <= 10 ** -2.2  # within half a window (0.19 decades) of the change
 
 
-def test_accuracy_rule_reports_the_peak_of_a_sharp_fall():
-    # Linear rise 0.1 -> 0.8 over [0.004, 0.012], then a collapse: no slowdown before the peak.
-    acc = np.interp(ACC_LRS, [0.0, 0.004, 0.012, 0.014, 1.0], [0.1, 0.1, 0.8, 0.1, 0.1])
+def test_accuracy_rule_stops_before_a_sharp_fall():
+    # A linear climb that collapses at its top: the rise never levels off, the fall is the signal.
+    acc = np.interp(np.log10(LOG_LRS), [-4, -3, -2, -1.9, 0], [0.1, 0.1, 0.9, 0.1, 0.1])
+    for seed in range(3):
+        got = ls.suggest_from_accuracy(LOG_LRS, noisy(acc, 0.03, seed), sweep="exponential")
+        assert got.max_rule in ("accuracy_plateau", "accuracy_falls")
+        assert 10 ** -2.3 <= got.max_lr <= 10 ** -1.95  # at or just below the top, never past it
+
+
+def test_a_rise_within_3x_falls_back_to_max_over_3_with_a_warning():
+    # Smith-style linear sweep, a narrow logistic rise: it starts only ~2x below where it stops.
+    acc = 0.1 + 0.7 / (1.0 + np.exp(-(ACC_LRS - 0.006) / 0.0008))
     for seed in range(3):
         got = ls.suggest_from_accuracy(ACC_LRS, noisy(acc, 0.02, seed))
-        assert got.rule == "accuracy_peak"
-        assert abs(got.max_lr - 0.012) <= 6 * ACC_STEP
-        assert abs(got.base_lr - (0.004 + 0.1 * 0.008)) <= 4 * ACC_STEP
+        assert got.max_rule == "accuracy_plateau" and abs(got.max_lr - 0.0091) <= 20 * ACC_STEP  # half a window
+        assert got.base_rule.startswith("max_lr/3 (fallback") and got.base_index is None
+        assert got.base_lr == pytest.approx(got.max_lr / 3)
+        assert len(got.warnings) == 1 and "below max_lr" in got.warnings[0] and ">= 3" in got.warnings[0]
 
 
-def test_accuracy_rule_falls_back_when_the_sweep_starts_mid_rise():
-    lrs = ACC_LRS[ACC_LRS > 0.0055]
+def test_a_rise_far_below_max_is_clamped_to_max_over_4():
+    wide = 0.1 + 0.8 / (1.0 + np.exp(-(np.log10(LOG_LRS) + 2.0) / 0.3))  # 10% to 98%: 1.8 decades
+    got = ls.suggest_from_accuracy(LOG_LRS, wide, sweep="exponential")
+    assert got.base_rule.startswith("max_lr/4 (clamp") and got.base_lr == pytest.approx(got.max_lr / 4)
+    assert got.warnings == ()
+
+
+def test_accuracy_rule_warns_when_the_sweep_starts_mid_rise():
+    lrs = LOG_LRS[LOG_LRS > 10 ** -2.6]
     for seed in range(3):
-        got = ls.suggest_from_accuracy(lrs, noisy(sigmoid_accuracy(lrs), 0.02, seed))
-        assert got.rule == "accuracy_slows+fallback_max_over_3"
-        assert got.base_lr == pytest.approx(got.max_lr / 3) and got.base_index is None
-        assert 0.007 < got.max_lr < 0.009
-    got = ls.suggest_from_accuracy(lrs, sigmoid_accuracy(lrs), fallback_divisor=4.0)
-    assert got.rule.endswith("+fallback_max_over_4") and got.base_lr == pytest.approx(got.max_lr / 4)
+        got = ls.suggest_from_accuracy(lrs, noisy(log_accuracy(lrs), 0.02, seed), sweep="exponential")
+        assert got.base_rule.startswith("max_lr/3") and got.base_lr == pytest.approx(got.max_lr / 3)
+        assert any("already rises at the start" in w for w in got.warnings)
 
 
-def test_accuracy_rule_without_a_rise():
+def test_accuracy_rule_without_a_rise_above_the_noise():
     for seed in range(3):
-        got = ls.suggest_from_accuracy(ACC_LRS, noisy(np.full(ACC_LRS.size, 0.1), 0.02, seed))
-        assert got == ls.AccuracyBounds(None, None, "no_accuracy_rise")
+        got = ls.suggest_from_accuracy(ACC_LRS, noisy(np.full(ACC_LRS.size, 0.1), 0.05, seed))
+        assert (got.base_lr, got.max_lr, got.max_rule) == (None, None, "no_accuracy_rise")
+        assert "batch noise" in got.warnings[0]
 
 
 def test_accuracy_rule_validates_its_arguments():
-    acc = sigmoid_accuracy(ACC_LRS)
+    acc = log_accuracy(LOG_LRS)
     with pytest.raises(ValueError, match="at least 10"):
-        ls.suggest_from_accuracy(ACC_LRS[:5], acc[:5])
-    with pytest.raises(ValueError, match="`q`"):
-        ls.suggest_from_accuracy(ACC_LRS, acc, q=1.5)
-    with pytest.raises(ValueError, match="smoother"):
-        ls.suggest_from_accuracy(ACC_LRS, acc, smoother="ema")
+        ls.suggest_from_accuracy(LOG_LRS[:5], acc[:5])
+    with pytest.raises(ValueError, match="`plateau`"):
+        ls.suggest_from_accuracy(LOG_LRS, acc, plateau=1.5)
+    with pytest.raises(ValueError, match="sweep"):
+        ls.suggest_from_accuracy(LOG_LRS, acc, sweep="cosine")
 
 
 # ----------------------------------------------------------------------------------------------
-# recommend() and the JSON result.
+# The loss rule and recommend() on recorded curves.
 # ----------------------------------------------------------------------------------------------
 
-
-@pytest.mark.parametrize("lrs,curve", GRIDS)
-def test_recommend_without_smoothing_matches_the_suggestion_functions(lrs, curve):
-    losses = loss_curve(lrs, **curve)
-    rec = ls.recommend(lrs, losses, smoother="none")
-    keep = rec.stop_index + 1
-    assert rec.reason == "diverged" and rec.stopped_early and len(rec.lrs) == keep
-    assert losses[rec.stop_index] > 4 * losses[:rec.stop_index].min()
-    start, end = keep // 10, keep - 5
-    window = (lrs[start:end], losses[start:end])
-    assert rec.suggestions == {
-        "steep": ls.suggest_steep(*window),
-        "minimum": ls.suggest_minimum(*window),
-        "valley": ls.suggest_valley(*window),
-        "slide": ls.suggest_slide(*window),
-    }
-    assert rec.rule == "loss_valley" and rec.max_lr == rec.suggestions["valley"]
-    assert rec.max_lr / 10 <= rec.base_lr <= rec.max_lr / 3
-    assert rec.sweep == ("linear" if lrs is LIN_LRS else "exponential")
+ISSUE_CURVES = np.load(pathlib.Path(__file__).parent / "data" / "range_test_issue_curves.npz")
+ISSUE_CASES = sorted({k.rsplit("_", 1)[0] for k in ISSUE_CURVES.files})
 
 
 @pytest.mark.parametrize("lrs,curve", GRIDS)
-def test_recommend_on_noisy_curves_lags_by_at_most_the_ema_lag(lrs, curve):
-    beta = 0.9
+def test_loss_rule_is_the_steepest_descent_or_a_third_of_the_minimum(lrs, curve):
     steep, minimum = 10 ** curve["x_s"], true_minimum(lrs, curve)
+    want, rule = (steep, "loss_steepest") if steep >= minimum / 3 else (minimum / 3, "loss_minimum/3")
     for seed in range(3):
-        rec = ls.recommend(lrs, noisy(loss_curve(lrs, **curve), 0.03, seed), beta=beta)
-        for name, truth in (("steep", steep), ("minimum", minimum / 10)):
-            lag = math.exp(beta / (1 - beta) * log_step(lrs, truth))  # ~9 steps, toward higher LR.
-            assert truth / 1.5 < rec.suggestions[name] < truth * lag * 1.5, name
-        lo, hi = 10 ** (curve["x_s"] - 2 * curve["w"]), 10 ** (curve["x_s"] + 2 * curve["w"])
-        assert lo < rec.max_lr < hi and rec.rule == "loss_valley"
-        # base_lr: where 10% of the drop is done (x_s - w ln 9, then the EMA lag), clamped to
-        # [max / 10, max / 3].
-        fall = 10 ** (curve["x_s"] - curve["w"] * math.log(9))
-        lag = math.exp(beta / (1 - beta) * log_step(lrs, fall))
-        lo, hi = (min(max(v, rec.max_lr / 10), rec.max_lr / 3) for v in (fall / 1.5, fall * lag * 1.5))
-        assert lo <= rec.base_lr <= hi
+        rec = ls.recommend(lrs, noisy(loss_curve(lrs, **curve), 0.05, seed))
+        assert rec.max_rule == f"{rule} (no accuracy recorded)" and rec.base_rule == "max_lr/4 (loss rule)"
+        assert want / 1.4 < rec.max_lr < want * 1.4  # zero lag: no shift toward higher LR
+        assert rec.base_lr == pytest.approx(rec.max_lr / 4)
+        assert rec.suggestions["loss_max"] == rec.max_lr and rec.warnings == ()
 
 
-def test_recommend_loss_rule_without_a_descent_uses_the_minimum():
-    lrs = np.geomspace(1e-3, 1.0, 50)
-    rec = ls.recommend(lrs, np.linspace(1.0, 2.0, 50), smoother="none")
-    assert rec.rule == "loss_minimum" and rec.max_lr == pytest.approx(rec.lrs[5] / 10)
+def test_a_flat_curve_recommends_nothing_and_says_so():
+    lrs = np.geomspace(1e-4, 1e-2, 100)
+    rec = ls.recommend(lrs, noisy(np.full(100, 2.3), 0.05, 0), noisy(np.full(100, 0.1), 0.05, 1))
+    assert (rec.base_lr, rec.max_lr) == (None, None)
+    assert any("not clearly above the batch noise" in w for w in rec.warnings)
+    assert any("no bounds" in w for w in rec.warnings)
+
+
+def test_a_curve_that_diverges_at_once_recommends_below_the_sweep_start_with_a_warning():
+    lrs = np.geomspace(1.0, 100.0, 60)
+    losses = noisy(2.3 * np.exp(np.linspace(0, 3, 60)), 0.02, 0)
+    rec = ls.recommend(lrs, losses)
+    assert rec.stopped_early and rec.reason == "diverged"
+    assert rec.max_lr == pytest.approx(lrs[0]) and rec.max_rule.startswith("sweep_start (fallback")
+    assert rec.base_lr == pytest.approx(rec.max_lr / 3)
+    assert any("rises from the first steps" in w for w in rec.warnings)
+
+
+def test_a_too_short_sweep_is_read_but_warned_about():
+    lrs = np.geomspace(1e-4, 1.0, 12)
+    rec = ls.recommend(lrs, loss_curve(lrs, x_s=-2.0, w=0.5, x_d=2.0, v=0.5))
+    assert rec.max_lr is not None and rec.max_lr / rec.base_lr >= 3
+    assert any("only 12 sweep points" in w for w in rec.warnings)
+
+
+def test_disagreeing_rules_are_named_in_a_warning_and_the_lower_max_is_used():
+    # The accuracy stops rising around 10**-2.15; the loss falls at 10**-3.5 and blows up from 10**-2.5.
+    acc = noisy(log_accuracy(LOG_LRS), 0.02, 0)
+    losses = noisy(loss_curve(LOG_LRS, x_s=-3.5, w=0.2, x_d=-2.0, v=0.2), 0.02, 1)
+    rec = ls.recommend(LOG_LRS, losses, acc)
+    assert rec.suggestions["loss_max"] * 10 ** 0.5 < rec.suggestions["accuracy_max"]
+    assert rec.max_lr == rec.suggestions["loss_max"] and rec.base_lr == rec.suggestions["loss_base"]
+    assert rec.max_rule.endswith("(fallback: below the accuracy rule's max_lr)")
+    assert any("disagree" in w and "using the lower, the loss rule" in w for w in rec.warnings)
+    # The other way round: the accuracy rule's lower max is kept.
+    late = noisy(loss_curve(LOG_LRS, x_s=-1.2, w=0.1, x_d=0.5, v=0.2), 0.02, 1)
+    rec = ls.recommend(LOG_LRS, late, acc)
+    assert rec.max_lr == rec.suggestions["accuracy_max"] and rec.max_rule == "accuracy_plateau"
+    assert any("using the lower, the accuracy rule" in w for w in rec.warnings)
+
+
+def test_an_accuracy_that_stops_rising_where_it_starts_is_no_rise_and_the_loss_rule_takes_over():
+    # Recorded: `scripts/range_check.py --setup=mnist1d_cnn_exp` seed 1 (MNIST-1D, 1-D CNN, 1e-4 -> 10 in 200
+    # steps). The noisy per-batch accuracy "falls" at the very start; read as a rise it gave max_lr = 1e-4,
+    # 3 decades below the loss rule, and a follow-up at chance accuracy.
+    curve = np.load(pathlib.Path(__file__).parent / "data" / "range_test_mnist1d_seed1.npz")
+    lrs, loss, acc = (curve[k].astype(np.float64) for k in ("lrs", "loss", "acc"))
+    got = ls.suggest_from_accuracy(lrs, acc, sweep="exponential")
+    assert (got.base_lr, got.max_lr, got.max_rule) == (None, None, "no_accuracy_rise")
+    assert got.warnings[0].startswith("accuracy stops rising (accuracy_falls) where it starts to")
+    rec = ls.recommend(lrs, loss, acc, sweep="exponential")
+    assert rec.max_rule == "loss_steepest (fallback: accuracy does not rise)" and 0.02 < rec.max_lr < 0.2
     assert rec.base_lr == pytest.approx(rec.max_lr / 4)
+
+
+def test_without_an_accuracy_rise_the_loss_rule_is_a_named_fallback():
+    losses = noisy(loss_curve(EXP_LRS, **EXP_CURVE), 0.01, 0)
+    rec = ls.recommend(EXP_LRS, losses, noisy(np.full(EXP_LRS.size, 0.1), 0.01, 1))
+    assert rec.max_rule == "loss_minimum/3 (fallback: accuracy does not rise)"
+    assert rec.suggestions["accuracy_base"] is None and rec.suggestions["accuracy_max"] is None
+    assert any("bounds from the loss rule" in w for w in rec.warnings)
+
+
+@pytest.mark.parametrize("case", ISSUE_CASES)
+def test_the_issue_sweeps_give_a_range_of_at_least_3x_that_both_rules_agree_on(case):
+    # Recorded on digits: `python -m clrlab.range_finder --sweep=exponential --model=mlp --start_lr=1e-4
+    # --end_lr=10 --steps=200 --seed=S` (cmd_*), and the LRRangeTest docstring example (doc_*).
+    lrs, loss, acc = (ISSUE_CURVES[f"{case}_{k}"].astype(np.float64) for k in ("lrs", "loss", "acc"))
+    rec = ls.recommend(lrs, loss, acc, sweep="exponential")
+    assert rec.max_lr / rec.base_lr >= 3 and rec.warnings == ()
+    assert rec.max_rule == "accuracy_plateau"
+    assert 0.02 < rec.max_lr < 0.3  # where the accuracy climb levels off, not at its foot
+    assert 1 / 10 ** 0.5 < rec.max_lr / rec.suggestions["loss_max"] < 10 ** 0.5
+
+
+def test_bounds_are_never_under_3x_without_a_warning_on_many_noisy_curves():
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        width, centre, sigma = rng.uniform(0.02, 0.4), rng.uniform(-3.5, -1.5), rng.uniform(0.0, 0.1)
+        x = np.log10(LOG_LRS)
+        acc = noisy(0.1 + 0.8 / (1 + np.exp(-(x - centre) / width)), sigma, seed)
+        losses = noisy(loss_curve(LOG_LRS, x_s=centre, w=width, x_d=0.0, v=0.2), sigma, seed + 100)
+        rec = ls.recommend(LOG_LRS, losses, acc)
+        if rec.max_lr is not None:
+            assert rec.max_lr / rec.base_lr >= 3 - 1e-9 or rec.warnings, seed
+
+
+def test_repeats_average_the_curves_and_report_the_spread():
+    runs = [(LOG_LRS, noisy(loss_curve(LOG_LRS, **EXP_CURVE), 0.1, s), noisy(log_accuracy(LOG_LRS), 0.05, s))
+            for s in range(3)]
+    rec = ls.recommend_repeats(runs, sweep="exponential")
+    single = [ls.recommend(*r, sweep="exponential") for r in runs]
+    assert rec.spread == {"base_lr": tuple(r.base_lr for r in single), "max_lr": tuple(r.max_lr for r in single)}
+    mean = ls.recommend(LOG_LRS, np.mean([r[1] for r in runs], 0), np.mean([r[2] for r in runs], 0),
+                        sweep="exponential")
+    assert (rec.base_lr, rec.max_lr) == (mean.base_lr, mean.max_lr)
+    shifted = runs[:2] + [(LOG_LRS, runs[2][1], log_accuracy(LOG_LRS * 10 ** -0.8))]
+    assert any("sweeps disagree" in w for w in ls.recommend_repeats(shifted, sweep="exponential").warnings)
+    with pytest.raises(ValueError, match="same LR grid"):
+        ls.recommend_repeats([runs[0], (LOG_LRS * 2, runs[1][1], None)])
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -394,10 +501,9 @@ def test_recommend_truncates_at_the_first_nonfinite_loss(bad):
     losses[121:] = 1.0
     rec = ls.recommend(EXP_LRS, losses)
     assert (rec.stopped_early, rec.reason, rec.stop_index) == (True, "nonfinite", 120)
-    assert len(rec.lrs) == len(rec.loss_raw) == len(rec.loss_smooth) == 120
-    assert np.all(np.isfinite(rec.loss_smooth))
-    # 120 kept points, over 15 after trimming and no accuracies: all four loss suggestions exist.
-    assert sorted(rec.suggestions) == ["minimum", "slide", "steep", "valley"]
+    assert len(rec.lrs) == len(rec.loss_raw) == len(rec.loss_smooth) == len(rec.loss_trend) == 120
+    assert np.all(np.isfinite(rec.loss_smooth)) and np.all(np.isfinite(rec.loss_trend))
+    assert sorted(rec.suggestions) == ["loss_base", "loss_max", "minimum", "slide", "steep", "valley"]
     assert all(math.isfinite(v) for v in rec.suggestions.values()), rec.suggestions
     json.loads(rec.to_json())
 
@@ -407,45 +513,50 @@ def test_recommend_divergence_before_a_nan_wins():
     losses[195] = np.nan
     rec = ls.recommend(EXP_LRS, losses, smoother="none")
     assert rec.reason == "diverged" and rec.stop_index < 195
+    assert losses[rec.stop_index] > 4 * losses[:rec.stop_index].min()
+
+
+def test_recommend_suggestions_are_read_off_the_trimmed_trend():
+    losses = loss_curve(EXP_LRS, **EXP_CURVE)
+    rec = ls.recommend(EXP_LRS, losses, smoother="none")
+    keep = rec.stop_index + 1
+    t = ls.trend(losses[:keep])
+    window = (EXP_LRS[keep // 10:keep - 5], t[keep // 10:keep - 5])
+    assert rec.loss_trend == tuple(t)
+    assert {k: rec.suggestions[k] for k in ("steep", "minimum", "valley", "slide")} == {
+        "steep": ls.suggest_steep(*window), "minimum": ls.suggest_minimum(*window),
+        "valley": ls.suggest_valley(*window), "slide": ls.suggest_slide(*window)}
 
 
 def test_recommend_with_accuracy_uses_smiths_rule():
-    acc = noisy(sigmoid_accuracy(ACC_LRS), 0.02, 0)
+    acc = noisy(log_accuracy(LOG_LRS), 0.02, 0)
     losses = 2.3 - 1.5 * (acc - 0.1)  # A loss that mirrors the accuracy and never diverges.
-    rec = ls.recommend(ACC_LRS, losses, acc)
-    want = ls.suggest_from_accuracy(ACC_LRS, acc, sweep="linear")
-    assert rec.sweep == "linear" and not rec.stopped_early and rec.reason is None
-    assert (rec.base_lr, rec.max_lr, rec.rule) == (want.base_lr, want.max_lr, "accuracy_slows")
-    assert rec.suggestions["accuracy_base"] == want.base_lr
-    assert rec.suggestions["accuracy_max"] == want.max_lr
-    assert rec.accuracy == tuple(acc)
-    tuned = ls.recommend(ACC_LRS, losses, acc, accuracy_kwargs={"fallback_divisor": 4.0, "q": 0.3})
+    rec = ls.recommend(LOG_LRS, losses, acc)
+    want = ls.suggest_from_accuracy(LOG_LRS, acc, sweep="exponential")
+    assert rec.sweep == "exponential" and not rec.stopped_early and rec.reason is None
+    assert (rec.base_lr, rec.max_lr, rec.base_rule, rec.max_rule) == (want.base_lr, want.max_lr,
+                                                                       want.base_rule, want.max_rule)
+    assert (rec.suggestions["accuracy_base"], rec.suggestions["accuracy_max"]) == (want.base_lr, want.max_lr)
+    assert rec.accuracy == tuple(acc) and rec.accuracy_trend == tuple(ls.trend(acc))
+    tuned = ls.recommend(LOG_LRS, losses, acc, accuracy_kwargs={"plateau": 0.7})
     assert tuned.max_lr < rec.max_lr
 
 
-def test_recommend_falls_back_to_the_loss_rule_when_accuracy_never_rises():
-    losses = noisy(loss_curve(EXP_LRS, **EXP_CURVE), 0.01, 0)
-    acc = noisy(np.full(EXP_LRS.size, 0.1), 0.01, 1)
-    rec = ls.recommend(EXP_LRS, losses, acc)
-    assert rec.rule == "loss_valley" and rec.max_lr == rec.suggestions["valley"]
-    assert rec.suggestions["accuracy_base"] is None and rec.suggestions["accuracy_max"] is None
-
-
 def test_recommend_nan_accuracy_truncates_too():
-    acc = sigmoid_accuracy(ACC_LRS)
-    acc[300] = np.nan
-    rec = ls.recommend(ACC_LRS, np.linspace(2.0, 1.0, ACC_LRS.size), acc)
-    assert (rec.reason, rec.stop_index, len(rec.accuracy)) == ("nonfinite", 300, 300)
+    acc = log_accuracy(LOG_LRS)
+    acc[150] = np.nan
+    rec = ls.recommend(LOG_LRS, np.linspace(2.0, 1.0, LOG_LRS.size), acc)
+    assert (rec.reason, rec.stop_index, len(rec.accuracy)) == ("nonfinite", 150, 150)
 
 
 def test_recommend_trims_are_configurable_and_shrink_for_short_sweeps():
     lrs = np.geomspace(1e-4, 1e-1, 60)
     losses = np.linspace(2.0, 1.0, 60) ** 2
-    rec = ls.recommend(lrs, losses, smoother="none", skip_start=0, skip_end=0)
+    rec = ls.recommend(lrs, losses, skip_start=0, skip_end=0, window=1)
     assert rec.suggestions["minimum"] == pytest.approx(lrs[-1] / 10)
-    rec = ls.recommend(lrs, losses, smoother="none", skip_start=20, skip_end=10)
+    rec = ls.recommend(lrs, losses, skip_start=20, skip_end=10, window=1)
     assert rec.suggestions["minimum"] == pytest.approx(lrs[-11] / 10)
-    short = ls.recommend(lrs[:7], losses[:7], smoother="none", skip_start=4, skip_end=5)
+    short = ls.recommend(lrs[:7], losses[:7], skip_start=4, skip_end=5, window=1)
     assert short.suggestions["minimum"] == pytest.approx(lrs[4] / 10)  # Kept 5 = MIN_POINTS: [0, 5).
     assert short.suggestions["slide"] is None
 
@@ -477,31 +588,40 @@ def test_sweep_is_inferred_from_the_grid():
 
 
 def test_to_dict_has_exactly_the_result_fields_and_round_trips():
-    acc = noisy(sigmoid_accuracy(ACC_LRS), 0.02, 0)
+    acc = noisy(log_accuracy(LOG_LRS), 0.02, 0)
     losses = 2.3 - 1.5 * (acc - 0.1)
-    losses[350] = np.nan
-    rec = ls.recommend(ACC_LRS, losses, acc)
+    losses[180] = np.nan
+    rec = ls.recommend_repeats([(LOG_LRS, losses, acc)] * 2)
     data = rec.to_dict()
     assert list(data) == ["lrs", "loss_raw", "loss_smooth", "accuracy", "suggestions", "base_lr",
-                          "max_lr", "rule", "stopped_early", "reason", "stop_index", "sweep"]
+                          "max_lr", "rule", "stopped_early", "reason", "stop_index", "sweep", "base_rule",
+                          "max_rule", "warnings", "loss_trend", "accuracy_trend", "spread"]
     text = json.dumps(data, allow_nan=False)
     assert ls.Recommendation.from_dict(json.loads(text)) == rec
     assert ls.Recommendation.from_dict(data).to_dict() == data
     with pytest.raises(ValueError, match="lacks fields"):
         ls.Recommendation.from_dict({k: v for k, v in data.items() if k != "rule"})
+    old = {k: v for k, v in data.items() if k in list(data)[:12]}  # a file written before base_rule existed
+    assert ls.Recommendation.from_dict(old).base_rule == "" and ls.Recommendation.from_dict(old).warnings == ()
 
 
 def test_to_dict_never_writes_nan_or_inf():
     rec = ls.Recommendation(
         lrs=(1e-3, 1e-2), loss_raw=(1.0, float("nan")), loss_smooth=(1.0, float("inf")),
         accuracy=None, suggestions={"steep": float("nan"), "valley": 1e-3}, base_lr=float("nan"),
-        max_lr=1e-2, rule="loss_valley", stopped_early=True, reason="nonfinite", stop_index=1,
+        max_lr=1e-2, rule="base: x; max: y", stopped_early=True, reason="nonfinite", stop_index=1,
         sweep="exponential")
     data = json.loads(rec.to_json())
     assert data["loss_raw"] == [1.0, None] and data["loss_smooth"] == [1.0, None]
     assert data["suggestions"] == {"steep": None, "valley": 1e-3} and data["base_lr"] is None
     back = ls.Recommendation.from_dict(data)
     assert math.isnan(back.loss_raw[1]) and back.base_lr is None
+
+
+def test_every_loss_suggestion_has_a_one_line_explanation():
+    assert sorted(ls.SUGGESTION_HELP) == ["minimum", "slide", "steep", "valley"]
+    for name, line in ls.SUGGESTION_HELP.items():
+        assert line.startswith(f"{name}: ") and "\n" not in line
 
 
 def test_docstring_examples():

@@ -102,7 +102,7 @@ def test_plot_range_test_exponential_with_markers(tmp_path):
     assert ax.get_ylabel() == "Loss (per batch)" and ax.get_title() == "LR range test"
     # The valley equals max_lr, so it is named in max_lr's label rather than drawn twice; None and
     # NaN suggestions are skipped.
-    assert labels(fig) == ["loss (raw)", "loss (smoothed)", "base_lr = 0.00075",
+    assert labels(fig) == ["loss (raw)", "loss (smoothed, zero lag)", "base_lr = 0.00075",
                            "max_lr = 0.003 (= valley)", "steep = 0.001"]
     # The blow-up (loss ~ 1e2 at lr = 1) does not set the y range.
     assert ax.get_ylim()[1] < 4.0
@@ -122,7 +122,7 @@ def test_plot_range_test_linear_with_accuracy_and_nan(tmp_path):
     ax, ax_acc = fig.axes
     assert ax.get_xscale() == ax_acc.get_xscale() == "linear"
     assert ax_acc.get_ylabel() == "Accuracy" and ax_acc.get_xlabel() == "Learning rate"
-    assert labels(fig) == ["loss (raw)", "accuracy (raw)", "accuracy (6-step mean)",
+    assert labels(fig) == ["loss (raw)", "accuracy (raw)", "accuracy (6-step centred mean)",
                            "base_lr = 0.006"]
     assert all(math.isfinite(v) for v in ax.get_ylim())
     with pytest.raises(ValueError, match="one value per learning rate"):
@@ -156,10 +156,37 @@ def test_plot_recommendation_and_no_file_without_path(tmp_path):
     data = plots.plot_recommendation(rec)
     assert list(tmp_path.iterdir()) == []
     assert read_png(data).shape[:2] == (round(4.8 * plots.DPI), round(11.0 * plots.DPI))
-    fig = plots._range_test_figure(rec.lrs, rec.loss_raw, rec.loss_smooth,
+    fig = plots._range_test_figure(rec.lrs, rec.loss_raw, rec.loss_trend,
                                    log_x=rec.sweep == "exponential", max_lr=rec.max_lr,
                                    suggestions=rec.suggestions, note="stopped")
     assert fig.axes[0].get_xscale() == "log" and fig.axes[0].texts[0].get_text() == "stopped"
+
+
+def test_each_bound_is_labelled_with_the_rule_that_produced_it():
+    # A fallback base_lr is named as one, never as the suggestion it happens to equal.
+    fig = plots._range_test_figure(LRS, LOSS, LOSS, base_lr=1e-3, max_lr=3e-3, log_x=True,
+                                   base_rule="max_lr/3 (fallback)", max_rule="accuracy_plateau",
+                                   suggestions={"accuracy_base": 1e-3, "accuracy_max": 3e-3, "steep": 2e-4})
+    assert labels(fig) == ["loss (raw)", "loss (smoothed, zero lag)", "base_lr = 0.001 (max_lr/3 (fallback))",
+                           "max_lr = 0.003 (accuracy_plateau)", "steep = 0.0002"]
+
+
+def test_the_drawn_smooth_curves_are_aligned_with_the_raw_ones():
+    # A noisy exponential sweep: the drawn loss minimum and accuracy peak sit where the noise-free ones are.
+    lrs = np.geomspace(1e-5, 1.0, 200)
+    x = np.log10(lrs)
+    loss = 2.3 - 2.0 / (1 + np.exp(-(x + 3) / 0.3)) + np.exp((x + 1.0) / 0.3)
+    acc = np.clip(1.0 - loss / 2.5, 0.0, 1.0)
+    rng = np.random.default_rng(0)
+    rec = lr_suggest.recommend(lrs, loss + rng.normal(0, 0.1, 200), acc + rng.normal(0, 0.05, 200))
+    fig = plots._range_test_figure(rec.lrs, rec.loss_raw, rec.loss_trend, accuracy=rec.accuracy,
+                                   accuracy_trend=rec.accuracy_trend, log_x=True)
+    drawn = {line.get_label(): np.asarray(line.get_ydata(), float) for ax in fig.axes for line in ax.get_lines()}
+    n = len(rec.lrs)
+    assert abs(int(np.argmin(drawn["loss (smoothed, zero lag)"])) - int(np.argmin(loss[:n]))) <= 3
+    assert abs(int(np.argmax(drawn["accuracy (trend, zero lag)"])) - int(np.argmax(acc[:n]))) <= 3
+    # The causal EMA the stop rule uses would have been about 10 points (0.3 decades) late.
+    assert int(np.argmin(rec.loss_smooth)) - int(np.argmin(loss[:n])) > 5
 
 
 def test_no_pyplot_figures_and_backend_untouched():

@@ -4,6 +4,7 @@ exactly, writes its outputs, and its bounds round-trip into training."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -21,19 +22,25 @@ def test_command_line_writes_outputs_and_bounds_round_trip_into_training(tmp_pat
     assert "python -m clrlab.train" in proc.stdout and "--bounds_from=" in proc.stdout
     assert (logdir / "range_test.png").stat().st_size > 10_000
     result = json.loads((logdir / "range_test.json").read_text())
-    for key in ("lrs", "loss_raw", "loss_smooth", "accuracy", "suggestions", "base_lr", "max_lr", "rule",
-                "stopped_early", "reason", "command", "eval"):
+    for key in ("lrs", "loss_raw", "loss_smooth", "loss_trend", "accuracy", "suggestions", "base_lr", "max_lr",
+                "rule", "base_rule", "max_rule", "warnings", "stopped_early", "reason", "command", "eval", "setup"):
         assert key in result, key
+    assert result["setup"] == {"dataset": "digits", "model": "auto", "batch_size": 32, "optimizer": "sgd"}
     assert 0 < result["base_lr"] < result["max_lr"]
+    assert result["max_lr"] / result["base_lr"] >= 3 or result["warnings"]
+    assert f"base_lr={result['base_lr']:.3g} ({result['base_rule']})" in proc.stdout
+    assert f"max_lr={result['max_lr']:.3g} ({result['max_rule']})" in proc.stdout
     assert len(result["eval"]["accuracy"]) >= 1
     assert not result["stopped_early"] and len(result["lrs"]) == 60  # LR 1 at the end does not diverge here
-    lrs = read_scalars(str(logdir / "range_test"), "learning_rate")
+    lrs = read_scalars(str(logdir / "range_test"), "range_test/learning_rate")
     assert sorted(lrs) == list(range(60))
     np.testing.assert_allclose([lrs[i] for i in range(60)], result["lrs"], rtol=1e-6)
     from tensorboard.backend.event_processing import event_accumulator as ea
     acc = ea.EventAccumulator(str(logdir / "range_test"), size_guidance={ea.TENSORS: 0})
     acc.Reload()
-    assert "range_test" in acc.Tags()["tensors"]  # the plot as an image summary
+    # Every tag in its own range_test/ card (the plot as an image), none of a training run's tags.
+    assert set(acc.Tags()["tensors"]) == {"range_test/learning_rate", "range_test/loss", "range_test/accuracy",
+                                          "range_test/loss_smooth", "range_test/loss_trend", "range_test/plot"}
 
     # --bounds_from hands the bounds to training.
     assert f"--bounds_from={logdir / 'range_test.json'}" in result["command_bounds_from"]
@@ -88,6 +95,57 @@ def test_main_builds_the_job_from_the_flags_and_writes_the_outputs(tmp_path, cap
     assert result["command"].startswith("python -m clrlab.train --model=mlp --batch_size=64 --policy=triangular")
     assert result["command"].endswith("--step_size_epochs=2")
     assert "Train with them:" in out and result["command"] in out
+    # The suggestion names are explained, one line each; the bounds name their rules.
+    for name in ("steep", "minimum", "valley", "slide"):
+        if result["suggestions"][name] is not None:
+            assert f"  {name}: " in out
+    assert f"({result['base_rule']})" in out and f"({result['max_rule']})" in out
+    assert sum(line.startswith("warning: ") for line in out.splitlines()) == len(result["warnings"])
+    assert result["setup"] == {"dataset": "digits", "model": "mlp", "batch_size": 64, "optimizer": "sgd"}
+
+
+def test_default_logdir_says_it_is_a_range_test(range_test_flags):
+    config = parse_config(range_test_flags)
+    assert os.path.basename(config.logdir).startswith("range_test-")
+
+
+def _range_test_json(path, **setup):
+    path.write_text(json.dumps({"base_lr": 0.01, "max_lr": 0.04, "model": "mlp",
+                                "setup": {"dataset": "digits", "model": "auto", "batch_size": 32, "optimizer": "sgd",
+                                          **setup}}))
+    return path
+
+
+@pytest.mark.parametrize("given", [["--base_lr=0.1"], ["--max_lr=0.5"], ["--base_lr=0.001", "--max_lr=0.006"]])
+def test_bounds_from_with_explicit_bounds_is_a_one_line_error(tmp_path, capsys, train_flags, given):
+    from clrlab import cli
+
+    path = _range_test_json(tmp_path / "range_test.json")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_flags_or_exit(["prog", f"--bounds_from={path}", *given])
+    train_flags.unparse_flags()
+    assert exit_info.value.code == 1
+    lines = user_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--bounds_from takes base_lr and max_lr" in lines[0]
+    assert all(flag.split("=")[0] in lines[0] for flag in given)
+
+
+def test_bounds_from_warns_in_one_line_when_the_range_test_had_another_setup(tmp_path, capsys, train_flags):
+    path = _range_test_json(tmp_path / "range_test.json", batch_size=128, optimizer="adam")
+    config = parse_config(train_flags, f"--bounds_from={path}", "--model=small_cnn")
+    assert (config.base_lr, config.max_lr) == (0.01, 0.04)
+    lines = user_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith("warning: --bounds_from="), lines
+    for part in ("model mlp (this run: small_cnn)", "batch_size 128 (this run: 32)", "optimizer adam (this run: sgd)"):
+        assert part in lines[0]
+    assert "dataset" not in lines[0]
+
+
+@pytest.mark.parametrize("model", ["auto", "mlp"])  # "auto" and the model it resolved to match
+def test_bounds_from_is_silent_when_the_setup_matches(tmp_path, capsys, train_flags, model):
+    path = _range_test_json(tmp_path / "range_test.json")
+    parse_config(train_flags, f"--bounds_from={path}", f"--model={model}")
+    assert user_lines(capsys.readouterr().err) == []
 
 
 def test_main_reports_a_data_problem_in_one_line(tmp_path, capsys, range_test_flags):
@@ -106,7 +164,8 @@ def test_range_test_runs_on_one_dimensional_mnist1d_signals(tmp_path, capsys, ra
     # MNIST-1D: (40, 1) signals, generated offline into a temporary cache; the 1-D CNN is picked by auto.
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
     logdir = tmp_path / "rt"
-    range_test_flags(["prog", "--dataset=mnist1d:num_samples=300", "--sweep=exponential", "--steps=20",
+    range_test_flags(["prog", "--dataset=mnist1d:num_samples=300", "--sweep=exponential", "--steps=30",
+                      "--start_lr=1e-4", "--end_lr=1",
                       "--optimizer=adam", "--batch_size=50", "--eval_every=5", f"--logdir={logdir}"])
     try:
         assert range_finder.main(["prog"]) == 0
@@ -115,6 +174,17 @@ def test_range_test_runs_on_one_dimensional_mnist1d_signals(tmp_path, capsys, ra
     out = capsys.readouterr().out
     assert "model mnist1d_cnn" in out and "mnist1d" in out
     result = json.loads((logdir / "range_test.json").read_text())
-    assert len(result["lrs"]) == 20 and result["base_lr"] < result["max_lr"]
+    assert len(result["lrs"]) == 30 and result["base_lr"] * 3 <= result["max_lr"]
     assert (logdir / "range_test.png").stat().st_size > 10_000
-    assert sorted(read_scalars(str(logdir / "range_test"), "loss")) == list(range(20))
+    assert sorted(read_scalars(str(logdir / "range_test"), "range_test/loss")) == list(range(30))
+
+
+def test_repeats_average_the_sweeps_and_record_each_sweeps_bounds(tmp_path):
+    from clrlab.config import TrainConfig
+
+    out = range_finder.run(TrainConfig(model="mlp", batch_size=64, logdir=str(tmp_path / "rt")),
+                           {"sweep": "exponential", "steps": 20, "start_lr": 1e-3, "end_lr": 0.5, "repeats": 2},
+                           progress=False)
+    assert out["repeats"] == 2 and len(out["spread"]["base_lr"]) == len(out["spread"]["max_lr"]) == 2
+    saved = json.loads((tmp_path / "rt" / "range_test.json").read_text())
+    assert saved["spread"] == out["spread"] and saved["base_rule"] == out["base_rule"]

@@ -164,7 +164,8 @@ def test_result_merges_held_out_accuracy_into_the_bounds_with_smiths_rule():
     assert bounds.base_lr is not None and bounds.max_lr is not None
     rec = result.recommendation
     assert (result.base_lr, result.max_lr) == (bounds.base_lr, bounds.max_lr)
-    assert rec.rule == f"heldout_{bounds.rule}"
+    assert (rec.base_rule, rec.max_rule) == (f"heldout_{bounds.base_rule}", f"heldout_{bounds.max_rule}")
+    assert rec.rule == f"base: heldout_{bounds.base_rule}; max: heldout_{bounds.max_rule}"
     assert (rec.suggestions["accuracy_base"], rec.suggestions["accuracy_max"]) == (bounds.base_lr, bounds.max_lr)
     out = result.to_dict()
     assert out["eval"] == {"steps": list(range(9, 100, 10)), "lrs": lrs[9::10],
@@ -172,7 +173,7 @@ def test_result_merges_held_out_accuracy_into_the_bounds_with_smiths_rule():
     # Without the held-out points the same records give the per-batch recommendation.
     plain = SweepRecorder(dataclasses.replace(options, eval_every=0))
     plain.record(lrs, loss, [0.5] * 100)
-    assert not plain.result().recommendation.rule.startswith("heldout_")
+    assert "heldout_" not in plain.result().recommendation.rule
 
 
 def test_result_keeps_the_per_batch_bounds_with_a_logged_warning_when_too_few_evaluations(caplog):
@@ -184,7 +185,7 @@ def test_result_keeps_the_per_batch_bounds_with_a_logged_warning_when_too_few_ev
         result = recorder.result()
     assert [r.getMessage() for r in caplog.records if r.name == "clrlab.sweep"] == [
         "Held-out accuracy not used for the bounds: Need at least 10 points. Received: 1"]
-    assert result.eval_steps == (28,) and not result.recommendation.rule.startswith("heldout_")
+    assert result.eval_steps == (28,) and "heldout_" not in result.recommendation.rule
 
 
 # ---------------------------------------------------------------------------------------- snapshot, run_sweep
@@ -250,3 +251,34 @@ def test_the_sweep_steps_are_the_training_steps_of_custom_loop_trainer():
     assert rec.lrs == tuple(records.lr.tolist())
     assert tuple(rec.loss_raw) == tuple(records.loss.tolist())
     assert tuple(rec.accuracy) == tuple(records.accuracy.tolist())
+
+
+def _tags(event_dir) -> set[str]:
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    acc = ea.EventAccumulator(str(event_dir), size_guidance={ea.TENSORS: 0, ea.SCALARS: 0})
+    acc.Reload()
+    return set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
+
+
+def test_a_sweep_writes_its_own_tensorboard_tags_apart_from_a_training_run(tmp_path):
+    import tensorflow as tf
+
+    from conftest import read_scalars
+
+    splits = _digits()
+    model, opt = _setup(splits)
+    options = SweepOptions(sweep="exponential", start_lr=1e-3, end_lr=0.1, num_steps=12, check_every=5)
+    writer = tf.summary.create_file_writer(str(tmp_path / "sweep"))
+    result = run_sweep(model, opt, data.train_dataset(splits, 64, seed=3), options, summary_writer=writer)
+    writer.flush()
+    train_writer = tf.summary.create_file_writer(str(tmp_path / "train"))
+    trainer = CustomLoopTrainer(model, opt, sweep_schedule(options), summary_writer=train_writer)
+    trainer.train_steps(trainer.make_iterator(data.train_dataset(splits, 64, seed=3)), 4)
+    train_writer.flush()
+    sweep_tags, train_tags = _tags(tmp_path / "sweep"), _tags(tmp_path / "train")
+    assert sweep_tags == {"range_test/learning_rate", "range_test/loss", "range_test/accuracy"}
+    assert {"learning_rate", "loss"} <= train_tags and not sweep_tags & train_tags
+    lrs = read_scalars(str(tmp_path / "sweep"), "range_test/learning_rate")
+    assert sorted(lrs) == list(range(12))  # step = sweep step
+    np.testing.assert_allclose([lrs[i] for i in range(12)], result.recommendation.lrs, rtol=1e-6)

@@ -405,12 +405,17 @@ class LRRangeTest(keras.callbacks.Callback):
                 else "LRRangeTest: no steps")
         if self._result is not None:
             rec = self._result.recommendation
-            head += f"; base_lr={rec.base_lr:.3g} max_lr={rec.max_lr:.3g} ({rec.rule})"
+            if rec.base_lr is not None and rec.max_lr is not None:
+                head += (f"; base_lr={rec.base_lr:.3g} ({rec.base_rule}), max_lr={rec.max_lr:.3g} "
+                         f"({rec.max_rule})")
+            else:
+                head += "; no bounds"
         else:
             head += "; no recommendation"
         if self.restore_state:
             head += "; weights and optimizer restored"
-        print(head, flush=True)
+        warnings = self._result.recommendation.warnings if self._result is not None else ()
+        print(head + "".join(f"\n  warning: {w}" for w in warnings), flush=True)
 
     # ------------------------------------------------------------------------------------ outputs
     def to_dict(self) -> dict[str, Any]:
@@ -427,14 +432,16 @@ class LRRangeTest(keras.callbacks.Callback):
 
     def plot(self, path=None, *, title: str | None = None) -> bytes:
         """Draws the range-test figure (`clrlab.plots.plot_range_test`, as `range_test.png`): raw and
-        smoothed loss against the LR (log axis for an exponential sweep), the accuracy panel, every
+        zero-lag smoothed loss against the LR (log axis for an exponential sweep), the accuracy panel, every
         suggestion and the recommended bounds. Writes a PNG to `path` (None: only renders); returns its bytes."""
         from clrlab import plots  # deferred: matplotlib is needed only to draw, not to run the sweep
 
         rec = self.result.recommendation
         sweep = self.options.sweep
         name = f", {self._model_name}" if self._model_name else ""
-        return plots.plot_range_test(rec.lrs, rec.loss_raw, rec.loss_smooth, path, accuracy=rec.accuracy,
-                                     base_lr=rec.base_lr, max_lr=rec.max_lr, log_x=(sweep == "exponential"),
+        return plots.plot_range_test(rec.lrs, rec.loss_raw, rec.loss_trend or rec.loss_smooth, path,
+                                     accuracy=rec.accuracy, accuracy_trend=rec.accuracy_trend, base_lr=rec.base_lr,
+                                     max_lr=rec.max_lr, base_rule=rec.base_rule or None,
+                                     max_rule=rec.max_rule or None, log_x=(sweep == "exponential"),
                                      suggestions=rec.suggestions,
                                      title=title or f"LR range test ({sweep}, model.fit{name})")

@@ -1,0 +1,94 @@
+"""Range-test recommendations vs a coarse grid of CLR bounds: does training with the recommended bounds
+match the best grid pair?
+
+For one setup (dataset, model, sweep) and some seeds, in ONE process (TensorFlow starts once): run the
+range test (`clrlab.range_finder.run`), train with its bounds (triangular, `--epochs` epochs), train with
+every pair of the grid (max/base = 3 at half-decade steps of max_lr from 1e-3*3 to 1) and with the default
+0.001-0.006 bounds (`clrlab.train.run` with `clrlab.config.TrainConfig`), and print one JSON line per seed
+plus a Markdown table row. Setups used in BENCHMARKS.md:
+
+    python scripts/range_check.py --setup=digits_mlp_exp   --seeds=1,2,3 --epochs=6
+    python scripts/range_check.py --setup=digits_mlp_lin   --seeds=1,2,3 --epochs=6
+    python scripts/range_check.py --setup=digits_cnn_exp   --seeds=1,2,3 --epochs=6
+    python scripts/range_check.py --setup=mnist1d_cnn_exp  --seeds=1,2,3 --epochs=6
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from clrlab import range_finder, train  # noqa: E402
+from clrlab.config import TrainConfig  # noqa: E402
+
+# setup -> (dataset, model, sweep options); the exponential sweep is the one quoted in the range-test issue.
+SETUPS = {
+    "digits_mlp_exp": ("digits", "mlp", {"sweep": "exponential", "start_lr": 1e-4, "end_lr": 10.0, "steps": 200}),
+    "digits_mlp_lin": ("digits", "mlp", {"sweep": "linear", "start_lr": 1e-3, "end_lr": 1.0, "epochs": 8.0}),
+    "digits_cnn_exp": ("digits", "small_cnn", {"sweep": "exponential", "start_lr": 1e-4, "end_lr": 10.0,
+                                               "steps": 200}),
+    "mnist1d_cnn_exp": ("mnist1d", "mnist1d_cnn", {"sweep": "exponential", "start_lr": 1e-4, "end_lr": 10.0,
+                                                   "steps": 200}),
+}
+GRID_MAX = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # base = max / 3: half-decade steps from 1e-3 to 1
+DEFAULT = (0.001, 0.006)
+
+
+def _train(dataset: str, model: str, seed: int, base_lr: float, max_lr: float, epochs: int, root: str) -> float:
+    logdir = tempfile.mkdtemp(dir=root)
+    config = TrainConfig(dataset=dataset, model=model, seed=seed, base_lr=base_lr, max_lr=max_lr,
+                         policy="triangular", epochs=epochs, step_size_epochs=epochs / 4, logdir=logdir,
+                         checkpoint_every=10 ** 9)
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            result = train.run(config, progress="log")
+        except Exception as e:  # a diverging grid pair (NaN loss) counts as chance accuracy
+            print(f"  {base_lr:.3g}-{max_lr:.3g}: {e.__class__.__name__}", file=sys.stderr)
+            return 0.0
+    return float((result.test_metrics or {}).get("accuracy", 0.0))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setup", choices=sorted(SETUPS), required=True)
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--grid", default=",".join(f"{m:g}" for m in GRID_MAX), help="max_lr values of the grid")
+    args = parser.parse_args()
+    dataset, model, sweep = SETUPS[args.setup]
+    grid = [(m / 3.0, m) for m in (float(v) for v in args.grid.split(","))]
+    root = tempfile.mkdtemp(prefix=f"range_check_{args.setup}_")
+    for seed in (int(s) for s in args.seeds.split(",")):
+        rt_dir = os.path.join(root, f"range_test_{seed}")
+        with contextlib.redirect_stdout(io.StringIO()):
+            out = range_finder.run(TrainConfig(dataset=dataset, model=model, seed=seed, logdir=rt_dir), dict(sweep),
+                                   progress=False)
+        rec = {"base_lr": out["base_lr"], "max_lr": out["max_lr"], "base_rule": out["base_rule"],
+               "max_rule": out["max_rule"], "warnings": out["warnings"]}
+        acc_rec = (_train(dataset, model, seed, out["base_lr"], out["max_lr"], args.epochs, root)
+                   if out["base_lr"] is not None else 0.0)
+        acc_default = _train(dataset, model, seed, *DEFAULT, args.epochs, root)
+        acc_grid = {f"{b:.3g}-{m:.3g}": _train(dataset, model, seed, b, m, args.epochs, root) for b, m in grid}
+        best_pair = max(acc_grid, key=acc_grid.get)
+        row = {"setup": args.setup, "seed": seed, "epochs": args.epochs, **rec, "acc_recommended": acc_rec,
+               "acc_default": acc_default, "grid": acc_grid, "grid_best_pair": best_pair,
+               "acc_grid_best": acc_grid[best_pair]}
+        row["within_1pt"] = acc_rec >= acc_grid[best_pair] - 0.01
+        row["not_worse_than_default"] = acc_rec >= acc_default
+        print(json.dumps(row), flush=True)
+        print(f"| {args.setup} | {seed} | {out['base_lr']:.3g}-{out['max_lr']:.3g} | {acc_rec:.4f} | "
+              f"{best_pair} | {acc_grid[best_pair]:.4f} | {acc_default:.4f} | "
+              f"{'yes' if row['within_1pt'] else 'no'} | {'yes' if row['not_worse_than_default'] else 'no'} |",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
