@@ -145,3 +145,21 @@ def test_unknown_preset_is_one_line_error(train_flags, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --preset=nope: no such preset. Available: ")
     assert "quick_digits" in err[0]
+
+
+def test_presets_resolve_from_the_installed_package_folder(tmp_path, monkeypatch):
+    # A wheel installs flags/*.cfg as clrlab/presets/*.cfg (pyproject.toml's package-dir); no checkout around.
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
+        setuptools_cfg = tomllib.load(fh)["tool"]["setuptools"]
+    assert setuptools_cfg["package-dir"]["clrlab.presets"] == "flags"
+    assert "clrlab.presets" in setuptools_cfg["packages"]
+    assert setuptools_cfg["package-data"]["clrlab.presets"] == ["*.cfg"]
+    installed = tmp_path / "site-packages" / "clrlab" / "presets"
+    installed.mkdir(parents=True)
+    (installed / "mine.cfg").write_text("--policy=one_cycle\n")
+    monkeypatch.setattr(console, "PRESET_DIRS", (str(installed), str(tmp_path / "no_checkout")))
+    assert console.preset_names() == ["mine"]
+    assert console.expand_presets(["prog", "--preset", "mine", "--epochs=2"]) == [
+        "prog", f"--flagfile={installed / 'mine.cfg'}", "--epochs=2"]
