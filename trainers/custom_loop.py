@@ -202,7 +202,8 @@ class CustomLoopTrainer:
             data_loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             l2_loss, loss = None, data_loss
             if model.losses:
-                l2_loss = tf.nn.scale_regularization_loss(tf.add_n([tf.cast(term, tf.float32) for term in model.losses]))
+                terms = [tf.cast(term, tf.float32) for term in model.losses]
+                l2_loss = tf.nn.scale_regularization_loss(tf.add_n(terms))
                 loss = data_loss + l2_loss
             objective = optimizer.scale_loss(loss) if self.loss_scaling else loss
         variables = model.trainable_variables
