@@ -2,11 +2,12 @@
 
     python -m clrlab.train --policy=exp_range --gamma=0.99994          # offline default dataset
     python -m clrlab.train --flagfile=flags/cifar10_minigooglenet_triangular.cfg
-    python -m clrlab.train --helpfull                                  # every flag, with units
+    python -m clrlab.train --help                                      # clrlab's flags, grouped, with units
 
 Flags (clrlab.cli) -> `TrainConfig` (clrlab.config) -> data, model, optimizer, policy (clrlab.job) ->
 trainer (trainers/) -> report. A run leaves in --logdir: TensorBoard events (train/, validation/), checkpoints/,
-clr_plot.png, training_plot.png, history.json, flags.txt, run_config.json, classification_report.txt.
+clr_plot.png, training_plot.png, history.json, flags.txt, run_config.json, classification_report.txt and,
+once it completed, model.keras. The console ends with a summary (`summary`).
 Rerunning the same command with the same --logdir resumes from the last checkpoint.
 
 Exit codes: 0 done (or stopped by SIGTERM after saving a checkpoint), 1 bad input or a NaN/inf loss,
