@@ -37,6 +37,11 @@ def test_training_console_is_quiet_by_default_and_verbose_on_request(tmp_path):
     noisy = [line for line in (quiet.stderr + quiet.stdout).splitlines() if NOISE.search(line)]
     assert noisy == []
     assert "test accuracy" in quiet.stdout
+    # The end-of-run summary: test accuracy, time, the outputs and the tensorboard command.
+    summary = quiet.stdout.strip().splitlines()[-3:]
+    assert re.match(r"Done: completed at step 12 in \dm\d\ds; test accuracy \d\.\d{4}, test loss ", summary[0])
+    assert summary[1].startswith(f"Outputs in {tmp_path / 'quiet'}: model.keras, history.json"), summary
+    assert summary[2] == f"View them: tensorboard --logdir {tmp_path / 'quiet'}"
     loud = _run([*args, f"--logdir={tmp_path / 'loud'}"], env=_quiet_env(CLRLAB_VERBOSE="1"))
     assert loud.returncode == 0, loud.stderr
     assert "Sharding callback" in loud.stderr  # absl INFO per checkpoint is back
