@@ -88,14 +88,14 @@ def quiet_tensorflow(argv: list[str]) -> bool:
                 import tensorflow as tf  # deferred: only the entry points pay for it, once
 
                 tf.config.list_physical_devices()  # the CUDA probe ("failed call to cuInit") happens here
-            finally:
+            finally:  # also when the import fails: its messages are passed on
                 os.dup2(saved, 2)
                 os.close(saved)
-            capture.seek(0)
-            kept = [line for line in capture.read().decode(errors="replace").splitlines()
-                    if not _START_UP_NOISE.match(line)]
-        if kept:
-            print("\n".join(kept), file=sys.stderr, flush=True)
+                capture.seek(0)
+                kept = [line for line in capture.read().decode(errors="replace").splitlines()
+                        if not _START_UP_NOISE.match(line)]
+                if kept:
+                    print("\n".join(kept), file=sys.stderr, flush=True)
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
     absl_logging.set_verbosity(absl_logging.WARNING)
     return True

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from absl import app, flags
+from absl import app
 
 from clrlab import cli
 from clrlab import config as config_lib
@@ -260,8 +260,7 @@ def summary(result: RunResult) -> str:
 
 def run_main() -> None:
     """Console-script entry point (`clrlab-train`): defines the flags, parses them, runs `main`."""
-    cli.define_train_flags()
-    flags.adopt_module_key_flags(cli)  # so that --help lists them (absl shows the main module's key flags)
+    cli.define_train_flags()  # --help: cli.parse_flags_or_exit prints them, grouped (clrlab.console)
     app.run(main, flags_parser=cli.parse_flags_or_exit)
 
 

@@ -168,3 +168,15 @@ def test_presets_resolve_from_the_installed_package_folder(tmp_path, monkeypatch
     assert console.preset_names() == ["mine"]
     assert console.expand_presets(["prog", "--preset", "mine", "--epochs=2"]) == [
         "prog", f"--flagfile={installed / 'mine.cfg'}", "--epochs=2"]
+
+
+def test_start_up_filter_drops_only_tensorflows_start_up_noise():
+    noise = ["WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+             "I0000 00:00:1796119487.747055   10772 port.cc:153] oneDNN custom operations are on.",
+             "W0000 00:00:1796119487.747055   10772 cpu.cc:1] something at start-up",
+             "E0000 00:00:1796119494.546663   10772 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error",
+             "To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow", ""]
+    kept = ["E0000 00:00:1796119494.546663   10772 gpu_device.cc:9] Could not load dynamic library libcudnn.so.9",
+            "F0000 00:00:1796119494.546663   10772 check.cc:1] Check failed",
+            "/x/y.py:3: UserWarning: a Python warning", "Traceback (most recent call last):"]
+    assert [line for line in noise + kept if not console._START_UP_NOISE.match(line)] == kept
