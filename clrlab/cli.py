@@ -30,7 +30,7 @@ from typing import Any
 
 from absl import flags
 
-from clrlab import config
+from clrlab import config, console
 from clrlab.config import TrainConfig
 from clrlab.errors import UserError
 
@@ -129,7 +129,14 @@ def _define_data_model_flags() -> None:
 
 def define_train_flags() -> None:
     """Defines every flag of `python -m clrlab.train` and its validators (idempotent)."""
-    _define("train", _define_train_config_flags)
+    _define("train", _define_train_config_flags, _define_preset_flag)
+
+
+def _define_preset_flag() -> None:
+    flags.DEFINE_string("preset", None,
+                        "A shipped flag file by name (flags/NAME.cfg in a checkout, installed with the package), "
+                        "e.g. cifar10_minigooglenet_triangular; the same as --flagfile=flags/NAME.cfg. Flags "
+                        "after it override it.")
 
 
 def _define_train_config_flags() -> None:
@@ -346,7 +353,7 @@ def _check_schedule(f: dict[str, Any]) -> bool:
         _finite(name, f[name])
     policy = f["policy"]
     if f["bounds_from"] is not None:
-        given = [f"--{name}" for name in ("base_lr", "max_lr") if FLAGS[name].present]
+        given = [f"--{name}" for name in ("base_lr", "max_lr") if name in _COMMAND_LINE]
         _error_unless(not given, f"--bounds_from takes base_lr and max_lr from {f['bounds_from']}: drop "
                       f"{' and '.join(given)} (or drop --bounds_from).")
         _error_unless(os.path.isfile(f["bounds_from"]),
@@ -441,18 +448,95 @@ def _check_piecewise(f: dict[str, Any]) -> bool:
     return True
 
 
+# Names of the flags typed on the command line being parsed by `parse_flags_or_exit` (empty otherwise):
+# --bounds_from refuses a --base_lr/--max_lr typed next to it, but replaces a preset's or flagfile's.
+_COMMAND_LINE: set[str] = set()
+
+
+def _typed_flag_names(args: list[str]) -> set[str]:
+    """Flag names in `args` as typed (`--name`, `--name=value`, `--noname`), without --flagfile contents."""
+    names = set()
+    for arg in args:
+        if arg == "--":
+            break
+        if arg.startswith("-"):
+            name = arg.lstrip("-").split("=", 1)[0]
+            names.add(name)
+            if name.startswith("no"):
+                names.add(name[2:])
+    return names
+
+
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
-    """absl `flags_parser` for `app.run`: a bad flag prints one line `error: ...` and exits 1."""
+    """absl `flags_parser` for `app.run`: quietens TensorFlow's logging (before anything imports it;
+    `clrlab.console`), answers --help/-h with clrlab's grouped flags, expands --preset=NAME, and turns a
+    bad flag into one line `error: ...` (the validator's message, without absl's dump of the checked
+    flags) and exit 1."""
+    if console.help_requested(argv):
+        title = ("clrlab-train (= python -m clrlab.train): train with a cyclical learning-rate policy."
+                 if _Defined.kind == "train" else
+                 "clrlab-range-test (= python -m clrlab.range_finder, python scripts/range_test.py): LR range test.")
+        console.print_help_and_exit(f"{title}\nUsage: --flag=value ...\n", list(_Defined.names))
+    quiet = console.quiet_tensorflow(argv)
     try:
-        return FLAGS(argv)
-    except SystemExit:  # absl exits 1 after printing --help; asking for help is not an error
-        if any(a.split("=")[0] in ("--help", "-h", "--helpfull", "--helpshort", "-?") for a in argv[1:]):
+        argv = console.expand_presets(argv)
+        _COMMAND_LINE.clear()  # flags typed on the command line itself, not read from a --flagfile
+        _COMMAND_LINE.update(_typed_flag_names(argv[1:]))
+        remaining = FLAGS(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except SystemExit:  # absl exits 1 after printing --helpfull; asking for help is not an error
+        if any(a.split("=")[0] in ("--helpfull", "--helpxml") for a in argv[1:]):
             sys.exit(0)
         raise
     except flags.Error as e:
-        message = " ".join(str(e).split())
+        message = " ".join(_strip_flag_dump(str(e)).split())
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(1)
+    finally:
+        _COMMAND_LINE.clear()
+    if quiet:
+        console.quiet_tensorflow(argv)  # again: parsing absl's --verbosity default may have reset it
+    ignored = inapplicable_flags()
+    if ignored:
+        print(f"warning: {', '.join('--' + n for n in ignored)} {'does' if len(ignored) == 1 else 'do'} not apply "
+              f"to --policy={FLAGS.policy} and {'is' if len(ignored) == 1 else 'are'} ignored.", file=sys.stderr)
+    return remaining
+
+
+# The policies each policy-specific flag applies to (any other policy ignores it). --scale_mode,
+# --lr_boundaries and --lr_values are refused by the validators instead.
+_APPLIES_TO = {
+    "gamma": ("exp_range",),
+    "step_size": config.CLR_MODES, "step_size_epochs": config.CLR_MODES, "step_size_down": config.CLR_MODES,
+    "pct_start": ("one_cycle",), "final_div_factor": ("one_cycle",), "anneal_strategy": ("one_cycle",),
+    "three_phase": ("one_cycle",),
+    "max_lr": config.CLR_MODES + ("one_cycle",),
+    "base_lr": config.CLR_MODES + ("one_cycle", "constant"),
+}
+
+
+def inapplicable_flags() -> list[str]:
+    """The policy-specific flags given (on the command line or in a flag file) that the parsed --policy
+    ignores, sorted; [] for the range test's flag set."""
+    if _Defined.kind != "train":
+        return []
+    bounds_from = FLAGS.bounds_from is not None  # its file sets --base_lr/--max_lr whatever the flags say
+    return sorted(name for name, policies in _APPLIES_TO.items()
+                  if FLAGS[name].present and FLAGS.policy not in policies
+                  and not (bounds_from and name in ("base_lr", "max_lr")))
+
+
+def _strip_flag_dump(message: str) -> str:
+    """absl prefixes a validator's message with the flags it checked ("flags a=1, b=2: ..." or
+    "flag --a=1: ..."): drop that prefix (rebuilt from the defined flags' validators), keep the message."""
+    for name in _Defined.names:
+        for validator in FLAGS[name].validators:
+            prefix = validator.print_flags_with_values(FLAGS) + ": "
+            if message.startswith(prefix):
+                return message[len(prefix):]
+    return message
 
 
 def config_from_flags() -> TrainConfig:

@@ -181,16 +181,22 @@ def _history_figure(history: Any, *, title: str | None = None) -> Figure:
         ("Loss", ("loss",), ("val_loss",)),
         ("Accuracy", ("accuracy", "acc"), ("val_accuracy", "val_acc")),
     )
+    # With a regularisation term, `loss` is the data loss (comparable with val_loss) and `total_loss` what
+    # the optimizer minimised (data loss + L2 term): both drawn, labelled apart.
+    split = _history_series(history, "total_loss") is not None
     for ax, (name, train_keys, val_keys) in zip(axes, panels):
         _style(ax, title=name, xlabel="Epoch", ylabel=name)
         drawn = False
-        for label, keys, color in (("train", train_keys, _LOSS_COLOR),
-                                   ("validation", val_keys, _VAL_COLOR)):
+        series = [("train (data loss)" if split and name == "Loss" else "train", train_keys, _LOSS_COLOR, "-"),
+                  ("validation", val_keys, _VAL_COLOR, "-")]
+        if split and name == "Loss":
+            series.append(("train total (data + L2 term, minimised)", ("total_loss",), _LOSS_COLOR, "--"))
+        for label, keys, color, style in series:
             values = _history_series(history, *keys)
             if values is None or not np.isfinite(values).any():
                 continue
             epochs = np.arange(1, values.size + 1)
-            ax.plot(epochs, values, color=color, lw=1.8, label=label,
+            ax.plot(epochs, values, color=color, lw=1.8, label=label, ls=style,
                     marker="o" if values.size <= 30 else None, ms=3.5)
             drawn = True
         if drawn:
@@ -209,7 +215,8 @@ def plot_history(history: Any, path: PathLike = None, *, title: str | None = Non
 
     Args:
       history: Dict of per-epoch lists with any of ``loss``, ``val_loss``, ``accuracy`` (or ``acc``),
-        ``val_accuracy`` (or ``val_acc``); a ``keras.callbacks.History`` is accepted. Missing keys
+        ``val_accuracy`` (or ``val_acc``), ``total_loss`` (then ``loss`` is labelled the data loss and
+        the total, data loss + L2 term, is drawn dashed); a ``keras.callbacks.History`` is accepted. Missing keys
         leave their curve out; a panel with no data says so. NaN epochs show as gaps.
       path: Where to write the PNG, or ``None`` to only render it.
       title: Optional figure title.

@@ -2,11 +2,12 @@
 
     python -m clrlab.train --policy=exp_range --gamma=0.99994          # offline default dataset
     python -m clrlab.train --flagfile=flags/cifar10_minigooglenet_triangular.cfg
-    python -m clrlab.train --helpfull                                  # every flag, with units
+    python -m clrlab.train --help                                      # clrlab's flags, grouped, with units
 
 Flags (clrlab.cli) -> `TrainConfig` (clrlab.config) -> data, model, optimizer, policy (clrlab.job) ->
 trainer (trainers/) -> report. A run leaves in --logdir: TensorBoard events (train/, validation/), checkpoints/,
-clr_plot.png, training_plot.png, history.json, flags.txt, run_config.json, classification_report.txt.
+clr_plot.png, training_plot.png, history.json, flags.txt, run_config.json, classification_report.txt and,
+once it completed, model.keras. The console ends with a summary (`summary`).
 Rerunning the same command with the same --logdir resumes from the last checkpoint (a stop by Ctrl-C or
 SIGTERM prints that command, with the --logdir a default run got: runs/<policy>-<model>-<time>[-N]).
 
@@ -24,6 +25,7 @@ import dataclasses
 import os
 import shlex
 import sys
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,7 +41,11 @@ EXIT_INTERRUPTED = 130
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-    """What `run` returns: how it ended, the final step, the test metrics, and the history.
+    """What `run` returns: how it ended (`status`: completed, stopped or interrupted), the final global
+    step, the logdir, the test metrics ({"accuracy", "loss"}; None when interrupted), the history
+    (`trainers.run_state.History`: `.steps`, `.epochs` and `.test` dicts, as in history.json), the step
+    the run resumed from, the signal that stopped it, the trained Keras `model` (also saved as
+    `<logdir>/model.keras` when the run completed) and the wall-clock `seconds` of this call.
 
     `status` "already_complete" (a rerun of a finished --logdir): nothing was trained or evaluated,
     `test_metrics` and `history` are None."""
@@ -51,16 +57,21 @@ class RunResult:
     history: Any
     resumed_from: int | None
     signal: str | None = None
+    model: Any = None
+    seconds: float | None = None
 
 
 def run(config: TrainConfig, *, callbacks: Iterable[Any] | None = None, progress: str = "auto") -> RunResult:
-    """Runs (or resumes) the training job of `config`, writing everything under `config.logdir`.
+    """Runs (or resumes) the training job of `config`, writing everything under `config.logdir` (an empty
+    logdir, `TrainConfig()`'s default, gets a new folder under runs/, as on the command line).
 
     Library entry point behind the command line (eager). Raises `UserError` for problems the user can
     fix, `trainers.custom_loop.NonFiniteLossError` when the loss diverges in full precision.
     """
     import keras  # deferred: see the module docstring
 
+    if not config.logdir:  # never the current directory itself
+        config = dataclasses.replace(config, logdir=config_lib.default_logdir())
     policy = keras.mixed_precision.global_policy().name
     try:
         with contextlib.ExitStack() as run_scope:  # holds the logdir lock until the run ends
@@ -78,6 +89,7 @@ def _run(config: TrainConfig, *, callbacks, progress, run_scope: contextlib.Exit
     from trainers.custom_loop import CustomLoopTrainer
     from trainers.keras_fit import KerasFitTrainer
 
+    started = time.monotonic()
     job_lib.setup_runtime(config)
     job = job_lib.build_job(config)
     lr_callback = job_lib.make_lr_callback(config, job.step_size)  # before any output: it may refuse the policy
@@ -133,12 +145,18 @@ def _run(config: TrainConfig, *, callbacks, progress, run_scope: contextlib.Exit
     test_metrics = None
     if outcome.status != "interrupted":
         test_metrics = finish(job, logdir, trainer.predict_classes(job.eval_dataset()))
+        test_metrics["loss"] = trainer.evaluate(job.eval_dataset())["loss"]
+        outcome.history.test = test_metrics
+        outcome.history.save(history_path)
+    if outcome.status == "completed":
+        job.model.save(os.path.join(logdir, "model.keras"))  # loads back with `import clrlab` + load_model
     steps = outcome.history.steps
     plots.plot_lr(steps["step"], steps["lr"], os.path.join(logdir, "clr_plot.png"),
                   title=f"{config.policy} learning rate", momentum=steps.get("momentum"))
     plots.plot_history(outcome.history.epochs, os.path.join(logdir, "training_plot.png"))
     return RunResult(status=outcome.status, step=outcome.step, logdir=logdir, test_metrics=test_metrics,
-                     history=outcome.history, resumed_from=resumed_from, signal=outcome.signal)
+                     history=outcome.history, resumed_from=resumed_from, signal=outcome.signal, model=job.model,
+                     seconds=time.monotonic() - started)
 
 
 def _announce(config: TrainConfig, job, logdir: str, resumed_from: int | None) -> None:
@@ -210,6 +228,7 @@ def main(argv: list[str]) -> int:
               f"{os.path.join(result.logdir, 'checkpoints')}. To resume, run: {_rerun_command(result.logdir)}",
               flush=True)
         return EXIT_INTERRUPTED if result.signal == "SIGINT" else 0
+    print(summary(result), flush=True)
     return 0
 
 
@@ -237,10 +256,24 @@ def _rerun_command(logdir: str) -> str:
     return shlex.join(head + args)
 
 
+def summary(result: RunResult) -> str:
+    """The end-of-run lines: test accuracy and loss, time taken, the outputs and how to view them."""
+    minutes, seconds = divmod(round(result.seconds or 0.0), 60)
+    lines = [f"Done: {result.status} at step {result.step} in {minutes}m{seconds:02d}s"]
+    if result.test_metrics is not None:
+        lines[0] += (f"; test accuracy {result.test_metrics['accuracy']:.4f}, "
+                     f"test loss {result.test_metrics['loss']:.4f}")
+    outputs = [name for name in ("model.keras", "history.json", "training_plot.png", "clr_plot.png",
+                                 "classification_report.txt", "checkpoints")
+               if os.path.exists(os.path.join(result.logdir, name))]
+    lines.append(f"Outputs in {result.logdir}: {', '.join(outputs)}")
+    lines.append(f"View them: tensorboard --logdir {result.logdir}")
+    return "\n".join(lines)
+
+
 def run_main() -> None:
     """Console-script entry point (`clrlab-train`): defines the flags, parses them, runs `main`."""
-    cli.define_train_flags()
-    flags.adopt_module_key_flags(cli)  # so that --help lists them (absl shows the main module's key flags)
+    cli.define_train_flags()  # --help: cli.parse_flags_or_exit prints them, grouped (clrlab.console)
     app.run(main, flags_parser=cli.parse_flags_or_exit)
 
 

@@ -4,7 +4,7 @@
 
 Sweeps the learning rate upwards with the same compiled training step as `python -m clrlab.train`,
 restores the model and optimizer afterwards, recommends base_lr/max_lr, writes range_test.png and
-range_test.json to --logdir, and prints the train command that uses them. `--helpfull` lists the flags.
+range_test.json to --logdir, and prints the train command that uses them. `--help` lists the flags.
 """
 
 import os

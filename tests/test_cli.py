@@ -65,8 +65,23 @@ def test_defaults_parse_into_the_default_config(train_flags):
 def test_bounds_from_replaces_base_and_max_lr(tmp_path, train_flags):
     path = tmp_path / "range_test.json"
     path.write_text(json.dumps({"base_lr": 0.002, "max_lr": 0.03}))
-    config = parse_config(train_flags, f"--bounds_from={path}", "--base_lr=0.5", "--max_lr=0.1")
+    config = parse_config(train_flags, f"--bounds_from={path}")
     assert (config.base_lr, config.max_lr, config.bounds_from) == (0.002, 0.03, str(path))
+
+
+def test_bounds_from_replaces_the_bounds_of_a_preset(tmp_path, train_flags):
+    # A preset (a flagfile) sets --base_lr/--max_lr; --bounds_from typed next to it replaces them. Only
+    # bounds typed on the command line itself conflict with it (tests/test_range_finder.py).
+    path = tmp_path / "range_test.json"
+    path.write_text(json.dumps({"base_lr": 0.002, "max_lr": 0.03}))
+    cli.parse_flags_or_exit(["prog", "--preset=mnist1d_cnn_triangular", f"--bounds_from={path}",
+                             f"--logdir={tmp_path / 'run'}"])
+    try:
+        config = cli.config_from_flags()
+    finally:
+        train_flags.unparse_flags()
+    assert (config.base_lr, config.max_lr, config.policy, config.model) == (0.002, 0.03, "triangular",
+                                                                          "mnist1d_cnn")
 
 
 BAD_FLAGS = {

@@ -277,3 +277,58 @@ def test_cycling_momentum_under_mixed_float16_and_loss_scaling():
     np.testing.assert_array_equal(records.momentum, momentum(tf.range(5, dtype=tf.int64)).numpy())
     inner = optimizers.momentum_variable(optimizer)
     assert inner.dtype == "float64" and float(inner.numpy()) == float(records.momentum[-1])
+
+
+# ----------------------------------------------------------------------------- data loss vs L2 term
+def _regularized_trainer(**kw) -> CustomLoopTrainer:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)),
+                              keras.layers.Dense(2, kernel_regularizer=keras.regularizers.L2(0.05))])
+    return CustomLoopTrainer(model, job.make_optimizer("sgd", 0.0, 0.9), schedules.Constant(0.1),
+                             fused_updates=False, **kw)
+
+
+def _batches():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 4, 3)).astype(np.float32)
+    y = rng.integers(0, 2, size=(5, 4)).astype(np.int32)
+    return x, y
+
+
+def test_records_split_the_data_loss_from_the_l2_term_and_minimise_their_sum(tmp_path):
+    x, y = _batches()
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    trainer = _regularized_trainer(summary_writer=writer)
+    # Oracle: the same model, SGD on data loss + L2 term, one eager step at a time.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)),
+                              keras.layers.Dense(2, kernel_regularizer=keras.regularizers.L2(0.05))])
+    opt = job.make_optimizer("sgd", 0.1, 0.9)
+    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    data_losses, l2_losses = [], []
+    for xb, yb in zip(x, y):
+        with tf.GradientTape() as tape:
+            data = tf.nn.compute_average_loss(ce(yb, model(xb, training=True)), global_batch_size=4)
+            l2 = tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            total = data + l2
+        opt.apply(tape.gradient(total, model.trainable_variables), model.trainable_variables)
+        data_losses.append(float(data))
+        l2_losses.append(float(l2))
+
+    records = trainer.train_steps(trainer.make_iterator(tf.data.Dataset.from_tensor_slices((x, y))), 5)
+    writer.flush()
+    np.testing.assert_allclose(records.loss, data_losses, rtol=1e-6)  # the data loss, like val_loss
+    np.testing.assert_allclose(records.l2_loss, l2_losses, rtol=1e-6)
+    assert (records.l2_loss > 0).all()
+    np.testing.assert_array_equal(records.total_loss, records.loss + records.l2_loss)
+    for got, want in zip(trainer.model.get_weights(), model.get_weights()):  # the optimizer minimised the total
+        np.testing.assert_array_equal(got, want)
+    for tag, values in (("loss", records.loss), ("l2_loss", records.l2_loss), ("total_loss", records.total_loss)):
+        logged = read_scalars(str(tmp_path), tag)
+        assert [logged[s] for s in range(5)] == [float(v) for v in values], tag
+
+
+def test_an_unregularized_model_records_no_l2_columns():
+    trainer = _trainer()
+    records = trainer.train_steps(_iterator(trainer), 2)
+    assert records.l2_loss is None and records.total_loss is None

@@ -229,3 +229,18 @@ def test_steps_per_execution_divides_epoch_run_checkpoint_and_start():
     trainer = KerasFitTrainer(model, optimizer, train_data_fn=data_fn, eval_dataset=eval_ds, steps_per_epoch=12,
                               total_steps=36, steps_per_loop=8, checkpoint_every=8)
     assert trainer.steps_per_execution(0) == 4 and trainer.steps_per_execution(6) == 2
+
+
+def test_keras_fit_splits_the_data_loss_from_the_l2_term_like_the_custom_loop(tmp_path):
+    runs = {name: train_mod.run(tiny(tmp_path, name, lr_control="callback", weight_decay=5e-3,
+                                     **({"trainer": "keras_fit"} if name == "fit" else {})), progress="log")
+            for name in ("custom", "fit")}
+    hist = {name: history(result) for name, result in runs.items()}
+    for key in ("loss", "l2_loss", "total_loss"):  # lr_control=callback: one step per call, every step known
+        np.testing.assert_allclose(hist["fit"]["steps"][key], hist["custom"]["steps"][key], rtol=1e-3, err_msg=key)
+        tb = read_scalars(os.path.join(runs["fit"].logdir, "train"), key)
+        np.testing.assert_allclose([tb[s] for s in range(30)], hist["fit"]["steps"][key], rtol=1e-6, err_msg=key)
+    steps = hist["fit"]["steps"]
+    assert all(v > 0 for v in steps["l2_loss"])
+    np.testing.assert_allclose(np.add(steps["loss"], steps["l2_loss"]), steps["total_loss"], rtol=1e-6)
+    np.testing.assert_allclose(hist["fit"]["epochs"]["total_loss"], hist["custom"]["epochs"]["total_loss"], rtol=1e-3)

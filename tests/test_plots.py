@@ -210,3 +210,12 @@ def test_figure_to_png_bytes_accepts_a_pyplot_figure():
         assert read_png(plots.figure_to_png_bytes(fig, dpi=50)).shape[:2] == (50, 100)
     finally:
         plt.close(fig)
+
+
+def test_plot_history_labels_the_data_loss_and_the_minimised_total():
+    history = {"loss": [1.0, 0.5], "l2_loss": [0.2, 0.21], "total_loss": [1.2, 0.71], "val_loss": [1.1, 0.6]}
+    loss_ax, _ = plots._history_figure(history).axes
+    labels = [line.get_label() for line in loss_ax.get_lines()]
+    assert labels == ["train (data loss)", "validation", "train total (data + L2 term, minimised)"]
+    assert loss_ax.get_lines()[2].get_ydata().tolist() == [1.2, 0.71]
+    assert loss_ax.get_lines()[2].get_linestyle() == "--"

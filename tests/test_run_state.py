@@ -67,7 +67,7 @@ def test_history_json_layout_round_trip_and_truncate(tmp_path):
     history.save(path)
     with open(path, encoding="utf-8") as fh:
         data = json.load(fh)
-    assert set(data) == {"steps", "epochs", "skipped_steps"}
+    assert set(data) == {"steps", "epochs", "epoch_base", "skipped_steps"} and data["epoch_base"] == 0
     assert data["steps"]["step"] == [0, 1, 2] and data["steps"]["loss"] == [1.0, None, 3.0]
     assert data["steps"]["applied"] == [True, False, True] and data["skipped_steps"] == 1
     assert data["epochs"] == {"epoch": [0], "step": [3], "loss": [2.0]}

@@ -366,7 +366,7 @@ def test_keras_fit_schedule_run_gives_the_optimizer_the_momentum_schedule(tmp_pa
 
 
 def test_constant_momentum_run_keeps_the_history_and_run_config_layout(tmp_path):
-    result = train_mod.run(tiny(tmp_path, model="mlp", epochs=1), progress="log")
+    result = train_mod.run(tiny(tmp_path, model="mlp", epochs=1, weight_decay=0.0), progress="log")
     assert sorted(load_history(result.logdir)["steps"]) == ["accuracy", "loss", "lr", "step"]
     with open(os.path.join(result.logdir, "run_config.json"), encoding="utf-8") as fh:
         assert "momentum_schedule" not in json.load(fh)
@@ -548,3 +548,44 @@ def test_a_refused_default_run_leaves_no_empty_run_folder(tmp_path):
     proc = run_module("clrlab.train", f"--dataset=npz:{tmp_path / 'bad.npz'}", "--model=mlp", cwd=str(tmp_path))
     assert proc.returncode == 1 and user_lines(proc.stderr)[-1].startswith("error: cannot read")
     assert os.listdir(tmp_path / "runs") == []
+
+
+# ----------------------------------------------------------------------------- the result: model, history, summary
+def test_run_keeps_the_model_the_test_metrics_and_honest_loss_columns(tmp_path):
+    config = tiny(tmp_path, model="mlp", epochs=1, steps=10, weight_decay=5e-3)
+    result = train_mod.run(config, progress="log")
+    assert result.status == "completed"
+    hist = load_history(result.logdir)
+    assert hist["epoch_base"] == 0 and hist["epochs"]["epoch"] == [0]  # the console's "epoch 1/1"
+    assert hist["test"] == result.test_metrics == result.history.test
+    assert set(hist["test"]) == {"accuracy", "loss"} and 0.0 <= hist["test"]["accuracy"] <= 1.0
+    assert hist["test"]["loss"] == pytest.approx(hist["epochs"]["val_loss"][-1], rel=1e-6)  # both: the data loss
+    steps = hist["steps"]
+    assert all(v > 0 for v in steps["l2_loss"])
+    np.testing.assert_allclose(np.add(steps["loss"], steps["l2_loss"]), steps["total_loss"], rtol=1e-6)
+    assert set(read_scalars(os.path.join(result.logdir, "train"), "l2_loss")) == set(range(10))
+    assert result.model is not None and result.model.count_params() > 0
+    assert result.seconds > 0
+    text = train_mod.summary(result)
+    assert f"test accuracy {result.test_metrics['accuracy']:.4f}" in text
+    assert f"tensorboard --logdir {result.logdir}" in text and "model.keras" in text
+    # model.keras loads in a fresh process with `import clrlab` and predicts what the run's model predicts.
+    path = os.path.join(result.logdir, "model.keras")
+    x = np.linspace(-1, 1, 2 * 64, dtype=np.float32).reshape(2, 8, 8, 1)
+    np.save(tmp_path / "x.npy", x)
+    code = ("import sys, numpy as np, clrlab, keras; m = keras.models.load_model(sys.argv[1]); "
+            "np.save(sys.argv[3], keras.ops.convert_to_numpy(m(np.load(sys.argv[2]), training=False)))")
+    proc = subprocess.run([sys.executable, "-c", code, path, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                          capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), result.model(x, training=False), rtol=1e-5, atol=1e-6)
+
+
+def test_run_with_the_default_logdir_writes_under_runs_not_into_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = dataclasses.replace(tiny(tmp_path, model="mlp", steps=3), logdir="")
+    assert TrainConfig().logdir == ""
+    result = train_mod.run(config, progress="log")
+    assert os.path.dirname(result.logdir) == str(tmp_path / "runs")
+    assert os.path.isfile(os.path.join(result.logdir, "history.json"))
+    assert sorted(os.listdir(tmp_path)) == ["runs"]

@@ -8,8 +8,9 @@ This module holds the training step and nothing else (no epochs, files or callba
     [m = momentum_schedule(global_step)        # only with a momentum schedule (cyclical momentum)
      momentum_variable(optimizer).assign(m)]   # clrlab.optimizers' float64 momentum / beta_1 variable
     x, y = next(iterator)
-    strategy.run(step_fn): tape -> loss (+ L2) -> [loss scaling] -> gradients -> optimizer.apply
-    summaries (learning_rate[, momentum], loss, accuracy[, loss_scale]) at global_step, every `summary_every` steps
+    strategy.run(step_fn): tape -> loss (data) [+ l2_loss = total_loss] -> [loss scaling] -> gradients -> apply
+    summaries (learning_rate[, momentum], loss, accuracy[, l2_loss, total_loss][, loss_scale]) at global_step,
+        every `summary_every` steps
     global_step += 1
 
 The learning rate lives in one place (the optimizer's variable), is computed from one counter
@@ -50,7 +51,10 @@ class NonFiniteLossError(RuntimeError):
 class StepRecords:
     """Per-step records of one `train_steps` call; every array has shape [num_steps].
 
-    `lr` is the learning rate the step trained with, `loss` that batch's loss (not a running average),
+    `lr` is the learning rate the step trained with, `loss` that batch's data loss (not a running average;
+    without the regularisation term, like the evaluation loss), `l2_loss` the model's regularisation term and
+    `total_loss` = loss + l2_loss, what the optimizer minimised (both None for a model without
+    regularisation losses),
     `accuracy` that batch's accuracy, `applied` whether the optimizer applied the update (False only for
     mixed_float16 steps skipped for non-finite gradients), `loss_scale` the loss scale the step used
     (None without loss scaling), `momentum` the momentum (SGD) or `beta_1` (Adam) the step trained with,
@@ -64,6 +68,8 @@ class StepRecords:
     applied: np.ndarray
     loss_scale: np.ndarray | None = None
     momentum: np.ndarray | None = None
+    l2_loss: np.ndarray | None = None
+    total_loss: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.step.shape[0])
@@ -172,15 +178,18 @@ class CustomLoopTrainer:
         # are evaluated for a whole call in one vectorised op chain: same values, bit for bit.
         self._lr_table = exactly_vectorizable(schedule)
         self._momentum_table = momentum_schedule is not None and exactly_vectorizable(momentum_schedule)
-        # The record row: [lr, loss, accuracy] [+ momentum] [+ loss_scale, applied].
-        self._columns = ["lr", "loss", "accuracy"] + (["momentum"] if momentum_schedule is not None else []) \
+        # The record row: [lr, loss, accuracy] [+ l2_loss, total_loss] [+ momentum] [+ loss_scale, applied].
+        self._regularized = bool(model.losses)
+        self._columns = ["lr", "loss", "accuracy"] + (["l2_loss", "total_loss"] if self._regularized else []) \
+            + (["momentum"] if momentum_schedule is not None else []) \
             + (["loss_scale", "applied"] if self.loss_scaling else [])
         self._loop_fn = tf.function(self._loop, reduce_retracing=True)
         self.evaluator = Evaluator(model, self.strategy, self.loss_fn)
 
     # ----------------------------------------------------------------------------------- graph code
     def _step_fn(self, x: tf.Tensor, y: tf.Tensor):
-        """One replica's step (replica context). Returns (loss, correct, count, grads_finite)."""
+        """One replica's step (replica context). Returns (data loss, l2 term or None, total loss, correct,
+        count, grads_finite); the gradients are those of the total loss."""
         model, optimizer = self.model, self.optimizer
         num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
@@ -190,9 +199,12 @@ class CustomLoopTrainer:
             # "non-negative batch size" check a constant instead of three ops per step.
             batch = per_example.shape[0] if per_example.shape[0] is not None else tf.shape(per_example)[0]
             global_batch = batch * num_replicas
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            data_loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            l2_loss, loss = None, data_loss
             if model.losses:
-                loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(term, tf.float32) for term in model.losses]))
+                terms = [tf.cast(term, tf.float32) for term in model.losses]
+                l2_loss = tf.nn.scale_regularization_loss(tf.add_n(terms))
+                loss = data_loss + l2_loss
             objective = optimizer.scale_loss(loss) if self.loss_scaling else loss
         variables = model.trainable_variables
         grads = tape.gradient(objective, variables)
@@ -204,7 +216,7 @@ class CustomLoopTrainer:
         predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
         correct = tf.reduce_sum(tf.cast(tf.equal(predictions, tf.cast(tf.reshape(y, [-1]), tf.int32)), tf.float32))
         count = tf.cast(tf.shape(per_example)[0], tf.float32)
-        return loss, correct, count, tf.cast(finite, tf.int32)
+        return data_loss, l2_loss, loss, correct, count, tf.cast(finite, tf.int32)
 
     def _loop(self, iterator, num_steps: tf.Tensor):
         """`num_steps` training steps; runs inside one tf.function (cross-replica context).
@@ -266,12 +278,15 @@ class CustomLoopTrainer:
         # The loss scale this step uses (read before the step may change it).
         loss_scale = tf.cast(self.optimizer.dynamic_scale, tf.float32) if self.loss_scaling else None
         x, y = next(iterator)
-        loss, correct, count, finite = strategy.run(self._replica_step, args=(x, y))
+        loss, l2_loss, total_loss, correct, count, finite = strategy.run(self._replica_step, args=(x, y))
         loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+        if l2_loss is not None:
+            l2_loss = strategy.reduce(tf.distribute.ReduceOp.SUM, l2_loss, axis=None)
+            total_loss = strategy.reduce(tf.distribute.ReduceOp.SUM, total_loss, axis=None)
         correct = strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None)
         count = strategy.reduce(tf.distribute.ReduceOp.SUM, count, axis=None)
         accuracy = correct / count
-        row = [lr, loss, accuracy]
+        row = [lr, loss, accuracy] + ([l2_loss, total_loss] if l2_loss is not None else [])
         if momentum_record is not None:
             row.append(momentum_record)
         if self.loss_scaling:  # the scale the step used, and whether the update was applied
@@ -286,6 +301,9 @@ class CustomLoopTrainer:
                         tf.summary.scalar("momentum", momentum_record, step=step)
                     tf.summary.scalar("loss", loss, step=step)
                     tf.summary.scalar("accuracy", accuracy, step=step)
+                    if l2_loss is not None:
+                        tf.summary.scalar("l2_loss", l2_loss, step=step)
+                        tf.summary.scalar("total_loss", total_loss, step=step)
                     if self.loss_scaling:
                         tf.summary.scalar("loss_scale", loss_scale, step=step)
                 return tf.constant(True)
@@ -326,12 +344,14 @@ class CustomLoopTrainer:
         applied = columns["applied"] != 0 if self.loss_scaling else np.ones([num_steps], bool)
         records = StepRecords(step=step, lr=columns["lr"], loss=columns["loss"], accuracy=columns["accuracy"],
                               applied=applied, loss_scale=columns.get("loss_scale"),
-                              momentum=columns.get("momentum"))
-        if not self.loss_scaling:
-            bad = np.flatnonzero(~np.isfinite(records.loss))
+                              momentum=columns.get("momentum"), l2_loss=columns.get("l2_loss"),
+                              total_loss=columns.get("total_loss"))
+        if not self.loss_scaling:  # the total (what the optimizer minimised) covers a diverging L2 term too
+            checked = records.total_loss if self._regularized else records.loss
+            bad = np.flatnonzero(~np.isfinite(checked))
             if bad.size:
                 i = int(bad[0])
-                raise NonFiniteLossError(records.step[i], records.lr[i], records.loss[i], records)
+                raise NonFiniteLossError(records.step[i], records.lr[i], checked[i], records)
         return records
 
     def evaluate(self, dataset: tf.data.Dataset) -> dict[str, float]:

@@ -14,7 +14,9 @@ Two ways to drive the learning rate:
 
 Outputs, in the layout the custom loop (`trainers/controller.py`) leaves, so both trainers can be
 compared file by file: `history.json` (`trainers.run_state.History`), TensorBoard `train/` per-step
-`learning_rate`, `loss`, `accuracy` (every `summary_every` steps) and `epoch_loss`/`epoch_accuracy`,
+`learning_rate`, `loss` (the data loss), `accuracy` [, `l2_loss`, `total_loss` for a model with
+regularisation losses: Keras' own `loss` is the total, split with a data-loss metric] (every
+`summary_every` steps) and `epoch_loss`/`epoch_accuracy`,
 `validation/` `loss`/`accuracy` per epoch, and `checkpoints/` (`trainers.run_state.RunState`: model,
 optimizer, global step, epoch) at every epoch end and every `checkpoint_every` steps.
 
@@ -175,13 +177,18 @@ class KerasFitTrainer:
         if k < self.steps_per_loop and self.lr_callback is None:
             logging.info("keras_fit: steps_per_execution=%d (the largest divisor of the epoch, run, checkpoint "
                          "and start step counts that is <= steps_per_loop=%d).", k, self.steps_per_loop)
+        # Keras' `loss` includes the regularisation term: a data-loss metric lets the records split the two.
+        data_loss = "data_loss" if model.losses else None
+        metrics = ["accuracy"] + ([keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name=data_loss)]
+                                  if data_loss else [])
         with self.strategy.scope():
             model.compile(optimizer=self.optimizer,
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                          metrics=["accuracy"], steps_per_execution=k, jit_compile=self.jit_compile)
+                          metrics=metrics, steps_per_execution=k, jit_compile=self.jit_compile)
         # A CyclicLR with cycle_momentum sets the momentum variable between batches: record it too.
         recorder = StepRecorder(writer=self.summary_writer, summary_every=self.summary_every, initial_step=start,
-                                record_momentum=bool(getattr(self.lr_callback, "cycle_momentum", False)))
+                                record_momentum=bool(getattr(self.lr_callback, "cycle_momentum", False)),
+                                data_loss=data_loss)
         driver = _Driver(self, recorder)
         own = [recorder, driver]
         if self.lr_callback is not None:
@@ -247,11 +254,13 @@ class _Driver(keras.callbacks.Callback):
             return
         loss = np.asarray(rec["loss"][new], np.float64)
         momentum = np.asarray(rec["momentum"][new], np.float32) if "momentum" in rec else None
+        terms = {k: np.asarray(rec[k][new], np.float64) for k in ("l2_loss", "total_loss") if k in rec}
         records = StepRecords(step=steps, lr=np.asarray(rec["lr"][new], np.float32), loss=loss,
                               accuracy=np.asarray(rec["accuracy"][new], np.float64),
-                              applied=np.ones(steps.shape, bool), momentum=momentum)
-        if not self.trainer.loss_scaling and not np.isfinite(loss[-1]):
-            raise NonFiniteLossError(steps[-1], records.lr[-1], loss[-1], records)
+                              applied=np.ones(steps.shape, bool), momentum=momentum, **terms)
+        checked = terms.get("total_loss", loss)  # what the optimizer minimised
+        if not self.trainer.loss_scaling and not np.isfinite(checked[-1]):
+            raise NonFiniteLossError(steps[-1], records.lr[-1], checked[-1], records)
         state.history.add_steps(records)
         step = int(steps[-1]) + 1
         previous = state.step

@@ -113,16 +113,21 @@ def _json_float(value) -> float | None:
 class History:
     """Per-step and per-epoch records of a run; `to_json` gives the `history.json` layout.
 
-    steps:  step (global step), lr, loss (that batch), accuracy (that batch) [, loss_scale, applied]
+    steps:  step (global step), lr, loss (that batch's data loss, the quantity val_loss measures),
+            accuracy (that batch) [, l2_loss (the regularisation term), total_loss (loss + l2_loss, what the
+            optimizer minimised); only for a model with regularisation losses] [, loss_scale, applied]
             [, momentum (SGD momentum or Adam beta_1 the step trained with; only when it cycles, i.e. the
             records carry it)]; non-finite values are null
-    epochs: epoch (0-based), step (global step at the epoch's end), loss, accuracy (`epoch_mean` of the
-            per-step values), val_loss, val_accuracy, lr (last LR of the epoch), seconds
+    epochs: epoch (0-based: `epoch_base` in history.json; the console prints epoch + 1), step (global step
+            at the epoch's end), loss, accuracy (`epoch_mean` of the per-step values), val_loss,
+            val_accuracy, lr (last LR of the epoch), seconds [, l2_loss, total_loss (epoch means)]
+    test:   the final test metrics ({"accuracy", "loss"}) once the run completed, else None
     """
 
     steps: dict[str, list] = dataclasses.field(
         default_factory=lambda: {k: [] for k in ("step", "lr", "loss", "accuracy")})
     epochs: dict[str, list] = dataclasses.field(default_factory=dict)
+    test: dict[str, float] | None = None
 
     def add_steps(self, records) -> None:
         """Appends a `trainers.custom_loop.StepRecords` (arrays of shape [num_steps])."""
@@ -130,6 +135,9 @@ class History:
         self.steps["lr"].extend(float(v) for v in records.lr)
         self.steps["loss"].extend(_json_float(v) for v in records.loss)
         self.steps["accuracy"].extend(_json_float(v) for v in records.accuracy)
+        for key in ("l2_loss", "total_loss"):
+            if getattr(records, key, None) is not None:
+                self.steps.setdefault(key, []).extend(_json_float(v) for v in getattr(records, key))
         if records.loss_scale is not None:
             self.steps.setdefault("loss_scale", []).extend(float(v) for v in records.loss_scale)
             self.steps.setdefault("applied", []).extend(bool(v) for v in records.applied)
@@ -156,13 +164,17 @@ class History:
         return sum(1 for a in self.steps.get("applied", []) if not a)
 
     def to_json(self) -> dict[str, Any]:
-        return {"steps": self.steps, "epochs": self.epochs, "skipped_steps": self.skipped_steps}
+        data = {"steps": self.steps, "epochs": self.epochs, "epoch_base": 0, "skipped_steps": self.skipped_steps}
+        if self.test is not None:
+            data["test"] = self.test
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> History:
         history = cls()
         history.steps.update({k: list(v) for k, v in data.get("steps", {}).items()})
         history.epochs = {k: list(v) for k, v in data.get("epochs", {}).items()}
+        history.test = data.get("test")
         return history
 
     def save(self, path: str) -> None:
@@ -328,6 +340,9 @@ class RunState:
         record = {"epoch": epoch, "step": step, "loss": means["loss"], "accuracy": means["accuracy"],
                   "val_loss": None, "val_accuracy": None, "lr": lrs[-1] if lrs else None,
                   "seconds": round(seconds, 3)}
+        for key in ("l2_loss", "total_loss"):  # present only for a model with regularisation losses
+            if key in self.history.steps:
+                record[key] = epoch_mean(self.history.since(key, epoch * self.steps_per_epoch))
         if self.evaluator is not None and self.eval_dataset is not None:
             val = self.evaluator.evaluate(self.eval_dataset)
             record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])

@@ -58,21 +58,32 @@ class StepRecorder(keras.callbacks.Callback):
         `on_train_begin`.
       record_momentum: record the momentum variable of a `clrlab.optimizers` optimizer even when it holds
         no momentum schedule (for a callback that sets it); it is always recorded when it holds one.
+      data_loss: the name of a compiled metric holding the data loss (e.g. a
+        `keras.metrics.SparseCategoricalCrossentropy(name="data_loss")`), for a model with regularisation
+        losses, whose Keras `loss` is data loss + regularisation term. Then `'loss'` records (and logs)
+        that metric, `'total_loss'` Keras' `loss` (what the optimizer minimised) and `'l2_loss'` their
+        difference, in place of the metric's own name. None: `metrics` as they are.
 
     Attributes:
-      records: dict of lists, keys `'step'`, `'lr'` [, `'momentum'`] and `metrics`, all of the same length.
+      records: dict of lists, keys `'step'`, `'lr'` [, `'momentum'`] and `metrics` (with `data_loss`: `'loss'`,
+        the other metrics, `'l2_loss'`, `'total_loss'`), all of the same length.
       step: the global step of the next batch.
     """
 
     def __init__(self, writer: Any = None, summary_every: int = 1, metrics: Sequence[str] = ("loss", "accuracy"),
-                 initial_step: int | None = None, record_momentum: bool = False):
+                 initial_step: int | None = None, record_momentum: bool = False, data_loss: str | None = None):
         super().__init__()
         if int(summary_every) < 1:
             raise ValueError(f"summary_every must be >= 1. Received: summary_every={summary_every}.")
+        if data_loss is not None and "loss" not in metrics:
+            raise ValueError(f"data_loss needs 'loss' in metrics. Received: metrics={tuple(metrics)}.")
         self.writer = writer
         self.summary_every = int(summary_every)
-        self.metrics = tuple(metrics)
-        self.records: dict[str, list] = {k: [] for k in ("step", "lr", *self.metrics)}
+        self.data_loss = data_loss
+        self.metrics = tuple(metrics) + ((data_loss,) if data_loss is not None else ())
+        keys = self.metrics if data_loss is None else \
+            tuple(k for k in metrics if k != data_loss) + ("l2_loss", "total_loss")
+        self.records: dict[str, list] = {k: [] for k in ("step", "lr", *keys)}
         self.step = None if initial_step is None else int(initial_step)
         self._chunk_lrs: list[float] = []
         self._graph_lr = None
@@ -139,6 +150,11 @@ class StepRecorder(keras.callbacks.Callback):
             values[key] = deaverage(mean_now, count_now, mean_before, count_before) \
                 if count_now > count_before else float("nan")
             self._means[key] = (count_now, mean_now)
+        if self.data_loss is not None:  # Keras' loss is the total: split it into data loss and L2 term
+            total, data = values.pop("loss"), values.pop(self.data_loss)
+            values["loss"] = data
+            values["l2_loss"] = None if total is None or data is None else total - data
+            values["total_loss"] = total
         self.records["step"].extend(steps)
         self.records["lr"].extend(lrs)
         momenta = None
@@ -149,8 +165,7 @@ class StepRecorder(keras.callbacks.Callback):
             else:
                 momenta = (self._chunk_momenta + [self._chunk_momenta[-1]] * n)[:n]
             self.records["momentum"].extend(momenta)
-        for key in self.metrics:
-            v = values[key]
+        for key, v in values.items():
             per_step = [float("nan")] * (n - 1) + [float("nan") if v is None else v]
             self.records[key].extend(per_step)
         if self.writer is not None:
