@@ -45,7 +45,8 @@ def define_study_flags() -> None:
     if "grid" in FLAGS:
         return
     flags.DEFINE_multi_string("grid", [], "flag=value1,value2,...: one axis of the grid over any training flag "
-                              "(repeat for more axes; the grid is their product).")
+                              "(repeat for more axes; the grid is their product). Flags that vary together: "
+                              "flag1|flag2=a1|a2,b1|b2.")
     flags.DEFINE_integer("seeds", 1, "Runs per grid point, with --seed=0..N-1.")
     flags.DEFINE_string("study_dir", None, "The study's folder (runs, study.json/md/png). Rerun to continue.")
     flags.DEFINE_integer("parallel", None, "Local worker processes (default: one per CPU core, at most the "
@@ -90,8 +91,8 @@ def baseline_label(plan: study_grid.Plan, spec: str | None) -> str:
     labels = list(dict.fromkeys(study_report.group_label(r.point, varying) for r in plan.runs))
     points = list({study_report.group_label(r.point, varying): r.point for r in plan.runs}.items())
     if spec is None:
-        grid = dict(plan.grid)
-        return "policy=constant" if "policy" in varying and "constant" in grid["policy"] else labels[0]
+        constant = [label for label, point in points if point.get("policy") == "constant"]
+        return constant[0] if "policy" in varying and len(constant) == 1 else labels[0]
     wanted = {}
     for part in spec.split(","):
         k, sep, v = part.partition("=")
@@ -152,7 +153,8 @@ def run_study(options: Options, plan: study_grid.Plan) -> int:
     check_manifest(options.study_dir, identity)
     manifest = {**identity, "runs": {}}
     _write_json(os.path.join(options.study_dir, MANIFEST), {**manifest, **(_load_manifest(options.study_dir) or {})})
-    study_report.write_hparams_config(options.study_dir, plan.grid, plan.varying, plan.seeds)
+    values = {k: list(dict.fromkeys(r.point[k] for r in plan.runs)) for k in plan.varying}
+    study_report.write_hparams_config(options.study_dir, values, plan.seeds)
 
     records = {r.name: study_workers.read_result(r.config.logdir) for r in plan.runs}
     todo = [(r.name, r.point, r.config) for r in plan.runs

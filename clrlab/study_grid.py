@@ -51,7 +51,7 @@ class Plan:
     @property
     def varying(self) -> tuple[str, ...]:
         """The grid flags with more than one value (they name the runs and become HParams)."""
-        return tuple(name for name, values in self.grid if len(values) > 1)
+        return varying_flags(self.grid)
 
     def identity(self) -> dict[str, Any]:
         """What a rerun in the same --study_dir must match (the study.json manifest)."""
@@ -78,31 +78,47 @@ def common_arguments() -> tuple[str, ...]:
 
 
 def parse_grid(specs: Sequence[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """`--grid` values ("flag=v1,v2,...") -> ((flag, (v1, v2, ...)), ...). Raises UserError (one line)
-    for a malformed spec, an unknown or study-set flag, an empty value, or a flag or value given twice."""
+    """`--grid` values -> ((axis, (value, ...)), ...), as given.
+
+    An axis is one flag ("policy=constant,triangular") or several flags that vary together, joined by "|"
+    with "|"-joined values ("policy|base_lr=constant|0.01,triangular|0.001": two points). Raises UserError
+    (one line) for a malformed spec, an unknown or study-set flag, an empty value, or a flag or value
+    given twice.
+    """
     known = set(training_flag_names())
     grid: list[tuple[str, tuple[str, ...]]] = []
+    used: set[str] = set()
     for spec in specs:
-        name, sep, raw = spec.partition("=")
-        name = name.strip().lstrip("-")
-        if not sep or not name:
+        axis, sep, raw = spec.partition("=")
+        names = [n.strip().lstrip("-") for n in axis.split("|")]
+        if not sep or not all(names):
             raise UserError(f"--grid={spec}: give flag=value1,value2,... (e.g. --grid=policy=constant,triangular).")
-        if name in STUDY_SET:
-            raise UserError(f"--grid={spec}: --{name} is set by the study for each run (use --seeds and --study_dir).")
-        if name not in known:
-            raise UserError(f"--grid={spec}: unknown training flag --{name} (python -m clrlab.train --helpfull "
-                            "lists them).")
+        for name in names:
+            if name in STUDY_SET:
+                raise UserError(f"--grid={spec}: --{name} is set by the study for each run (use --seeds and "
+                                "--study_dir).")
+            if name not in known:
+                raise UserError(f"--grid={spec}: unknown training flag --{name} (python -m clrlab.train --helpfull "
+                                "lists them).")
+            if name in used or names.count(name) > 1:
+                raise UserError(f"--grid: --{name} is given twice; put all its values in one --grid={name}=a,b,...")
+            used.add(name)
         values = tuple(v.strip() for v in raw.split(","))
-        if not raw.strip() or any(v == "" for v in values):
-            raise UserError(f"--grid={spec}: empty value (give comma-separated values, e.g. {name}=a,b).")
+        if not raw.strip() or any(v == "" or "" in (p.strip() for p in v.split("|")) for v in values):
+            raise UserError(f"--grid={spec}: empty value (give comma-separated values, e.g. {names[0]}=a,b).")
+        if any(len(v.split("|")) != len(names) for v in values):
+            raise UserError(f"--grid={spec}: each value needs {len(names)} parts joined by | (one per flag).")
         if len(set(values)) != len(values):
             raise UserError(f"--grid={spec}: a value is given twice.")
-        if any(name == n for n, _ in grid):
-            raise UserError(f"--grid: --{name} is given twice; put all its values in one --grid={name}=a,b,...")
-        grid.append((name, values))
+        grid.append(("|".join(names), values))
     if not grid:
         raise UserError("--grid is required (e.g. --grid=policy=constant,triangular,triangular2).")
     return tuple(grid)
+
+
+def axis_values(axis: str, value: str) -> dict[str, str]:
+    """One axis value as {flag: value} ("policy|base_lr", "constant|0.01" -> {policy: constant, base_lr: 0.01})."""
+    return {n: v.strip() for n, v in zip(axis.split("|"), value.split("|"))}
 
 
 def _safe(text: str) -> str:
@@ -129,6 +145,10 @@ def _parsed_key(point: dict[str, str], config: TrainConfig) -> tuple:
     return tuple((k, repr(getattr(config, k))) for k in point)
 
 
+def varying_flags(grid: Sequence[tuple[str, Sequence[str]]]) -> tuple[str, ...]:
+    return tuple(name for axis, values in grid if len(values) > 1 for name in axis.split("|"))
+
+
 def make_plan(grid_specs: Sequence[str], seeds: int, common: Sequence[str], study_dir: str) -> Plan:
     """Validates the whole grid and builds every run's config. Raises UserError (one line) before any run
     starts: a bad spec, a point that fails a training flag's validator, or two points that parse to the
@@ -136,12 +156,11 @@ def make_plan(grid_specs: Sequence[str], seeds: int, common: Sequence[str], stud
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1. Received: {seeds}.")
     grid = parse_grid(grid_specs)
-    varying = tuple(name for name, values in grid if len(values) > 1)
-    names = [name for name, _ in grid]
+    varying = varying_flags(grid)
     seen: dict[tuple, str] = {}
     runs = []
     for combo in itertools.product(*(values for _, values in grid)):
-        point = dict(zip(names, combo))
+        point = {k: v for (axis, _), value in zip(grid, combo) for k, v in axis_values(axis, value).items()}
         label = ",".join(f"{k}={v}" for k, v in point.items())
         config = _parse_point(common, point, label)
         key = _parsed_key(point, config)

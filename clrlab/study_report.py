@@ -202,17 +202,17 @@ def plot(aggregates: Mapping[str, Any], lr_curves: Mapping[str, tuple[Sequence[i
     fig.savefig(path, format="png")
 
 
-def write_hparams_config(study_dir: str, grid: Sequence[tuple[str, Sequence[str]]], varying: Sequence[str],
-                         seeds: int) -> None:
+def write_hparams_config(study_dir: str, values: Mapping[str, Sequence[str]], seeds: int) -> None:
     """The HParams experiment at the study root (once): each varying grid flag and the seed as an HParam,
-    the runs' held-out curves and study metrics as Metrics. Each run holds its own session summary."""
+    the runs' held-out curves and study metrics as Metrics. Each run holds its own session summary.
+
+    values: {varying flag: its values in the grid, as given}."""
     import tensorflow as tf  # deferred: only the study's parent needs it here, once
     from tensorboard.plugins.hparams import api as hp
 
     if any(f.startswith("events.out.tfevents") for f in os.listdir(study_dir)):
         return
-    values = dict(grid)
-    hparams = [hp.HParam(name, hp.Discrete(list(values[name]))) for name in varying]
+    hparams = [hp.HParam(name, hp.Discrete(list(v))) for name, v in values.items()]
     hparams.append(hp.HParam("seed", hp.Discrete(list(range(seeds)))))
     metrics = [hp.Metric("accuracy", group="validation", display_name="held-out accuracy"),
                hp.Metric("loss", group="validation", display_name="held-out loss"),

@@ -77,8 +77,10 @@ def _output_to(path: str):
 
 
 def _write_hparams(config, point: dict[str, str], result: dict[str, Any]) -> None:
-    """The run's TensorBoard HParams session (its grid values and study metrics) and a text summary of its
-    flags (flags.txt), in an events file directly in the run folder, where the HParams plugin looks."""
+    """The run's TensorBoard HParams session (its grid values, seed and study metrics; a failed run has no
+    metrics) and a text summary of its flags (flags.txt), in an events file directly in the run folder,
+    where the HParams plugin looks for a session (its train/ and validation/ curves are the session's
+    metric groups)."""
     import tensorflow as tf  # the worker has imported it already (training)
     from tensorboard.plugins.hparams import api as hp
 
@@ -124,8 +126,7 @@ def execute(name: str, point: dict[str, str], config) -> dict[str, Any]:
                           train_seconds=float(sum(epochs.get("seconds", []))))
     record["wall_seconds"] = time.monotonic() - start
     if record["status"] != "interrupted":
-        if record["status"] == "finished":
-            _write_hparams(config, point, record)
+        _write_hparams(config, point, record)
         _write_json(os.path.join(config.logdir, RESULT_FILE), record)
     return record
 
