@@ -62,6 +62,18 @@ def define_study_flags() -> None:
     flags.DEFINE_boolean("retry_failed", False, "Run the failed runs again (default: keep their failure).")
 
 
+STUDY_FLAGS = ("grid", "seeds", "study_dir", "parallel", "backend", "ray_address", "target_accuracy", "baseline",
+               "retry_failed")
+
+
+def reset_flags() -> None:
+    """Undefines the study's and the training flags (for tests; see `cli.reset_flags`)."""
+    cli.reset_flags()
+    for name in STUDY_FLAGS:
+        if name in FLAGS:
+            delattr(FLAGS, name)
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     grid: tuple[str, ...]

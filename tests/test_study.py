@@ -13,25 +13,20 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, subprocess_env, user_lines
 
 from clrlab import cli, study
+from conftest import ROOT, subprocess_env, user_lines
 
 TINY = ["--dataset=mnist1d:num_samples=300", "--model=mnist1d_cnn", "--batch_size=50", "--optimizer=sgd",
         "--base_lr=0.01", "--max_lr=0.05", "--step_size=8", "--checkpoint_every=4", "--steps_per_loop=4"]
-STUDY_FLAGS = ("grid", "seeds", "study_dir", "parallel", "backend", "ray_address", "target_accuracy", "baseline",
-               "retry_failed")
 
 
 @pytest.fixture
 def study_flags():
-    cli.reset_flags()
+    study.reset_flags()
     study.define_study_flags()
     yield cli.FLAGS
-    cli.reset_flags()
-    for name in STUDY_FLAGS:
-        if name in cli.FLAGS:
-            delattr(cli.FLAGS, name)
+    study.reset_flags()
 
 
 def _main_in_process(flag_values, capsys, *argv):
