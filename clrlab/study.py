@@ -206,13 +206,8 @@ def run_study(options: Options, plan: study_grid.Plan) -> int:
             received = study_workers.run_local(todo, parallel, on_event, threads)
     wall = time.monotonic() - start
     throughput = {}
-    if executed and received is None:
-        train_seconds = sum(r["train_seconds"] or 0.0 for r in executed)
-        workers = parallel if options.backend == "local" else None
-        ideal = train_seconds / (workers or 1)
-        throughput = {"wall_seconds": wall, "runs_executed": len(executed), "parallel": workers or "ray",
-                      "train_seconds": train_seconds, "ideal_seconds": ideal,
-                      "overhead_factor": wall / ideal if ideal else float("nan")}
+    if executed and received is None and options.backend == "local":
+        throughput = study_report.throughput(executed, wall, parallel)
     _report(options, plan, records, baseline, identity, throughput)
     if received is not None:
         return 130 if received == 2 else 0

@@ -122,6 +122,10 @@ def _num(ci: Mapping[str, Any], digits: int = 0) -> str:
     return text
 
 
+def _factor(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def table(aggregates: Mapping[str, Any]) -> str:
     """The results table (Markdown) of `aggregate`'s output."""
     rows = ["| group | runs | final test acc. %, mean ± sd (95% CI) | best held-out acc. % | iterations to "
@@ -160,15 +164,28 @@ def markdown(aggregates: Mapping[str, Any], identity: Mapping[str, Any], through
         "at its step budget, so the ratio is a bound.", "",
     ]
     if throughput:
-        lines += [f"Throughput: wall {throughput['wall_seconds']:.1f} s for {throughput['runs_executed']} runs "
-                  f"executed in this invocation on {throughput['parallel']} workers; sum of their in-loop "
-                  f"training+evaluation time {throughput['train_seconds']:.1f} s, / parallelism = "
-                  f"{throughput['ideal_seconds']:.1f} s (overhead factor {throughput['overhead_factor']:.2f}).",
-                  ""]
+        t = throughput
+        lines += [f"Throughput (this invocation): wall {t['wall_seconds']:.1f} s for {t['runs_executed']} runs on "
+                  f"{t['parallel']} workers. Sum over runs / workers: training loops (steps + evaluations + "
+                  f"checkpoints) {t['loop_seconds'] / t['parallel']:.1f} s (wall / that = "
+                  f"{_factor(t['wall_vs_loop'])}); training steps alone (history.json epochs.seconds) "
+                  f"{t['train_seconds'] / t['parallel']:.1f} s (wall / that = {_factor(t['wall_vs_train'])}).", ""]
     for g in aggregates["groups"]:
         for name, error in g["failed"].items():
             lines.append(f"- failed: {name}: {error}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def throughput(records: Sequence[Mapping[str, Any]], wall: float, parallel: int) -> dict[str, Any]:
+    """Wall time of an invocation against the runs' own times divided by the parallelism: the training loops
+    (`loop_seconds`) and the training steps alone (`train_seconds`). A factor of 1 would mean no start-up,
+    tracing-outside-the-loop or bookkeeping cost at all."""
+    loop = sum(r.get("loop_seconds") or 0.0 for r in records)
+    train = sum(r.get("train_seconds") or 0.0 for r in records)
+    return {"wall_seconds": wall, "runs_executed": len(records), "parallel": parallel, "loop_seconds": loop,
+            "train_seconds": train, "run_wall_seconds": sum(r.get("wall_seconds") or 0.0 for r in records),
+            "wall_vs_loop": wall * parallel / loop if loop else None,
+            "wall_vs_train": wall * parallel / train if train else None}
 
 
 def plot(aggregates: Mapping[str, Any], lr_curves: Mapping[str, tuple[Sequence[int], Sequence[float]]],

@@ -97,19 +97,42 @@ def _write_hparams(config, point: dict[str, str], result: dict[str, Any]) -> Non
     writer.close()
 
 
+def _loop_timer():
+    """A Keras callback timing the run's training loop (on_train_begin -> on_train_end: the steps, the
+    per-epoch evaluations, summaries, history and checkpoint writes; not the set-up or the final report)."""
+    import keras  # the worker has imported it already (training)
+
+    class LoopTimer(keras.callbacks.Callback):
+        begin = end = None
+
+        def on_train_begin(self, logs=None):
+            self.begin = time.monotonic()
+
+        def on_train_end(self, logs=None):
+            self.end = time.monotonic()
+
+    return LoopTimer()
+
+
 def execute(name: str, point: dict[str, str], config) -> dict[str, Any]:
     """Runs (or resumes) one run in this process; returns its result record (status 'finished', 'failed'
-    or 'interrupted'). Writes study_result.json unless interrupted."""
+    or 'interrupted'). Writes study_result.json unless interrupted.
+
+    Times (seconds): wall_seconds = the whole `clrlab.train.run` call; loop_seconds = its training loop
+    (steps, evaluations, checkpoints); train_seconds = the sum of history.json's per-epoch `seconds` (the
+    training steps alone)."""
     from clrlab import train
     from trainers.custom_loop import NonFiniteLossError
 
     os.makedirs(config.logdir, exist_ok=True)
     record: dict[str, Any] = {"name": name, "status": None, "step": None, "error": None, "test_accuracy": None,
-                              "best_val_accuracy": None, "train_seconds": None, "resumed_from": None}
+                              "best_val_accuracy": None, "train_seconds": None, "loop_seconds": None,
+                              "resumed_from": None}
+    timer = _loop_timer()
     start = time.monotonic()
     with _output_to(os.path.join(config.logdir, LOG_FILE)):
         try:
-            result = train.run(config, progress="log")
+            result = train.run(config, callbacks=[timer], progress="log")
         except (UserError, NonFiniteLossError) as e:
             record.update(status="failed", error=f"{type(e).__name__}: {' '.join(str(e).split())}")
         except Exception as e:  # noqa: BLE001 - a bug in one run must not stop the study; its log has the trace
@@ -125,6 +148,8 @@ def execute(name: str, point: dict[str, str], config) -> dict[str, Any]:
                           best_val_accuracy=max(epochs["val_accuracy"]) if epochs.get("val_accuracy") else None,
                           train_seconds=float(sum(epochs.get("seconds", []))))
     record["wall_seconds"] = time.monotonic() - start
+    if timer.begin is not None and timer.end is not None:
+        record["loop_seconds"] = timer.end - timer.begin
     if record["status"] != "interrupted":
         _write_hparams(config, point, record)
         _write_json(os.path.join(config.logdir, RESULT_FILE), record)
