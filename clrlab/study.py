@@ -163,8 +163,8 @@ def run_study(options: Options, plan: study_grid.Plan) -> int:
     os.makedirs(options.study_dir, exist_ok=True)
     lock = _lock(options.study_dir)
     check_manifest(options.study_dir, identity)
-    manifest = {**identity, "runs": {}}
-    _write_json(os.path.join(options.study_dir, MANIFEST), {**manifest, **(_load_manifest(options.study_dir) or {})})
+    if _load_manifest(options.study_dir) is None:  # claim the folder for this grid before any run starts
+        _write_json(os.path.join(options.study_dir, MANIFEST), {**identity, "runs": {}})
     values = {k: list(dict.fromkeys(r.point[k] for r in plan.runs)) for k in plan.varying}
     study_report.write_hparams_config(options.study_dir, values, plan.seeds)
 

@@ -216,6 +216,8 @@ def plot(aggregates: Mapping[str, Any], lr_curves: Mapping[str, tuple[Sequence[i
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
+    if axes[2].lines:
+        axes[2].set_yscale("log")  # one_cycle ends at base_lr / final_div_factor, decades below the rest
     fig.savefig(path, format="png")
 
 
