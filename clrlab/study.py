@@ -266,7 +266,16 @@ def run_main() -> None:
     """Console-script entry point (`clrlab-study`)."""
     define_study_flags()
     flags.adopt_module_key_flags(cli)
-    app.run(main, flags_parser=cli.parse_flags_or_exit)
+    app.run(_main_and_exit, flags_parser=cli.parse_flags_or_exit)
+
+
+def _main_and_exit(argv: list[str]) -> None:
+    """`main`, then exit without the interpreter's teardown of TensorFlow (imported by the flag validators),
+    which takes seconds; every output file is closed by then."""
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
