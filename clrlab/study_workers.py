@@ -97,6 +97,15 @@ def _write_hparams(config, point: dict[str, str], result: dict[str, Any]) -> Non
     writer.close()
 
 
+def _saved_epochs(logdir: str) -> dict[str, list]:
+    """history.json's per-epoch columns (for a run `train.run` found already complete: it returns no history)."""
+    path = os.path.join(logdir, "history.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)["epochs"]
+
+
 def _loop_timer():
     """A Keras callback timing the run's training loop (on_train_begin -> on_train_end: the steps, the
     per-epoch evaluations, summaries, history and checkpoint writes; not the set-up or the final report)."""
@@ -141,7 +150,7 @@ def execute(name: str, point: dict[str, str], config) -> dict[str, Any]:
             traceback.print_exc()
             record.update(status="failed", error=f"{type(e).__name__}: {' '.join(str(e).split())}")
         else:
-            epochs = result.history.epochs
+            epochs = result.history.epochs if result.history is not None else _saved_epochs(config.logdir)
             record.update(status="finished" if result.status != "interrupted" else "interrupted",
                           step=result.step, resumed_from=result.resumed_from,
                           test_accuracy=(result.test_metrics or {}).get("accuracy"),
