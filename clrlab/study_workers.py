@@ -106,6 +106,14 @@ def _saved_epochs(logdir: str) -> dict[str, list]:
         return json.load(fh)["epochs"]
 
 
+def _test_accuracy(test_metrics: dict[str, float] | None, epochs: dict[str, list]) -> float | None:
+    """The run's final test accuracy; for a run found already complete (no test metrics returned), its last
+    per-epoch evaluation, on the same held-out split after the same last step."""
+    if test_metrics is not None:
+        return test_metrics.get("accuracy")
+    return epochs["val_accuracy"][-1] if epochs.get("val_accuracy") else None
+
+
 def _loop_timer():
     """A Keras callback timing the run's training loop (on_train_begin -> on_train_end: the steps, the
     per-epoch evaluations, summaries, history and checkpoint writes; not the set-up or the final report)."""
@@ -153,7 +161,7 @@ def execute(name: str, point: dict[str, str], config) -> dict[str, Any]:
             epochs = result.history.epochs if result.history is not None else _saved_epochs(config.logdir)
             record.update(status="finished" if result.status != "interrupted" else "interrupted",
                           step=result.step, resumed_from=result.resumed_from,
-                          test_accuracy=(result.test_metrics or {}).get("accuracy"),
+                          test_accuracy=_test_accuracy(result.test_metrics, epochs),
                           best_val_accuracy=max(epochs["val_accuracy"]) if epochs.get("val_accuracy") else None,
                           train_seconds=float(sum(epochs.get("seconds", []))))
     record["wall_seconds"] = time.monotonic() - start
