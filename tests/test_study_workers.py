@@ -21,6 +21,13 @@ def test_progress_line_counts_and_eta(monkeypatch):
     assert p.line() == "study: 3 done (1 failed) / 2 running / 5 left, ETA 3m30s"
 
 
+def test_final_accuracy_of_a_run_found_complete_is_its_last_evaluation():
+    epochs = {"step": [40, 80], "val_accuracy": [0.5, 0.75]}
+    assert study_workers._test_accuracy({"accuracy": 0.7}, epochs) == 0.7
+    assert study_workers._test_accuracy(None, epochs) == 0.75
+    assert study_workers._test_accuracy(None, {}) is None
+
+
 @pytest.mark.slow
 def test_ray_backend_runs_each_run_as_a_task_with_the_same_resume(tmp_path, monkeypatch, capsys):
     ray = pytest.importorskip("ray")
