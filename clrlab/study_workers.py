@@ -106,6 +106,12 @@ def _saved_epochs(logdir: str) -> dict[str, list]:
         return json.load(fh)["epochs"]
 
 
+def _seconds_since(epochs: dict[str, list], resumed_from: int | None) -> float:
+    """Sum of the per-epoch `seconds` of the epochs that end after step `resumed_from` (all for None)."""
+    start = -1 if resumed_from is None else resumed_from
+    return float(sum(s for step, s in zip(epochs.get("step", []), epochs.get("seconds", [])) if step > start))
+
+
 def _test_accuracy(test_metrics: dict[str, float] | None, epochs: dict[str, list]) -> float | None:
     """The run's final test accuracy; for a run found already complete (no test metrics returned), its last
     per-epoch evaluation, on the same held-out split after the same last step."""
@@ -135,9 +141,10 @@ def execute(name: str, point: dict[str, str], config) -> dict[str, Any]:
     """Runs (or resumes) one run in this process; returns its result record (status 'finished', 'failed'
     or 'interrupted'). Writes study_result.json unless interrupted.
 
-    Times (seconds): wall_seconds = the whole `clrlab.train.run` call; loop_seconds = its training loop
-    (steps, evaluations, checkpoints); train_seconds = the sum of history.json's per-epoch `seconds` (the
-    training steps alone)."""
+    Times (seconds), of this call (a resumed run's earlier part is not counted): wall_seconds = the whole
+    `clrlab.train.run` call; loop_seconds = its training loop (steps, evaluations, checkpoints);
+    train_seconds = the sum of history.json's per-epoch `seconds` (the training steps alone) of the epochs
+    trained in this call."""
     from clrlab import train
     from trainers.custom_loop import NonFiniteLossError
 
@@ -163,7 +170,7 @@ def execute(name: str, point: dict[str, str], config) -> dict[str, Any]:
                           step=result.step, resumed_from=result.resumed_from,
                           test_accuracy=_test_accuracy(result.test_metrics, epochs),
                           best_val_accuracy=max(epochs["val_accuracy"]) if epochs.get("val_accuracy") else None,
-                          train_seconds=float(sum(epochs.get("seconds", []))))
+                          train_seconds=_seconds_since(epochs, result.resumed_from))
     record["wall_seconds"] = time.monotonic() - start
     if timer.begin is not None and timer.end is not None:
         record["loop_seconds"] = timer.end - timer.begin

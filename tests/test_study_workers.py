@@ -21,6 +21,12 @@ def test_progress_line_counts_and_eta(monkeypatch):
     assert p.line() == "study: 3 done (1 failed) / 2 running / 5 left, ETA 3m30s"
 
 
+def test_train_seconds_count_only_the_epochs_trained_in_this_call():
+    epochs = {"step": [40, 80, 120], "seconds": [1.0, 2.0, 4.0]}
+    assert study_workers._seconds_since(epochs, None) == 7.0
+    assert study_workers._seconds_since(epochs, 80) == 4.0  # resumed at the end of epoch 2
+
+
 def test_final_accuracy_of_a_run_found_complete_is_its_last_evaluation():
     epochs = {"step": [40, 80], "val_accuracy": [0.5, 0.75]}
     assert study_workers._test_accuracy({"accuracy": 0.7}, epochs) == 0.7
