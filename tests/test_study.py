@@ -1,0 +1,180 @@
+"""python -m clrlab.study: grid validation before any run (one-line errors), the manifest's refusal of a
+changed study, and end to end on a tiny grid: kill -9 mid-way then rerun gives exactly the uninterrupted
+set of runs with the finished ones untouched; a diverging run is recorded as failed and the study goes on;
+TensorBoard's reader finds the HParams config and one session per run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from clrlab import cli, study
+from conftest import ROOT, subprocess_env, user_lines
+
+TINY = ["--dataset=mnist1d:num_samples=300", "--model=mnist1d_cnn", "--batch_size=50", "--optimizer=sgd",
+        "--base_lr=0.01", "--max_lr=0.05", "--step_size=8", "--checkpoint_every=4", "--steps_per_loop=4"]
+
+
+@pytest.fixture
+def study_flags():
+    study.reset_flags()
+    study.define_study_flags()
+    yield cli.FLAGS
+    study.reset_flags()
+
+
+def _main_in_process(flag_values, capsys, *argv):
+    flag_values.unparse_flags()
+    flag_values(["clrlab.study", *argv])
+    code = study.main(["clrlab.study"])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("grid, expected", [
+    (["--grid=nosuchflag=1,2"], "error: --grid=nosuchflag=1,2: unknown training flag --nosuchflag"),
+    (["--grid=policy="], "error: --grid=policy=: empty value"),
+    (["--grid=policy=constant,,triangular"], "error: --grid=policy=constant,,triangular: empty value"),
+    (["--grid=policy=constant,nope"], "error: --grid point policy=nope: flag --policy=nope: value should be one of"),
+    (["--grid=base_lr=0.01,-1", "--policy=constant"],  # absl's multi-flag message, as clrlab.train prints it
+     "error: --grid point base_lr=-1: flags policy=constant, base_lr=-1.0, "),
+    (["--grid=base_lr=0.01,1e-2"], "error: --grid: the points base_lr=0.01 and base_lr=1e-2 are the same run"),
+    (["--grid=policy=constant,constant"], "error: --grid=policy=constant,constant: a value is given twice."),
+    (["--grid=policy=constant", "--grid=policy=triangular"], "error: --grid: --policy is given twice"),
+    (["--grid=seed=1,2"], "error: --grid=seed=1,2: --seed is set by the study"),
+    (["--grid=policy|base_lr=constant|0.01,triangular"], "error: --grid=policy|base_lr=constant|0.01,triangular: "
+                                                         "each value needs 2 parts"),
+    (["--grid=policy=constant,triangular", "--baseline=policy=exp_range"],
+     "error: --baseline=policy=exp_range must name exactly one grid point"),
+    ([], "error: --grid is required"),
+])
+def test_bad_grids_are_one_line_errors_before_any_run(study_flags, capsys, tmp_path, grid, expected):
+    study_dir = tmp_path / "s"
+    code, err = _main_in_process(study_flags, capsys, *TINY, *grid, f"--study_dir={study_dir}")
+    assert code == 1
+    lines = user_lines(err)
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
+    assert not study_dir.exists()  # nothing started, nothing written
+
+
+def test_seed_and_logdir_are_the_studys(study_flags, capsys, tmp_path):
+    code, err = _main_in_process(study_flags, capsys, "--grid=policy=constant,triangular", "--seed=3",
+                                 f"--study_dir={tmp_path}")
+    assert code == 1 and user_lines(err) == ["error: --seed is set by the study for each run (use --seeds and "
+                                             "--study_dir)."]
+
+
+def test_changed_grid_or_common_flags_are_refused(study_flags, capsys, tmp_path):
+    manifest = {"grid": [["policy", ["constant", "triangular"]]], "seeds": 2, "common": ["--steps=8"]}
+    (tmp_path / "study.json").write_text(json.dumps(manifest))
+    code, err = _main_in_process(study_flags, capsys, "--grid=policy=constant,triangular", "--seeds=2",
+                                 "--steps=9", f"--study_dir={tmp_path}")
+    assert code == 1
+    assert user_lines(err)[-1].startswith(f"error: --study_dir={tmp_path} holds a study with a different common;")
+    assert json.loads((tmp_path / "study.json").read_text()) == manifest  # untouched
+    assert sorted(os.listdir(tmp_path)) == [".study.lock", "study.json"]
+
+
+def test_run_names_and_configs(study_flags, tmp_path):
+    study_flags(["x", *TINY, "--grid=policy|base_lr=constant|0.02,triangular|0.01", "--grid=batch_size=50",
+                 "--seeds=2", f"--study_dir={tmp_path}"])
+    options, plan = study.plan_from_flags()
+    assert [r.name for r in plan.runs] == [
+        "policy=constant,base_lr=0.02,seed=0", "policy=constant,base_lr=0.02,seed=1",
+        "policy=triangular,base_lr=0.01,seed=0", "policy=triangular,base_lr=0.01,seed=1"]
+    c = plan.runs[1].config
+    assert (c.policy, c.base_lr, c.seed, c.logdir) == ("constant", 0.02, 1,
+                                                        str(tmp_path / "policy=constant,base_lr=0.02,seed=1"))
+    assert study.baseline_label(plan, None) == "policy=constant,base_lr=0.02"
+    assert plan.identity()["common"] == sorted(plan.identity()["common"])
+
+
+def _study(study_dir, *args, popen=False):
+    argv = [sys.executable, "-m", "clrlab.study", *TINY, f"--study_dir={study_dir}", *args]
+    if popen:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=subprocess_env(), cwd=ROOT)
+    return subprocess.run(argv, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=300)
+
+
+def _snapshot(run_dir):
+    return {f: (run_dir / f).read_bytes() for f in ("study_result.json", "history.json", "classification_report.txt")}
+
+
+@pytest.mark.slow
+def test_kill_9_mid_way_then_rerun_completes_exactly_the_study(tmp_path):
+    study_dir = tmp_path / "s"
+    grid = ("--grid=policy=constant,triangular", "--seeds=2", "--steps=48", "--parallel=1")
+    names = ["policy=constant,seed=0", "policy=constant,seed=1", "policy=triangular,seed=0",
+             "policy=triangular,seed=1"]
+    proc = _study(study_dir, *grid, popen=True)
+    first, second = study_dir / names[0], study_dir / names[1]
+    deadline = time.monotonic() + 240
+    # One worker runs the runs in order: kill once the first has finished and the second has a checkpoint.
+    while time.monotonic() < deadline and not (
+            (first / "study_result.json").exists() and (second / "checkpoints" / "checkpoint").exists()):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert not (second / "study_result.json").exists()
+    before = _snapshot(first)
+    time.sleep(1)  # the worker got SIGKILL with its parent (PR_SET_PDEATHSIG)
+
+    done = _study(study_dir, *grid)
+    assert done.returncode == 0, done.stderr
+    assert sorted(d for d in os.listdir(study_dir) if (study_dir / d).is_dir()) == names
+    assert _snapshot(first) == before  # skipped, untouched
+    manifest = json.loads((study_dir / "study.json").read_text())
+    assert sorted(manifest["runs"]) == names
+    assert all(r["status"] == "finished" and r["step"] == 48 for r in manifest["runs"].values())
+    assert manifest["runs"][names[1]]["resumed_from"] > 0  # continued from its checkpoint
+    assert f"study: 4 runs (1 already done) in {study_dir}" in done.stderr
+    history = json.loads((second / "history.json").read_text())
+    assert history["epochs"]["step"] == [4 * (i + 1) for i in range(12)]  # every epoch once, none twice
+
+    again = _study(study_dir, *grid)  # nothing left: every run is skipped
+    assert again.returncode == 0 and "study: 4 runs (4 already done)" in again.stderr
+    assert _snapshot(first) == before
+
+
+@pytest.mark.slow
+def test_a_diverging_run_is_recorded_failed_and_hparams_are_found(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator as ea
+    from tensorboard.plugins.hparams import metadata
+
+    study_dir = tmp_path / "s"
+    done = _study(study_dir, "--grid=base_lr=0.01,1e12", "--policy=constant", "--steps=8", "--parallel=1")
+    assert done.returncode == 1  # a failed run: the study finished, but not every run did
+    ok, bad = study_dir / "base_lr=0.01,seed=0", study_dir / "base_lr=1e12,seed=0"
+    assert json.loads((ok / "study_result.json").read_text())["status"] == "finished"
+    failed = json.loads((bad / "study_result.json").read_text())
+    assert failed["status"] == "failed" and failed["error"].startswith("NonFiniteLossError: ")
+    assert [line for line in user_lines(done.stderr) if "failed:" in line] == [
+        f"study: base_lr=1e12,seed=0 failed: {failed['error']}"]
+    manifest = json.loads((study_dir / "study.json").read_text())
+    assert manifest["aggregates"]["groups"][1]["failed"] == {"base_lr=1e12,seed=0": failed["error"]}
+    assert "- failed: base_lr=1e12,seed=0: NonFiniteLossError" in (study_dir / "study.md").read_text()
+    assert (study_dir / "study.png").exists()
+
+    root = ea.EventAccumulator(str(study_dir))
+    root.Reload()
+    experiment = metadata.parse_experiment_plugin_data(
+        root.SummaryMetadata(metadata.EXPERIMENT_TAG).plugin_data.content)
+    assert [h.name for h in experiment.hparam_infos] == ["base_lr", "seed"]
+    for run, value in ((ok, "0.01"), (bad, "1e12")):
+        acc = ea.EventAccumulator(str(run), size_guidance={ea.TENSORS: 0})
+        acc.Reload()
+        assert metadata.SESSION_START_INFO_TAG in acc.Tags()["tensors"]
+        info = metadata.parse_session_start_info_plugin_data(
+            acc.SummaryMetadata(metadata.SESSION_START_INFO_TAG).plugin_data.content)
+        assert info.hparams["base_lr"].string_value == value and info.hparams["seed"].number_value == 0
+        assert "flags" in acc.Tags()["tensors"]  # the run's flags as a text summary
+    tags = ea.EventAccumulator(str(ok), size_guidance={ea.TENSORS: 0})
+    tags.Reload()
+    assert "study/test_accuracy" in tags.Tags()["tensors"]

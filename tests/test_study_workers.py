@@ -1,0 +1,65 @@
+"""clrlab.study_workers: the progress line, and the Ray backend against a local Ray started here."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from clrlab import cli, study, study_workers
+from conftest import ROOT
+
+
+def test_progress_line_counts_and_eta(monkeypatch):
+    p = study_workers.Progress(total=10, started=100.0)
+    p.done, p.running = 3, 2
+    assert p.line() == "study: 3 done / 2 running / 5 left, ETA ?"
+    p.completed_now, p.failed = 2, 1
+    monkeypatch.setattr(study_workers.time, "monotonic", lambda: 160.0)
+    # 2 runs completed in 60 s: (5 left + 2 running) * 30 s = 210 s.
+    assert p.line() == "study: 3 done (1 failed) / 2 running / 5 left, ETA 3m30s"
+
+
+def test_train_seconds_count_only_the_epochs_trained_in_this_call():
+    epochs = {"step": [40, 80, 120], "seconds": [1.0, 2.0, 4.0]}
+    assert study_workers._seconds_since(epochs, None) == 7.0
+    assert study_workers._seconds_since(epochs, 80) == 4.0  # resumed at the end of epoch 2
+
+
+def test_final_accuracy_of_a_run_found_complete_is_its_last_evaluation():
+    epochs = {"step": [40, 80], "val_accuracy": [0.5, 0.75]}
+    assert study_workers._test_accuracy({"accuracy": 0.7}, epochs) == 0.7
+    assert study_workers._test_accuracy(None, epochs) == 0.75
+    assert study_workers._test_accuracy(None, {}) is None
+
+
+@pytest.mark.slow
+def test_ray_backend_runs_each_run_as_a_task_with_the_same_resume(tmp_path, monkeypatch, capsys):
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))  # Ray's workers
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        study.reset_flags()
+        study.define_study_flags()
+        argv = ["clrlab.study", "--dataset=mnist1d:num_samples=300", "--model=mnist1d_cnn", "--batch_size=50",
+                "--optimizer=sgd", "--policy=constant", "--steps=8", "--grid=base_lr=0.01,1e12",
+                "--backend=ray", f"--study_dir={tmp_path}"]
+        cli.FLAGS(argv)
+        assert study.main(["clrlab.study"]) == 1  # the diverging run failed; the other finished
+        manifest = json.loads((tmp_path / "study.json").read_text())
+        assert {n: r["status"] for n, r in manifest["runs"].items()} == {
+            "base_lr=0.01,seed=0": "finished", "base_lr=1e12,seed=0": "failed"}
+        assert manifest["runs"]["base_lr=1e12,seed=0"]["error"].startswith("NonFiniteLossError: ")
+        finished = tmp_path / "base_lr=0.01,seed=0"
+        assert json.loads((finished / "history.json").read_text())["epochs"]["step"][-1] == 8
+        before = (finished / "study_result.json").read_bytes()
+        capsys.readouterr()
+        cli.FLAGS.unparse_flags()
+        cli.FLAGS(argv)
+        assert study.main(["clrlab.study"]) == 1  # rerun: both skipped (finished, failed), nothing submitted
+        assert "study: 2 runs (2 already done)" in capsys.readouterr().err
+        assert (finished / "study_result.json").read_bytes() == before
+    finally:
+        ray.shutdown()
+        study.reset_flags()
