@@ -33,6 +33,7 @@ Seams for later work, deliberately not built here:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import errno
 import json
@@ -130,9 +131,12 @@ def check_folders(folders: Iterable[str], files: Iterable[str] = ()) -> None:
             raise write_error(e.filename or folder, "the folder", e) from None
 
 
-def _flush(writer, what: str) -> None:
-    """Flushes a `tf.summary` writer; a failed write (disk full, ...) is a one-line `UserError`."""
+@contextlib.contextmanager
+def _writing(writer, what: str):
+    """Around writes to a `tf.summary` writer, flushed at the end; a failed write (disk full, ...) is a
+    one-line `UserError`."""
     try:
+        yield
         writer.flush()
     except (OSError, tf.errors.OpError) as e:
         raise write_error("the run's TensorBoard folder", what, e) from None
@@ -328,8 +332,6 @@ class RunState:
         self._epoch_start = time.time()
         self.checkpoint_manager = None
         self.checkpoint_dir, self.max_to_keep = checkpoint_dir, max_to_keep
-        if self.writes_outputs:  # before training: a folder that takes no file is one line now, not later
-            check_folders([checkpoint_dir] if checkpoint_dir else [], [history_path] if history_path else [])
         if checkpoint_dir is not None:
             self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=self.global_step,
                                                   epoch=self.epoch)
@@ -388,9 +390,10 @@ class RunState:
                     "the checkpoint index file was missing or unreadable")
                 print(f"warning: resuming from {path}: {why}.", file=sys.stderr, flush=True)
                 if self.writes_outputs:  # the index file names what was restored; the manager rotates from it
+                    kept = [c for c in reversed(candidates) if c not in bad]
                     tf.compat.v1.train.update_checkpoint_state(
-                        self.checkpoint_dir, path,
-                        all_model_checkpoint_paths=[c for c in reversed(candidates) if c not in bad])
+                        self.checkpoint_dir, path, all_model_checkpoint_paths=kept,
+                        all_model_checkpoint_timestamps=[os.path.getmtime(c + ".index") for c in kept])
                     self.checkpoint_manager = self._manager()
             return path
         raise UserError(f"no checkpoint in {self.checkpoint_dir} can be restored: {'; '.join(skipped)}. "
@@ -403,8 +406,13 @@ class RunState:
         skipped for the newest one that restores, with one warning line; a missing or garbled `checkpoint`
         index file is recovered from the `ckpt-N` files present; a `UserError` when none restores. On a
         resume the TensorBoard writers get a restart marker (`mark_restart`), so the replayed steps are
-        held once."""
+        held once. First checks (`check_folders`) that the checkpoint folder takes files and that history.json
+        is not a folder: before training, a one-line `UserError` rather than a failure at the first save."""
+        if self.writes_outputs:
+            check_folders([self.checkpoint_dir] if self.checkpoint_dir else [],
+                          [self.history_path] if self.history_path else [])
         if self.checkpoint_manager is None or self._restore_checkpoint() is None:
+            self.mark_restart(self.step)  # events of an earlier process killed before its first checkpoint
             return None
         step = self.step
         if self.history_path and os.path.exists(self.history_path):
@@ -420,7 +428,10 @@ class RunState:
         """Tells TensorBoard the run restarts at global step `step`: writes a `SessionLog.START` event at `step`
         into the train and validation writers, on which TensorBoard's reader drops every event at steps >=
         `step` read before it (tensorboard/backend/event_processing/event_accumulator.py,
-        `_CheckForRestartAndMaybePurge`); then rewrites the epoch scalars recorded at `step` (an epoch that
+        `_CheckForRestartAndMaybePurge`; TensorBoard's server reads scalars with plugin_event_accumulator.py,
+        which takes the first START it sees as the session's start and purges on later ones, so the event is
+        written twice: the purge does not depend on whether an earlier process wrote one); then rewrites the epoch
+        scalars recorded at `step` (an epoch that
         ended at the checkpoint is not replayed). The per-step scalars are written at the 0-based step
         trained, so those from `step` on are replayed and held once."""
         if not self.writes_outputs:
@@ -430,7 +441,9 @@ class RunState:
         for writer in (self.summary_writer, self.validation_writer):
             if writer is not None:
                 # What TensorFlow's own summary_ops_v2.import_event does, on this writer (no public alias).
-                tf.raw_ops.ImportEvent(writer=writer._resource, event=event.SerializeToString())  # noqa: SLF001
+                with _writing(writer, "a restart marker in"):
+                    for _ in range(2):
+                        tf.raw_ops.ImportEvent(writer=writer._resource, event=event.SerializeToString())  # noqa: SLF001
         epochs = self.history.epochs
         if epochs.get("step") and epochs["step"][-1] == step:
             self._write_epoch_scalars({k: v[-1] for k, v in epochs.items()})
@@ -490,16 +503,14 @@ class RunState:
             return
         step = record["step"]
         if self.summary_writer is not None:
-            with self.summary_writer.as_default():
+            with _writing(self.summary_writer, "the training events in"), self.summary_writer.as_default():
                 for name in ("loss", "accuracy"):
                     if record[name] is not None:
                         tf.summary.scalar(f"epoch_{name}", record[name], step=step)
-            _flush(self.summary_writer, "the training events in")
         if self.validation_writer is not None and record["val_loss"] is not None:
-            with self.validation_writer.as_default():
+            with _writing(self.validation_writer, "the validation events in"), self.validation_writer.as_default():
                 tf.summary.scalar("loss", record["val_loss"], step=step)
                 tf.summary.scalar("accuracy", record["val_accuracy"], step=step)
-            _flush(self.validation_writer, "the validation events in")
 
     def _log_epoch(self, record: dict[str, Any], seconds: float) -> None:
         message = f"epoch {record['epoch'] + 1}/{self.total_epochs} step {record['step']}:"
