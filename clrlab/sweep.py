@@ -285,7 +285,8 @@ class StateSnapshot:
 
 
 def run_sweep(model, optimizer, train_dataset, options: SweepOptions, *, strategy=None, eval_dataset=None,
-              summary_writer=None, restore: bool = True, progress: bool = False) -> RangeTestResult:
+              summary_writer=None, restore: bool = True, progress: bool = False,
+              stop_requested=None) -> RangeTestResult:
     """Runs the sweep on `model`/`optimizer` (eager driver; compiled steps), then restores their state.
 
     The steps are `CustomLoopTrainer.train_steps` calls of `SweepRecorder.next_chunk()` steps each, with
@@ -302,6 +303,8 @@ def run_sweep(model, optimizer, train_dataset, options: SweepOptions, *, strateg
       summary_writer: per-step `learning_rate`/`loss`/`accuracy` scalars go here (None: none).
       restore: put weights and optimizer state back afterwards (default; the point of the test).
       progress: show a Keras Progbar.
+      stop_requested: optional `() -> str | None`, called after every chunk; a returned reason (e.g.
+        'SIGINT') ends the sweep there with that `stop_reason` (what was swept is kept and analysed).
     """
     # Deferred: Keras and the trainer import TensorFlow, which the options and the recorder do not need.
     import keras
@@ -325,6 +328,8 @@ def run_sweep(model, optimizer, train_dataset, options: SweepOptions, *, strateg
                 bar.update(recorder.steps + len(records.lr),
                            [("lr", float(records.lr[-1])), ("loss", float(records.loss[-1]))])
             recorder.record(records.lr.tolist(), records.loss.tolist(), records.accuracy.tolist(), evaluate)
+            if stop_requested is not None and not recorder.done and (reason := stop_requested()):
+                recorder.stop(reason)
     finally:
         if restore:
             snapshot.restore()

@@ -255,8 +255,9 @@ class StopRequests:
     on stderr, exit code 130 (no traceback, no further checkpoint; the last saved one is kept).
     """
 
-    def __init__(self):
+    def __init__(self, message: str = "finishing the current steps, then saving a checkpoint."):
         self.received: int | None = None
+        self.message = message
         self._previous: dict[int, Any] = {}
 
     @property
@@ -275,8 +276,7 @@ class StopRequests:
             sys.stdout.flush()
             os._exit(130)  # at once: no cleanup may run (it could write half a checkpoint)
         self.received = signum
-        logging.warning("Received %s: finishing the current steps, then saving a checkpoint.",
-                        signal.Signals(signum).name)
+        logging.warning("Received %s: %s", signal.Signals(signum).name, self.message)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
