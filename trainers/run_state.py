@@ -453,8 +453,15 @@ class RunState:
             self.history.save(self.history_path)
 
     def save(self) -> str | None:
-        """Writes history.json, then a checkpoint at the global step (so history >= checkpoint after a
-        kill between the two). Returns the checkpoint path (None without checkpoints)."""
+        """Flushes the TensorBoard writers and writes history.json, then a checkpoint at the global step (so
+        events and history >= checkpoint after a kill between them: a resume purges and replays the rest).
+        Returns the checkpoint path (None without checkpoints)."""
+        if self.writes_outputs:
+            for writer, what in ((self.summary_writer, "the training events in"),
+                                 (self.validation_writer, "the validation events in")):
+                if writer is not None:
+                    with _writing(writer, what):
+                        pass
         self.save_history()
         if not self.writes_outputs or self.checkpoint_manager is None:
             return None
