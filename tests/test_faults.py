@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_module, subprocess_env, user_lines
+from conftest import ROOT, subprocess_env
 
 # A run of 40 steps on the offline digits: 22 steps per epoch (the second epoch is cut short at step 40), a
 # checkpoint every 4 steps, chunks of 2 steps, deterministic ops so two runs give the same bits.
@@ -24,8 +24,10 @@ TINY = ["--dataset=digits", "--model=mlp", "--batch_size=64", "--steps=40", "--s
 
 # Imports TensorFlow, Keras, scikit-learn and matplotlib once (imported only: no TensorFlow op runs, so forking
 # is safe), then forks one `python -m clrlab.train` process per trial (`train.run_main` on the real argv) and
-# SIGKILLs it at a random moment of its training. A chain of trials shares one --logdir until a trial finishes
-# the run; the last chain is run to the end. Prints one JSON line: the finished logdirs and the kill count.
+# SIGKILLs it at a random moment of its training (uniform over the time the uninterrupted run takes from its
+# first checkpoint to its exit: steps, checkpoint writes, the epoch end, the final report). A chain of trials
+# shares one --logdir until a trial finishes the run; the last chain is run to the end. Prints one JSON line:
+# the finished logdirs and the kill count.
 _DRIVER = textwrap.dedent("""
     import json, os, random, signal, sys, time
 
@@ -33,7 +35,6 @@ _DRIVER = textwrap.dedent("""
     from clrlab import plots, train  # noqa: F401
 
     def launch(argv, out):
-        open(out, "a").close()
         pid = os.fork()
         if pid == 0:
             fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
@@ -52,28 +53,37 @@ _DRIVER = textwrap.dedent("""
                 os._exit(code)
         return pid
 
-    def started(out):  # the job is built: its "clrlab: ..." line is out
-        with open(out, encoding="utf-8", errors="replace") as fh:
-            return any(line.startswith("clrlab: ") for line in fh)
+    def saved(logdir, since):  # this process has written a checkpoint
+        try:
+            return os.stat(os.path.join(logdir, "checkpoints", "checkpoint")).st_mtime_ns > since
+        except FileNotFoundError:
+            return False
 
     def run(argv, logdir, kill_after=None):
-        out = logdir + ".log"
-        pid = launch(argv + ["--logdir=" + logdir], out)
-        while not started(out) and os.waitpid(pid, os.WNOHANG) == (0, 0):
-            time.sleep(0.01)
+        # One trial; with kill_after (seconds), SIGKILLed that long after its first checkpoint.
+        open(logdir + ".log", "a").close()
+        since = time.time_ns()
+        pid = launch(argv + ["--logdir=" + logdir], logdir + ".log")
+        status = []
+
+        def alive():
+            if not status:
+                done, st = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    status.append(st)
+            return not status
+
+        while alive() and not saved(logdir, since):
+            time.sleep(0.002)
         begin = time.time()
         if kill_after is not None:
-            while time.time() - begin < kill_after and os.waitpid(pid, os.WNOHANG) == (0, 0):
-                time.sleep(0.005)
-            try:
+            while alive() and time.time() - begin < kill_after:
+                time.sleep(0.002)
+            if alive():
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-        except ChildProcessError:  # reaped by the WNOHANG poll: it had finished
-            code = 0
-        return code, time.time() - begin
+        if not status:
+            status.append(os.waitpid(pid, 0)[1])
+        return os.waitstatus_to_exitcode(status[0]), time.time() - begin
 
     argv, root, kills, seed = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     rng = random.Random(seed)

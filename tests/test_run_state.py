@@ -399,3 +399,15 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr and "not reached" not in proc.stdout
     assert [line for line in user_lines(proc.stderr) if "Second Ctrl-C" in line] == [
         "Second Ctrl-C: stopping now; the last saved checkpoint is kept."]
+
+
+def test_a_checkpoint_at_the_end_of_a_short_last_epoch_keeps_that_epoch_on_restore(tmp_path):
+    state = make_state(tmp_path, eval_dataset=None)  # 4 steps per epoch, 10 in all: the last epoch has 2
+    for epoch, (first, n) in enumerate([(0, 4), (4, 4), (8, 2)]):
+        state.begin_epoch(epoch)
+        state.history.add_steps(records(first, n))
+        state.global_step.assign(first + n)
+        state.end_epoch(epoch)
+    fresh = make_state(tmp_path, eval_dataset=None)
+    assert fresh.restore() == 10
+    assert fresh.history.epochs == state.history.epochs and fresh.history.epochs["epoch"] == [0, 1, 2]

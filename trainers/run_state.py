@@ -418,7 +418,8 @@ class RunState:
         if self.history_path and os.path.exists(self.history_path):
             with open(self.history_path, encoding="utf-8") as fh:
                 self.history = History.from_json(json.load(fh))
-            self.history.truncate(step, step // self.steps_per_epoch)
+            # The restored epoch counter, not step // steps_per_epoch: a short last epoch ends off the grid.
+            self.history.truncate(step, int(self.epoch.numpy()))
         else:
             logging.warning("No history.json next to the checkpoints: the history restarts at step %d.", step)
         self.mark_restart(step)
