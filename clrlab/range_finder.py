@@ -93,7 +93,7 @@ def run(config: TrainConfig, options_flags: dict[str, Any], *, progress: bool = 
 
     from clrlab import job as job_lib
     from clrlab import plots
-    from trainers.run_state import StopRequests
+    from trainers.run_state import StopRequests, check_folders
 
     policy = keras.mixed_precision.global_policy().name
     stops = StopRequests("ending the sweep after the current steps; the model is restored.")
@@ -103,7 +103,7 @@ def run(config: TrainConfig, options_flags: dict[str, Any], *, progress: bool = 
         options = sweep_options(options_flags, job.steps_per_epoch)
         sweep, num_steps = options.sweep, options.num_steps
         logdir = os.path.abspath(config.logdir)
-        os.makedirs(logdir, exist_ok=True)
+        check_folders([logdir, os.path.join(logdir, "range_test")], [os.path.join(logdir, "range_test.json")])
         writer = tf.summary.create_file_writer(os.path.join(logdir, "range_test"))
         print(f"clrlab range test: {sweep} sweep {options.start_lr:g} -> {options.end_lr:g} over {num_steps} steps "
               f"({num_steps / job.steps_per_epoch:.2g} epochs of {job.splits.name}); model {job.model.name}; "
@@ -182,6 +182,11 @@ def main(argv: list[str]) -> int:
         out = run(config, cli.sweep_options_from_flags())
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a write outside range_test.json (the plot, the events): disk full, ...
+        from trainers.run_state import write_error
+
+        print(f"error: {write_error(e.filename or 'the run folder', 'the file', e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C outside the sweep (loading data, building, plotting)
         print("Interrupted (Ctrl-C) outside the sweep; range_test.json was not written.", file=sys.stderr)

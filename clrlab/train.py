@@ -99,6 +99,7 @@ def _run(config: TrainConfig, *, callbacks, progress) -> RunResult:
     from trainers.controller import Controller
     from trainers.custom_loop import CustomLoopTrainer
     from trainers.keras_fit import KerasFitTrainer
+    from trainers.run_state import check_folders
 
     job_lib.setup_runtime(config)
     job = job_lib.build_job(config)
@@ -106,6 +107,8 @@ def _run(config: TrainConfig, *, callbacks, progress) -> RunResult:
     logdir = os.path.abspath(config.logdir)
     identity = _run_identity(config, job.schedule, job.momentum_schedule)
     _check_resumable(logdir, identity)
+    check_folders([logdir] + [os.path.join(logdir, d) for d in ("checkpoints", "train", "validation")],
+                  [os.path.join(logdir, "history.json")])  # before any write: a fault is one line, not a traceback
     os.makedirs(logdir, exist_ok=True)
     with open(os.path.join(logdir, "run_config.json"), "w", encoding="utf-8") as fh:
         json.dump(identity, fh, indent=1)
@@ -211,6 +214,11 @@ def main(argv: list[str]) -> int:
         result = run(config)
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a write outside the run state (run_config.json, the report, the plots): disk full, ...
+        from trainers.run_state import write_error
+
+        print(f"error: {write_error(e.filename or 'the run folder', 'the file', e)}", file=sys.stderr)
         return 1
     except NonFiniteLossError as e:
         print(f"error: {e}; training stopped and the last good checkpoint is kept in "

@@ -344,7 +344,8 @@ def test_disk_full_at_history_or_checkpoint_is_one_line_naming_the_path_and_the_
     with monkeypatch.context() as m:
         m.setattr(run_state, "open", enospc, raising=False)
         with pytest.raises(UserError, match=r"cannot write the file .*history.json: No space left on device; "
-                                            r"free some disk space, then rerun the same command to resume"):
+                                            r"free some disk space, then rerun the same command \(a run "
+                                            r"resumes from its last checkpoint\)"):
             state.save()
     with monkeypatch.context() as m:
         m.setattr(state.checkpoint_manager, "save", enospc)

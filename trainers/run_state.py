@@ -104,8 +104,8 @@ def write_error(path: str, what: str, error: Exception) -> UserError:
         reason = getattr(error, "message", None) or str(error)
         advice = next((a for t, a in _TF_ADVICE if isinstance(error, t)), "check that it is writable")
     reason = " ".join(str(reason).split())
-    return UserError(f"cannot write {what} {path}: {reason}; {advice}, then rerun the same command to resume "
-                     "(the last checkpoint is kept).")
+    return UserError(f"cannot write {what} {path}: {reason}; {advice}, then rerun the same command (a run "
+                     "resumes from its last checkpoint).")
 
 
 def check_folders(folders: Iterable[str], files: Iterable[str] = ()) -> None:
@@ -116,9 +116,12 @@ def check_folders(folders: Iterable[str], files: Iterable[str] = ()) -> None:
             if os.path.isdir(candidate):
                 raise write_error(candidate, "the file", OSError(errno.EISDIR, "it is a folder"))
     for folder in folders:
-        if os.path.islink(folder) and not os.path.exists(folder):
-            raise UserError(f"cannot write the folder {folder}: it is a symlink to the missing "
-                            f"{os.readlink(folder)}; create that folder or remove the link.")
+        link = os.path.abspath(folder)
+        while not os.path.lexists(link) and os.path.dirname(link) != link:  # the nearest existing ancestor
+            link = os.path.dirname(link)
+        if os.path.islink(link) and not os.path.exists(link):
+            raise UserError(f"cannot write the folder {link}: it is a symlink to the missing "
+                            f"{os.readlink(link)}; create that folder or remove the link.")
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise write_error(folder, "the folder", OSError(errno.ENOTDIR, "it is a file, not a folder"))
         try:
