@@ -262,7 +262,7 @@ ERRORS = {
     "no_checkpoint_restores": ("ran", _damage_all, [], "can be restored"),
     "disk_full_checkpoint": (None, "disk_full_checkpoint", [], "No space left on device; free some disk space"),
     "disk_full_history": (None, "disk_full_history", [], "history.json: No space left on device; free"),
-    "disk_full_events": (None, "disk_full_events", [], "events in the run's TensorBoard folder: No space left"),
+    "disk_full_events": (None, "disk_full_events", [], "in the run's TensorBoard folder: No space left on device"),
     "disk_full_report": (None, "disk_full_report", [], "No space left on device; free some disk space"),
     "read_only_checkpoints": (None, "read_only_checkpoints", [], "Read-only file system; make it writable"),
     "seed_below_range": (None, None, ["--seed=-1"], "--seed=-1"),
