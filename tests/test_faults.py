@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -325,3 +326,58 @@ def _run_cases(cases) -> dict[str, int]:
                           timeout=600, env=subprocess_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {r["name"]: r["code"] for r in map(json.loads, proc.stdout.strip().splitlines())}
+
+
+def _start(module: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=subprocess_env(), cwd=ROOT)
+
+
+def _wait_for_line(proc: subprocess.Popen, prefix: str) -> None:
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return
+    raise AssertionError(f"no line starting {prefix!r}: {proc.stderr.read()[-3000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_during_the_range_test_command_writes_the_partial_sweep_no_traceback(tmp_path, sig, code):
+    logdir = tmp_path / "rt"
+    proc = _start("clrlab.range_finder", "--sweep=exponential", "--steps=100000", "--model=mlp", f"--logdir={logdir}")
+    _wait_for_line(proc, "clrlab range test:")
+    time.sleep(3.0)  # into the sweep
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err and not [line for line in user_lines(err) if line.startswith("error:")], err
+    result = json.loads((logdir / "range_test.json").read_text())
+    name = signal.Signals(sig).name
+    assert result["complete"] is False and result["incomplete_reason"].startswith(f"interrupted by {name} after ")
+    assert 0 < len(result["lrs"]) < 100000
+    assert f"Sweep interrupted by {name}" in out
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_during_training_stops_at_once_in_one_line(tmp_path):
+    # Chunks of a whole epoch (22 steps of the small CNN): the first Ctrl-C waits for the chunk to end. Python
+    # runs a handler once for signals that arrive during one TensorFlow call, so the second is sent once the
+    # first has been handled (its warning line is out).
+    logdir = tmp_path / "run"
+    proc = _start("clrlab.train", "--dataset=digits", "--model=small_cnn", "--batch_size=64", "--steps=100000",
+                  "--steps_per_loop=22", "--checkpoint_every=0", f"--logdir={logdir}")
+    _wait_for_line(proc, "clrlab: ")
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "Received SIGINT" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    err = "".join(seen) + err
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert [line for line in user_lines(err) if not line.startswith("WARNING:")] == [
+        "Second Ctrl-C: stopping now; the last saved checkpoint is kept."], err[-3000:]
