@@ -150,19 +150,33 @@ def _tensorboard(logdir, tag) -> list[tuple[int, float]]:
 
 
 @pytest.mark.slow
-def test_random_sigkills_then_reruns_give_the_uninterrupted_weights_lr_trace_history_and_events(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(TINY), str(tmp_path), "10",
-                           str(int(time.time())), "40"], capture_output=True, text=True, timeout=400,
-                          env=subprocess_env(), cwd=ROOT)
+@pytest.mark.parametrize("trainer, kills", [("custom_loop", 10), ("keras_fit", 3)])
+def test_random_sigkills_then_reruns_give_the_uninterrupted_weights_lr_trace_history_and_events(tmp_path, trainer,
+                                                                                                kills):
+    proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(TINY + [f"--trainer={trainer}"]),
+                           str(tmp_path), str(kills), str(int(time.time())), "40"], capture_output=True, text=True,
+                          timeout=400, env=subprocess_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["killed"] == 10, report
+    assert report["killed"] == kills, report
     reference = str(tmp_path / "reference")
     want_history, want_weights = _history(reference), _final_weights(reference)
     want_lr = _tensorboard(reference, "learning_rate")
     assert [s for s, _ in want_lr] == list(range(40)) and want_weights
     for logdir in report["finished"]:
-        assert _history(logdir) == want_history, (logdir, report)  # every step and epoch value, bit for bit
+        got_history, want = _history(logdir), want_history
+        if trainer == "keras_fit":
+            # model.fit gives the trainer Keras' float32 running means, not per-batch values: StepRecorder
+            # recovers each chunk's mean by differencing them, and after a resume the running mean restarts at
+            # the resume step, so those values (and the epoch means over them) round differently (float32,
+            # ~1e-7 relative). Steps, LRs, validation and weights stay bitwise.
+            for where, keys in (("steps", ("loss", "accuracy")), ("epochs", ("loss", "accuracy"))):
+                for key in keys:
+                    np.testing.assert_allclose(np.array(got_history[where].pop(key), float),
+                                               np.array(want[where][key], float), rtol=1e-5)
+            want = {w: {k: v for k, v in want[w].items() if k in got_history[w]} if isinstance(want[w], dict)
+                    else want[w] for w in want}
+        assert got_history == want, (logdir, report)  # every step and epoch value, bit for bit
         got = _final_weights(logdir)
         assert got.keys() == want_weights.keys()
         for name in got:
