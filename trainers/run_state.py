@@ -421,8 +421,10 @@ class RunState:
         if self.history_path and os.path.exists(self.history_path):
             with open(self.history_path, encoding="utf-8") as fh:
                 self.history = History.from_json(json.load(fh))
-            # The restored epoch counter, not step // steps_per_epoch: a short last epoch ends off the grid.
-            self.history.truncate(step, int(self.epoch.numpy()))
+            # Epochs complete under this run's steps_per_epoch and total_steps: also a short last epoch that ended
+            # at the checkpoint (a rerun after a kill past it), not one a shorter earlier run cut.
+            done = step // self.steps_per_epoch + (1 if step % self.steps_per_epoch and step >= self.total_steps else 0)
+            self.history.truncate(step, done)
         else:
             logging.warning("No history.json next to the checkpoints: the history restarts at step %d.", step)
         self.mark_restart(step)
