@@ -121,7 +121,8 @@ def _define_data_model_flags() -> None:
     flags.DEFINE_integer("cpu_devices", 1,
                          "Split the CPU into this many logical devices (to try --distribute=mirrored "
                          "without GPUs).", lower_bound=1)
-    flags.DEFINE_integer("seed", 0, "Seed for weights, data order and augmentation.")
+    flags.DEFINE_integer("seed", 0, "Seed for weights, data order and augmentation, in [0, 2**32 - 1] (the range "
+                         "keras.utils.set_random_seed accepts).", lower_bound=0, upper_bound=2**32 - 1)
     flags.DEFINE_boolean("deterministic", False,
                          "Deterministic ops (tf.config.experimental.enable_op_determinism): same flags "
                          "and seed give bitwise-identical weights, also across a resume. Slower.")

@@ -33,6 +33,11 @@ the train command), and in --logdir/range_test TensorBoard scalars under their o
 and the plot as the image `range_test/plot`, so `tensorboard --logdir runs/` never mixes a sweep into the
 training cards. The default --logdir is runs/range_test-<timestamp>.
 
+Ctrl-C (SIGINT) or SIGTERM during the sweep ends it after the current compiled chunk: the model is restored,
+what was swept is analysed and written (range_test.json with `"complete": false` and `"incomplete_reason"`), and the
+command exits with 130 (SIGINT) or 143 (SIGTERM), the shell's 128 + signal number. A second Ctrl-C stops at
+once (exit 130); an interrupt before or after the sweep exits 130 without a traceback.
+
 The command: flags (`clrlab.cli.define_range_test_flags`) -> `TrainConfig` (`cli.config_from_flags`, the
 same conversion as `python -m clrlab.train`) and the sweep settings (`cli.sweep_options_from_flags`) ->
 job (`clrlab.job.build_job`) -> `run_sweep` -> outputs and report.
@@ -53,6 +58,8 @@ from clrlab import config as config_lib
 from clrlab.config import TrainConfig
 from clrlab.errors import UserError
 from clrlab.sweep import SWEEP_DEFAULTS, SweepOptions, run_sweep
+
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal number, as a shell reports a process it killed
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -103,28 +110,44 @@ def run(config: TrainConfig, options_flags: dict[str, Any], *, progress: bool = 
 
     from clrlab import job as job_lib
     from clrlab import plots
+    from trainers.run_state import StopRequests, check_folders
 
     policy = keras.mixed_precision.global_policy().name
+    stops = StopRequests("ending the sweep after the current steps; the model is restored.")
     try:
         job_lib.setup_runtime(config)
         job = job_lib.build_job(config)
         options = sweep_options(options_flags, job.steps_per_epoch)
         sweep, num_steps = options.sweep, options.num_steps
         logdir = os.path.abspath(config.logdir)
-        os.makedirs(logdir, exist_ok=True)
+        check_folders([logdir, os.path.join(logdir, "range_test")], [os.path.join(logdir, "range_test.json")])
         writer = tf.summary.create_file_writer(os.path.join(logdir, "range_test"))
         print(f"clrlab range test: {sweep} sweep {options.start_lr:g} -> {options.end_lr:g} over {num_steps} steps "
               f"({num_steps / job.steps_per_epoch:.2g} epochs of {job.splits.name}); model {job.model.name}; "
               f"logdir {logdir}", flush=True)
         repeats = max(1, int(options_flags.get("repeats") or 1))
-        results = [run_sweep(job.model, job.optimizer, job.train_data_fn(r), options, strategy=job.strategy,
-                             eval_dataset=job.eval_dataset() if options.eval_every else None,
-                             summary_writer=writer if r == 0 else None, progress=progress and sys.stdout.isatty())
-                   for r in range(repeats)]
+        results = []
+        with stops:
+            for r in range(repeats):
+                results.append(run_sweep(job.model, job.optimizer, job.train_data_fn(r), options,
+                                         strategy=job.strategy,
+                                         eval_dataset=job.eval_dataset() if options.eval_every else None,
+                                         summary_writer=writer if r == 0 else None,
+                                         progress=progress and sys.stdout.isatty(),
+                                         stop_requested=lambda: stops.name))
+                if stops.name is not None:  # interrupted: analyse what was swept so far
+                    break
+    except ValueError as e:  # too few steps swept to analyse: only after an interrupt (a sweep has >= 10 steps)
+        if stops.name is None:
+            raise
+        out = {"complete": False, "incomplete_reason": f"interrupted by {stops.name}", "error": str(e)}
+        _write_json(os.path.join(logdir, "range_test.json"), out)
+        return out
     finally:
         keras.mixed_precision.set_global_policy(policy)
     result = results[0]
-    if repeats > 1:  # the mean curve of the sweeps (same schedule, other batches); spread = each sweep's bounds
+    if len(results) > 1 and stops.name is None:
+        # The mean curve of the sweeps (same schedule, other batches); spread = each sweep's bounds.
         recs = [r.recommendation for r in results]
         combined = lr_suggest.recommend_repeats([(r.lrs, r.loss_raw, r.accuracy) for r in recs], sweep=sweep,
                                                 smoother=options.smoother, beta=options.beta,
@@ -151,15 +174,29 @@ def run(config: TrainConfig, options_flags: dict[str, Any], *, progress: bool = 
         out["command"], out["command_bounds_from"] = explicit, from_file
     out["options"] = dataclasses.asdict(options)
     out["dataset"], out["model"] = job.splits.name, job.model.name
-    out["repeats"] = repeats
+    out["repeats"] = len(results)
     # The settings a training run with --bounds_from is checked against (clrlab.config.bounds_mismatch).
     out["setup"] = {name: getattr(config, name) for name in config_lib.BOUNDS_SETUP_FIELDS}
-    with open(json_path, "w", encoding="utf-8") as fh:
-        json.dump(out, fh, indent=1, allow_nan=False)
+    out["complete"] = stops.name is None
+    if stops.name is not None:
+        out["incomplete_reason"] = f"interrupted by {stops.name} after {len(rec.lrs)} of {num_steps} steps"
+    _write_json(json_path, out)
     return out
 
 
+def _write_json(path: str, out: dict[str, Any]) -> None:
+    """range_test.json, atomically; a failed write (disk full, read-only, ...) is a one-line UserError."""
+    from trainers.run_state import write_text  # deferred: it imports TensorFlow (see run)
+
+    write_text(path, json.dumps(out, indent=1, allow_nan=False))
+
+
 def _report(out: dict[str, Any], logdir: str) -> None:
+    if not out["complete"]:
+        print(f"Sweep {out['incomplete_reason']}; the model is restored. What was swept is in "
+              f"{os.path.join(logdir, 'range_test.json')} (marked incomplete).", flush=True)
+        if "error" in out:
+            return
     stop = f"stopped early ({out['reason']} at step {out['stop_index']})" if out["stopped_early"] else "ran to the end"
     print(f"Sweep {stop}. Suggestions: " + ", ".join(
         f"{k}={v:.3g}" for k, v in out["suggestions"].items() if v is not None))
@@ -184,7 +221,8 @@ def _report(out: dict[str, Any], logdir: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """The command after flag parsing: 0 done, 1 a problem the user can fix (one line on stderr)."""
+    """The command after flag parsing: 0 done, 1 a problem the user can fix (one line on stderr), 130 Ctrl-C,
+    143 SIGTERM (during the sweep: what was swept is written, marked incomplete)."""
     if len(argv) > 1:
         print(f"error: unexpected arguments {' '.join(argv[1:])} (see --help)", file=sys.stderr)
         return 1
@@ -197,7 +235,17 @@ def main(argv: list[str]) -> int:
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    except OSError as e:  # a write outside range_test.json (the plot, the events): disk full, ...
+        from trainers.run_state import write_error
+
+        print(f"error: {write_error(e.filename or 'the run folder', 'the file', e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C outside the sweep (loading data, building, plotting)
+        print("Interrupted (Ctrl-C) outside the sweep; range_test.json was not written.", file=sys.stderr)
+        return EXIT_SIGINT
     _report(out, os.path.abspath(config.logdir))
+    if not out["complete"]:
+        return EXIT_SIGTERM if "SIGTERM" in out["incomplete_reason"] else EXIT_SIGINT
     return 0
 
 

@@ -306,7 +306,8 @@ def write_sweep_scalars(writer, first_step: int, lrs, losses, accuracies=None) -
 
 
 def run_sweep(model, optimizer, train_dataset, options: SweepOptions, *, strategy=None, eval_dataset=None,
-              summary_writer=None, restore: bool = True, progress: bool = False) -> RangeTestResult:
+              summary_writer=None, restore: bool = True, progress: bool = False,
+              stop_requested=None) -> RangeTestResult:
     """Runs the sweep on `model`/`optimizer` (eager driver; compiled steps), then restores their state.
 
     The steps are `CustomLoopTrainer.train_steps` calls of `SweepRecorder.next_chunk()` steps each, with
@@ -325,6 +326,8 @@ def run_sweep(model, optimizer, train_dataset, options: SweepOptions, *, strateg
         `learning_rate`/`loss`/`accuracy`, so TensorBoard keeps sweeps out of the training cards (None: none).
       restore: put weights and optimizer state back afterwards (default; the point of the test).
       progress: show a Keras Progbar.
+      stop_requested: optional `() -> str | None`, called after every chunk; a returned reason (e.g.
+        'SIGINT') ends the sweep there with that `stop_reason` (what was swept is kept and analysed).
     """
     # Deferred: Keras and the trainer import TensorFlow, which the options and the recorder do not need.
     import keras
@@ -350,6 +353,8 @@ def run_sweep(model, optimizer, train_dataset, options: SweepOptions, *, strateg
             recorder.record(records.lr.tolist(), records.loss.tolist(), records.accuracy.tolist(), evaluate)
             if summary_writer is not None:
                 write_sweep_scalars(summary_writer, first, records.lr, records.loss, records.accuracy)
+            if stop_requested is not None and not recorder.done and (reason := stop_requested()):
+                recorder.stop(reason)
     finally:
         if restore:
             snapshot.restore()

@@ -88,6 +88,7 @@ def _run(config: TrainConfig, *, callbacks, progress, run_scope: contextlib.Exit
     from trainers.controller import Controller
     from trainers.custom_loop import CustomLoopTrainer
     from trainers.keras_fit import KerasFitTrainer
+    from trainers.run_state import check_folders
 
     started = time.monotonic()
     job_lib.setup_runtime(config)
@@ -95,6 +96,8 @@ def _run(config: TrainConfig, *, callbacks, progress, run_scope: contextlib.Exit
     lr_callback = job_lib.make_lr_callback(config, job.step_size)  # before any output: it may refuse the policy
     logdir = os.path.abspath(config.logdir)
     identity = run_dir.run_identity(config, job.schedule, job.momentum_schedule)
+    check_folders([logdir] + [os.path.join(logdir, d) for d in ("checkpoints", "train", "validation")],
+                  [os.path.join(logdir, "history.json")])  # before any write: a fault is one line, not a traceback
     os.makedirs(logdir, exist_ok=True)
     run_scope.enter_context(run_dir.lock_logdir(logdir))  # one run per folder; the kernel frees it on exit
     run_dir.check_resumable(logdir, identity, total_steps=job.total_steps, steps_per_epoch=job.steps_per_epoch)
@@ -218,6 +221,11 @@ def main(argv: list[str]) -> int:
         if flags.FLAGS.logdir is None and config is not None:
             run_dir.remove_if_unused(config.logdir)  # a refused run leaves no empty runs/ folder behind
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a write outside the run state (run_config.json, the report, the plots): disk full, ...
+        from trainers.run_state import write_error
+
+        print(f"error: {write_error(e.filename or 'the run folder', 'the file', e)}", file=sys.stderr)
         return 1
     except NonFiniteLossError as e:
         print(f"error: {e}; {_after_divergence(os.path.abspath(config.logdir))} Lower --max_lr "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -188,3 +189,51 @@ def test_repeats_average_the_sweeps_and_record_each_sweeps_bounds(tmp_path):
     assert out["repeats"] == 2 and len(out["spread"]["base_lr"]) == len(out["spread"]["max_lr"]) == 2
     saved = json.loads((tmp_path / "rt" / "range_test.json").read_text())
     assert saved["spread"] == out["spread"] and saved["base_rule"] == out["base_rule"]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_mid_sweep_restores_and_writes_what_was_swept_marked_incomplete(tmp_path, capsys, range_test_flags,
+                                                                                 monkeypatch, sig, code):
+    real_run_sweep = range_finder.run_sweep
+    seen = {}
+
+    def run_sweep(model, optimizer, *args, stop_requested, **kwargs):
+        seen["before"] = [w.copy() for w in model.get_weights()]
+        calls = []
+
+        def hook():  # the signal arrives after the third chunk (10 steps each)
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), sig)
+            return stop_requested()
+
+        result = real_run_sweep(model, optimizer, *args, stop_requested=hook, **kwargs)
+        seen["after"] = model.get_weights()
+        return result
+
+    monkeypatch.setattr(range_finder, "run_sweep", run_sweep)
+    logdir = tmp_path / "rt"
+    range_test_flags(["prog", "--sweep=exponential", "--steps=300", "--start_lr=1e-3", "--end_lr=0.5",
+                      "--model=mlp", "--batch_size=64", f"--logdir={logdir}"])
+    try:
+        assert range_finder.main(["prog"]) == code
+    finally:
+        range_test_flags.unparse_flags()
+    result = json.loads((logdir / "range_test.json").read_text())
+    name = signal.Signals(sig).name
+    assert result["complete"] is False and result["incomplete_reason"] == f"interrupted by {name} after 30 of 300 steps"
+    assert len(result["lrs"]) == 30 and result["options"]["num_steps"] == 300
+    for a, b in zip(seen["after"], seen["before"], strict=True):
+        np.testing.assert_array_equal(a, b)  # the model is restored
+    assert f"Sweep interrupted by {name}" in capsys.readouterr().out
+
+
+def test_a_finished_sweep_is_marked_complete(tmp_path, range_test_flags):
+    logdir = tmp_path / "rt"
+    range_test_flags(["prog", "--sweep=exponential", "--steps=20", "--model=mlp", f"--logdir={logdir}"])
+    try:
+        assert range_finder.main(["prog"]) == 0
+    finally:
+        range_test_flags.unparse_flags()
+    result = json.loads((logdir / "range_test.json").read_text())
+    assert result["complete"] is True and "incomplete_reason" not in result

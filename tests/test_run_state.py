@@ -3,9 +3,12 @@ refusal, stop requests, restore / save / end_epoch), on a 9-parameter model."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -13,7 +16,9 @@ import pytest
 import tensorflow as tf
 
 from clrlab.callbacks import CyclicLR
-from conftest import read_scalars
+from clrlab.errors import UserError
+from conftest import read_scalars, subprocess_env, user_lines
+from trainers import run_state
 from trainers.custom_loop import StepRecords
 from trainers.evaluation import Evaluator
 from trainers.run_state import (
@@ -223,3 +228,187 @@ def test_a_process_that_writes_no_outputs_saves_nothing(tmp_path, monkeypatch):
     state.history.add_steps(records(0, 2))
     assert state.save() is None
     assert not os.path.exists(tmp_path / "history.json") and not os.path.exists(tmp_path / "ckpt")
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints, write faults
+def saved_states(tmp_path, steps=(2, 4, 6)) -> dict[int, list]:
+    """Saves checkpoints at `steps` (different weights each) and returns {step: weights}."""
+    state = make_state(tmp_path)
+    weights = {}
+    for s in steps:
+        state.global_step.assign(s)
+        state.model.set_weights([w + 1.0 for w in state.model.get_weights()])
+        weights[s] = [w.copy() for w in state.model.get_weights()]
+        state.save()
+    return weights
+
+
+def flip_a_bit(path):
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 1
+    open(path, "wb").write(bytes(data))
+
+
+DAMAGE = {
+    "emptied data": lambda p: open(p + ".data-00000-of-00001", "wb").close(),
+    "truncated data": lambda p: open(p + ".data-00000-of-00001", "r+b").truncate(7),
+    "bit-flipped data": lambda p: flip_a_bit(p + ".data-00000-of-00001"),
+    "garbage index": lambda p: open(p + ".index", "wb").write(b"not an sstable"),
+    "missing index": lambda p: os.remove(p + ".index"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_good_one_with_one_warning(tmp_path, capsys, damage):
+    weights = saved_states(tmp_path)
+    DAMAGE[damage](str(tmp_path / "ckpt" / "ckpt-6"))
+    fresh = make_state(tmp_path)
+    assert fresh.restore() == 4
+    for a, b in zip(fresh.model.get_weights(), weights[4], strict=True):
+        np.testing.assert_array_equal(a, b)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "ckpt-6" in warnings[0] and "skipped the damaged" in warnings[0]
+    assert fresh.checkpoint_manager.latest_checkpoint.endswith("ckpt-4")
+
+
+def test_no_restorable_checkpoint_is_one_user_error(tmp_path):
+    saved_states(tmp_path, steps=(2, 4))
+    for s in (2, 4):
+        DAMAGE["emptied data"](str(tmp_path / "ckpt" / f"ckpt-{s}"))
+    with pytest.raises(UserError, match=r"no checkpoint in .*ckpt can be restored: ckpt-4 .*ckpt-2"):
+        make_state(tmp_path).restore()
+
+
+@pytest.mark.parametrize("index", ["deleted", "garbage"])
+def test_a_lost_checkpoint_index_file_is_recovered_from_the_ckpt_files(tmp_path, capsys, index):
+    weights = saved_states(tmp_path)
+    state_file = tmp_path / "ckpt" / "checkpoint"
+    if index == "deleted":
+        state_file.unlink()
+    else:
+        state_file.write_text("garbage {{{")
+    fresh = make_state(tmp_path)
+    assert fresh.restore() == 6  # never a silent restart at step 0
+    for a, b in zip(fresh.model.get_weights(), weights[6], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert "index file was missing or unreadable" in capsys.readouterr().err
+    assert tf.train.get_checkpoint_state(str(tmp_path / "ckpt")).model_checkpoint_path.endswith("ckpt-6")
+    assert [os.path.basename(p) for p in fresh.checkpoint_manager.checkpoints] == ["ckpt-2", "ckpt-4", "ckpt-6"]
+
+
+def test_a_resume_leaves_tensorboard_one_value_per_step(tmp_path):
+    """Steps 0..5 written, checkpoint at 4 (an epoch end), kill; the resumed run rewrites steps 4..5."""
+    def write(writer, steps, scale):
+        with writer.as_default():
+            for s in steps:
+                tf.summary.scalar("loss", scale * s, step=s)
+        writer.flush()
+
+    writer = tf.summary.create_file_writer(str(tmp_path / "train"))
+    val_writer = tf.summary.create_file_writer(str(tmp_path / "validation"))
+    state = make_state(tmp_path, summary_writer=writer, validation_writer=val_writer)
+    state.history.add_steps(records(0, 4))
+    write(writer, range(4), 1.0)
+    state.global_step.assign(4)
+    state.end_epoch(0)  # epoch scalars at step 4 + ckpt-4
+    write(writer, range(4, 6), 1.0)  # lost by the kill
+    del state, writer, val_writer
+
+    writer = tf.summary.create_file_writer(str(tmp_path / "train"))
+    val_writer = tf.summary.create_file_writer(str(tmp_path / "validation"))
+    fresh = make_state(tmp_path, summary_writer=writer, validation_writer=val_writer)
+    assert fresh.restore() == 4
+    write(writer, range(4, 6), 2.0)
+    # The accumulator TensorBoard's server reads scalars with (the legacy one purges no tensor summaries).
+    from tensorboard.backend.event_processing import plugin_event_accumulator as pea
+
+    def steps(folder, tag):
+        acc = pea.EventAccumulator(str(tmp_path / folder), size_guidance={pea.TENSORS: 0})
+        acc.Reload()
+        return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+
+    assert steps("train", "loss") == [(0, 0), (1, 1), (2, 2), (3, 3), (4, 8), (5, 10)]
+    assert read_scalars(str(tmp_path / "train"), "loss") == {0: 0, 1: 1, 2: 2, 3: 3, 4: 8, 5: 10}
+    assert [s for s, _ in steps("train", "epoch_loss")] == [4]  # the not-replayed epoch end is kept
+    assert [s for s, _ in steps("validation", "loss")] == [4]
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_at_history_or_checkpoint_is_one_line_naming_the_path_and_the_fix(tmp_path, monkeypatch):
+    state = make_state(tmp_path)
+    state.history.add_steps(records(0, 2))
+    state.global_step.assign(2)
+    with monkeypatch.context() as m:
+        m.setattr(run_state, "open", enospc, raising=False)
+        with pytest.raises(UserError, match=r"cannot write the file .*history.json: No space left on device; "
+                                            r"free some disk space, then rerun the same command \(a run "
+                                            r"resumes from its last checkpoint\)"):
+            state.save()
+    with monkeypatch.context() as m:
+        m.setattr(state.checkpoint_manager, "save", enospc)
+        with pytest.raises(UserError, match=r"cannot write a checkpoint in .*ckpt: No space left on device; free"):
+            state.save()
+    assert state.save().endswith("ckpt-2")  # once fixed, it saves
+
+
+def test_disk_full_in_the_events_writer_is_one_line(tmp_path, monkeypatch):
+    writer = tf.summary.create_file_writer(str(tmp_path / "train"))
+    state = make_state(tmp_path, summary_writer=writer)
+    state.history.add_steps(records(0, 4))
+    state.global_step.assign(4)
+    monkeypatch.setattr(writer, "flush", lambda: (_ for _ in ()).throw(
+        tf.errors.ResourceExhaustedError(None, None, "No space left on device")))
+    with pytest.raises(UserError, match=r"cannot write the training events in .*No space left on device; free"):
+        state.end_epoch(0)
+
+
+@pytest.mark.parametrize("fault, match", [
+    ("checkpoints is a file", r"cannot write the folder .*ckpt: it is a file, not a folder; a file stands"),
+    ("history.json is a folder", r"cannot write the file .*history.json: it is a folder; a folder stands"),
+    ("history.json.tmp is a folder", r"cannot write the file .*history.json.tmp: it is a folder"),
+    ("read-only checkpoints", r"cannot write the folder .*ckpt.*: Read-only file system; make it writable"),
+])
+def test_unwritable_outputs_are_refused_before_training_in_one_line(tmp_path, monkeypatch, fault, match):
+    if fault == "checkpoints is a file":
+        (tmp_path / "ckpt").write_text("x")
+    elif fault.endswith("is a folder"):
+        (tmp_path / fault.split()[0]).mkdir()
+    else:
+        real_open = open
+
+        def read_only(path, *args, **kwargs):
+            if ".write_check" in str(path):
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(run_state, "open", read_only, raising=False)
+    state = make_state(tmp_path)
+    with pytest.raises(UserError, match=match):
+        state.restore()
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
+    code = ("import os, signal, time\nfrom trainers.run_state import StopRequests\n"
+            "with StopRequests():\n    os.kill(os.getpid(), signal.SIGINT)\n    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(5)\nprint('not reached')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env())
+    assert proc.returncode == 130
+    assert "Traceback" not in proc.stderr and "not reached" not in proc.stdout
+    assert [line for line in user_lines(proc.stderr) if "Second Ctrl-C" in line] == [
+        "Second Ctrl-C: stopping now; the last saved checkpoint is kept."]
+
+
+def test_a_checkpoint_at_the_end_of_a_short_last_epoch_keeps_that_epoch_on_restore(tmp_path):
+    state = make_state(tmp_path, eval_dataset=None)  # 4 steps per epoch, 10 in all: the last epoch has 2
+    for epoch, (first, n) in enumerate([(0, 4), (4, 4), (8, 2)]):
+        state.begin_epoch(epoch)
+        state.history.add_steps(records(first, n))
+        state.global_step.assign(first + n)
+        state.end_epoch(epoch)
+    fresh = make_state(tmp_path, eval_dataset=None)
+    assert fresh.restore() == 10
+    assert fresh.history.epochs == state.history.epochs and fresh.history.epochs["epoch"] == [0, 1, 2]

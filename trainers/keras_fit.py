@@ -202,8 +202,8 @@ class KerasFitTrainer:
         if in_epoch and start < total:
             phases.append((start, epoch, state.epoch_length(epoch) - in_epoch, epoch + 1))
             epoch += 1
-        if epoch * spe < total:
-            phases.append((epoch * spe, epoch, spe, state.total_epochs))
+        if start < total and epoch * spe < total:  # a rerun of a finished run (killed after its last checkpoint)
+            phases.append((epoch * spe, epoch, spe, state.total_epochs))  # trains nothing
         with StopRequests() as stops:
             driver.stops = stops
             for first, initial_epoch, steps, epochs in phases:

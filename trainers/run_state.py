@@ -33,10 +33,13 @@ Seams for later work, deliberately not built here:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -49,6 +52,7 @@ import tensorflow as tf
 from absl import logging
 
 from clrlab import keras_internals
+from clrlab.errors import UserError
 
 # Callbacks whose whole purpose is to set the LR: they would fight the trainer's policy.
 LR_CALLBACK_TYPES = (keras.callbacks.ReduceLROnPlateau, keras.callbacks.LearningRateScheduler)
@@ -79,12 +83,78 @@ def resolve_progress(progress: str) -> str:
     return progress
 
 
+_ADVICE = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some space (disk quota exceeded)",
+           errno.EACCES: "fix its permissions", errno.EPERM: "fix its permissions",
+           errno.EROFS: "make it writable (the file system is read-only)",
+           errno.EISDIR: "a folder stands where a file is written: remove or rename it",
+           errno.ENOTDIR: "a file stands where a folder is needed: move it away",
+           errno.EEXIST: "a file stands where a folder is needed: move it away",
+           errno.ENOENT: "check that the folder exists (a dangling symlink?)"}
+_TF_ADVICE = ((tf.errors.ResourceExhaustedError, "free some disk space"),
+              (tf.errors.PermissionDeniedError, "fix its permissions"))
+
+
+def write_error(path: str, what: str, error: Exception) -> UserError:
+    """A one-line `UserError` for a failed write of `what` at `path` (an `OSError` or a TensorFlow
+    `OpError`, e.g. disk full, read-only, a file where a folder belongs): names the path and what to do."""
+    if isinstance(error, OSError):
+        reason = error.strerror or str(error)
+        advice = _ADVICE.get(error.errno, "check that it is writable")
+    else:
+        reason = getattr(error, "message", None) or str(error)
+        advice = next((a for t, a in _TF_ADVICE if isinstance(error, t)), "check that it is writable")
+    reason = " ".join(str(reason).split())
+    return UserError(f"cannot write {what} {path}: {reason}; {advice}, then rerun the same command (a run "
+                     "resumes from its last checkpoint).")
+
+
+def check_folders(folders: Iterable[str], files: Iterable[str] = ()) -> None:
+    """Before training: creates each of `folders` (and their parents) and checks that it takes a file;
+    checks that none of `files` is a folder. Raises a one-line `UserError` naming the path and the fix."""
+    for path in files:
+        for candidate in (path, f"{path}.tmp"):
+            if os.path.isdir(candidate):
+                raise write_error(candidate, "the file", OSError(errno.EISDIR, "it is a folder"))
+    for folder in folders:
+        link = os.path.abspath(folder)
+        while not os.path.lexists(link) and os.path.dirname(link) != link:  # the nearest existing ancestor
+            link = os.path.dirname(link)
+        if os.path.islink(link) and not os.path.exists(link):
+            raise UserError(f"cannot write the folder {link}: it is a symlink to the missing "
+                            f"{os.readlink(link)}; create that folder or remove the link.")
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise write_error(folder, "the folder", OSError(errno.ENOTDIR, "it is a file, not a folder"))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            probe = os.path.join(folder, f".write_check.{os.getpid()}")
+            with open(probe, "w", encoding="utf-8"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            raise write_error(e.filename or folder, "the folder", e) from None
+
+
+@contextlib.contextmanager
+def _writing(writer, what: str):
+    """Around writes to a `tf.summary` writer, flushed at the end; a failed write (disk full, ...) is a
+    one-line `UserError`."""
+    try:
+        yield
+        writer.flush()
+    except (OSError, tf.errors.OpError) as e:
+        raise write_error("the run's TensorBoard folder", what, e) from None
+
+
 def write_text(path: str, text: str) -> None:
-    """Writes `text` to `path` atomically (temp file + rename): a kill mid-write leaves the old file."""
+    """Writes `text` to `path` atomically (temp file + rename): a kill mid-write leaves the old file.
+    A failed write (disk full, read-only, a folder in the way) is a one-line `UserError`."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, "the file", e) from None
 
 
 def epoch_mean(values: list) -> float | None:
@@ -196,11 +266,13 @@ class Outcome:
 class StopRequests:
     """Turns SIGTERM and SIGINT into `received`, checked by the drivers between compiled calls.
 
-    Handlers are installed only in the main thread (Python's rule); a second Ctrl-C stops at once.
+    Handlers are installed only in the main thread (Python's rule). A second Ctrl-C stops at once: one line
+    on stderr, exit code 130 (no traceback, no further checkpoint; the last saved one is kept).
     """
 
-    def __init__(self):
+    def __init__(self, message: str = "finishing the current steps, then saving a checkpoint."):
         self.received: int | None = None
+        self.message = message
         self._previous: dict[int, Any] = {}
 
     @property
@@ -215,10 +287,11 @@ class StopRequests:
 
     def _handle(self, signum, frame):  # noqa: ARG002
         if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            print("Second Ctrl-C: stopping now; the last saved checkpoint is kept.", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(130)  # at once: no cleanup may run (it could write half a checkpoint)
         self.received = signum
-        logging.warning("Received %s: finishing the current steps, then saving a checkpoint.",
-                        signal.Signals(signum).name)
+        logging.warning("Received %s: %s", signal.Signals(signum).name, self.message)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -273,11 +346,15 @@ class RunState:
         self.last_checkpoint: str | None = None
         self._epoch_start = time.time()
         self.checkpoint_manager = None
+        self.checkpoint_dir, self.max_to_keep = checkpoint_dir, max_to_keep
         if checkpoint_dir is not None:
-            checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=self.global_step,
-                                             epoch=self.epoch)
-            self.checkpoint_manager = tf.train.CheckpointManager(
-                checkpoint, checkpoint_dir, max_to_keep=max_to_keep, step_counter=self.global_step)
+            self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=self.global_step,
+                                                  epoch=self.epoch)
+            self.checkpoint_manager = self._manager()
+
+    def _manager(self) -> tf.train.CheckpointManager:
+        return tf.train.CheckpointManager(self.checkpoint, self.checkpoint_dir, max_to_keep=self.max_to_keep,
+                                          step_counter=self.global_step)
 
     @property
     def step(self) -> int:
@@ -289,33 +366,127 @@ class RunState:
         return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
 
     # ----------------------------------------------------------------------------- checkpoints
-    def restore(self) -> int | None:
-        """Restores the latest checkpoint, if any, and the history saved with it. Returns its step."""
-        if self.checkpoint_manager is None or self.checkpoint_manager.latest_checkpoint is None:
+    def _candidates(self) -> list[str]:
+        """Checkpoint prefixes on disk, newest (highest step) first: those the `checkpoint` index file lists
+        and every `ckpt-N` with an `.index` or `.data-*` file (so a lost or garbled index file loses nothing)."""
+        found = {}
+        for name in os.listdir(self.checkpoint_dir):
+            match = re.fullmatch(r"ckpt-(\d+)\.(index|data-\d+-of-\d+)", name)
+            if match:
+                found[int(match.group(1))] = os.path.join(self.checkpoint_dir, f"ckpt-{match.group(1)}")
+        for path in self.checkpoint_manager.checkpoints:
+            match = re.search(r"ckpt-(\d+)$", path)
+            if match:
+                found.setdefault(int(match.group(1)), path)
+        return [found[n] for n in sorted(found, reverse=True)]
+
+    def _restore_checkpoint(self) -> str | None:
+        """Restores the newest checkpoint that reads back whole (every tensor's checksum is verified before
+        any variable is touched), skipping damaged ones with one warning line. Returns its path."""
+        candidates = self._candidates()
+        if not candidates:
             return None
-        with self.strategy.scope():
-            self.checkpoint_manager.checkpoint.restore(
-                self.checkpoint_manager.latest_checkpoint).assert_existing_objects_matched()
+        skipped, bad = [], set()
+        for path in candidates:
+            try:
+                reader = tf.train.load_checkpoint(path)
+                for name in reader.get_variable_to_shape_map():
+                    reader.get_tensor(name)
+                with self.strategy.scope():
+                    self.checkpoint.restore(path).assert_existing_objects_matched()
+            except Exception as e:  # noqa: BLE001 - any failure to read back (IndexError, OpError, ...) skips it
+                reason = " ".join((getattr(e, "message", None) or str(e) or type(e).__name__).split())
+                skipped.append(f"{os.path.basename(path)} ({reason[:160]})")
+                bad.add(path)
+                continue
+            latest = self.checkpoint_manager.latest_checkpoint
+            if skipped or latest is None or os.path.abspath(path) != os.path.abspath(latest):
+                why = f"skipped the damaged {'; '.join(skipped)}" if skipped else (
+                    "the checkpoint index file was missing or unreadable")
+                print(f"warning: resuming from {path}: {why}.", file=sys.stderr, flush=True)
+                if self.writes_outputs:  # the index file names what was restored; the manager rotates from it
+                    kept = [c for c in reversed(candidates) if c not in bad]
+                    tf.compat.v1.train.update_checkpoint_state(
+                        self.checkpoint_dir, path, all_model_checkpoint_paths=kept,
+                        all_model_checkpoint_timestamps=[os.path.getmtime(c + ".index") for c in kept])
+                    self.checkpoint_manager = self._manager()
+            return path
+        raise UserError(f"no checkpoint in {self.checkpoint_dir} can be restored: {'; '.join(skipped)}. "
+                        "Move that folder away to start the run afresh.")
+
+    def restore(self) -> int | None:
+        """Restores the newest good checkpoint, if any, and the history saved with it. Returns its step.
+
+        A damaged newest checkpoint (truncated, emptied or bit-flipped `.data`, bad or missing `.index`) is
+        skipped for the newest one that restores, with one warning line; a missing or garbled `checkpoint`
+        index file is recovered from the `ckpt-N` files present; a `UserError` when none restores. On a
+        resume the TensorBoard writers get a restart marker (`mark_restart`), so the replayed steps are
+        held once. First checks (`check_folders`) that the checkpoint folder takes files and that history.json
+        is not a folder: before training, a one-line `UserError` rather than a failure at the first save."""
+        if self.writes_outputs:
+            check_folders([self.checkpoint_dir] if self.checkpoint_dir else [],
+                          [self.history_path] if self.history_path else [])
+        if self.checkpoint_manager is None or self._restore_checkpoint() is None:
+            self.mark_restart(self.step)  # events of an earlier process killed before its first checkpoint
+            return None
         step = self.step
         if self.history_path and os.path.exists(self.history_path):
             with open(self.history_path, encoding="utf-8") as fh:
                 self.history = History.from_json(json.load(fh))
-            self.history.truncate(step, step // self.steps_per_epoch)
+            # Epochs complete under this run's steps_per_epoch and total_steps: also a short last epoch that ended
+            # at the checkpoint (a rerun after a kill past it), not one a shorter earlier run cut.
+            done = step // self.steps_per_epoch + (1 if step % self.steps_per_epoch and step >= self.total_steps else 0)
+            self.history.truncate(step, done)
         else:
             logging.warning("No history.json next to the checkpoints: the history restarts at step %d.", step)
+        self.mark_restart(step)
         return step
+
+    def mark_restart(self, step: int) -> None:
+        """Tells TensorBoard the run restarts at global step `step`: writes a `SessionLog.START` event at `step`
+        into the train and validation writers, on which TensorBoard's reader drops every event at steps >=
+        `step` read before it (tensorboard/backend/event_processing/event_accumulator.py,
+        `_CheckForRestartAndMaybePurge`; TensorBoard's server reads scalars with plugin_event_accumulator.py,
+        which takes the first START it sees as the session's start and purges on later ones, so the event is
+        written twice: the purge does not depend on whether an earlier process wrote one); then rewrites the epoch
+        scalars recorded at `step` (an epoch that
+        ended at the checkpoint is not replayed). The per-step scalars are written at the 0-based step
+        trained, so those from `step` on are replayed and held once."""
+        if not self.writes_outputs:
+            return
+        event = tf.compat.v1.Event(step=step, wall_time=time.time(),
+                                   session_log=tf.compat.v1.SessionLog(status=tf.compat.v1.SessionLog.START))
+        for writer in (self.summary_writer, self.validation_writer):
+            if writer is not None:
+                # What TensorFlow's own summary_ops_v2.import_event does, on this writer (no public alias).
+                with _writing(writer, "a restart marker in"):
+                    for _ in range(2):
+                        tf.raw_ops.ImportEvent(writer=writer._resource, event=event.SerializeToString())  # noqa: SLF001
+        epochs = self.history.epochs
+        if epochs.get("step") and epochs["step"][-1] == step:
+            self._write_epoch_scalars({k: v[-1] for k, v in epochs.items()})
 
     def save_history(self) -> None:
         if self.writes_outputs and self.history_path:
             self.history.save(self.history_path)
 
     def save(self) -> str | None:
-        """Writes history.json, then a checkpoint at the global step (so history >= checkpoint after a
-        kill between the two). Returns the checkpoint path (None without checkpoints)."""
+        """Flushes the TensorBoard writers and writes history.json, then a checkpoint at the global step (so
+        events and history >= checkpoint after a kill between them: a resume purges and replays the rest).
+        Returns the checkpoint path (None without checkpoints)."""
+        if self.writes_outputs:
+            for writer, what in ((self.summary_writer, "the training events in"),
+                                 (self.validation_writer, "the validation events in")):
+                if writer is not None:
+                    with _writing(writer, what):
+                        pass
         self.save_history()
         if not self.writes_outputs or self.checkpoint_manager is None:
             return None
-        self.last_checkpoint = self.checkpoint_manager.save(checkpoint_number=self.global_step)
+        try:
+            self.last_checkpoint = self.checkpoint_manager.save(checkpoint_number=self.global_step)
+        except (OSError, tf.errors.OpError) as e:
+            raise write_error(self.checkpoint_dir, "a checkpoint in", e) from None
         return self.last_checkpoint
 
     # ----------------------------------------------------------------------------- epochs
@@ -360,16 +531,14 @@ class RunState:
             return
         step = record["step"]
         if self.summary_writer is not None:
-            with self.summary_writer.as_default():
+            with _writing(self.summary_writer, "the training events in"), self.summary_writer.as_default():
                 for name in ("loss", "accuracy"):
                     if record[name] is not None:
                         tf.summary.scalar(f"epoch_{name}", record[name], step=step)
-            self.summary_writer.flush()
         if self.validation_writer is not None and record["val_loss"] is not None:
-            with self.validation_writer.as_default():
+            with _writing(self.validation_writer, "the validation events in"), self.validation_writer.as_default():
                 tf.summary.scalar("loss", record["val_loss"], step=step)
                 tf.summary.scalar("accuracy", record["val_accuracy"], step=step)
-            self.validation_writer.flush()
 
     def _log_epoch(self, record: dict[str, Any], seconds: float) -> None:
         message = f"epoch {record['epoch'] + 1}/{self.total_epochs} step {record['step']}:"
