@@ -412,3 +412,29 @@ def test_a_checkpoint_at_the_end_of_a_short_last_epoch_keeps_that_epoch_on_resto
     fresh = make_state(tmp_path, eval_dataset=None)
     assert fresh.restore() == 10
     assert fresh.history.epochs == state.history.epochs and fresh.history.epochs["epoch"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("content", ["{not json", '["a list"]', '{"steps": 3}'])
+def test_a_damaged_history_json_beside_a_good_checkpoint_is_one_user_error(tmp_path, content):
+    state = make_state(tmp_path)
+    state.history.add_steps(records(0, 4))
+    state.global_step.assign(4)
+    state.save()
+    (tmp_path / "history.json").write_text(content)
+    with pytest.raises(UserError, match=r"history.json is damaged .* checkpoint at step 4 is fine") as info:
+        make_state(tmp_path).restore()
+    assert "\n" not in str(info.value)
+
+
+def test_a_history_json_older_than_the_checkpoint_is_said_in_one_warning_line(tmp_path, capsys):
+    state = make_state(tmp_path)
+    state.history.add_steps(records(0, 2))
+    state.save_history()  # history.json at step 2 ...
+    state.history.add_steps(records(2, 4))
+    state.global_step.assign(6)
+    state.checkpoint_manager.save(checkpoint_number=6)  # ... a checkpoint at step 6 without its history
+    fresh = make_state(tmp_path)
+    assert fresh.restore() == 6 and fresh.history.steps["step"] == [0, 1]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert lines == [f"warning: {tmp_path / 'history.json'} ends at step 1 but the checkpoint is at step 6: "
+                     "steps 2..5 have no per-step records (the weights and the LR trace are not affected)."]

@@ -431,12 +431,23 @@ class RunState:
             return None
         step = self.step
         if self.history_path and os.path.exists(self.history_path):
-            with open(self.history_path, encoding="utf-8") as fh:
-                self.history = History.from_json(json.load(fh))
+            try:
+                with open(self.history_path, encoding="utf-8") as fh:
+                    self.history = History.from_json(json.load(fh))
+            except (ValueError, TypeError, AttributeError) as e:  # not JSON, or not history.json's layout
+                raise UserError(
+                    f"{self.history_path} is damaged ({type(e).__name__}) but the checkpoint at step {step} is "
+                    f"fine: restore the file from a backup, or move it away to resume with the per-step history "
+                    f"restarting at step {step}.") from None
             # Epochs complete under this run's steps_per_epoch and total_steps: also a short last epoch that ended
             # at the checkpoint (a rerun after a kill past it), not one a shorter earlier run cut.
             done = step // self.steps_per_epoch + (1 if step % self.steps_per_epoch and step >= self.total_steps else 0)
             self.history.truncate(step, done)
+            recorded = self.history.steps.get("step") or [-1]
+            if recorded[-1] < step - 1:  # an older history.json: say so, never drop the gap silently
+                print(f"warning: {self.history_path} ends at step {recorded[-1]} but the checkpoint is at step {step}: "
+                      f"steps {recorded[-1] + 1}..{step - 1} have no per-step records (the weights and the LR trace "
+                      "are not affected).", file=sys.stderr, flush=True)
         else:
             logging.warning("No history.json next to the checkpoints: the history restarts at step %d.", step)
         self.mark_restart(step)
