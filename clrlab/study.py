@@ -1,6 +1,6 @@
 """`python -m clrlab.study` (`clrlab-study`): compare training settings over seeds in one command.
 
-    python -m clrlab.study --flagfile=flags/study_mnist1d_policies.cfg
+    python -m clrlab.study --flagfile=flags/studies/mnist1d_policies.cfg
     python -m clrlab.study --grid=policy=constant,triangular --seeds=3 --steps=500 --study_dir=runs/s
 
 Every grid point x seed is an ordinary clrlab run in `<study_dir>/<varying values>,seed=<s>/` (open,

@@ -102,7 +102,9 @@ def _run(config: TrainConfig, *, callbacks, progress, run_scope: contextlib.Exit
     run_scope.enter_context(run_dir.lock_logdir(logdir))  # one run per folder; the kernel frees it on exit
     run_dir.check_resumable(logdir, identity, total_steps=job.total_steps, steps_per_epoch=job.steps_per_epoch)
     reached = run_dir.checkpoint_steps(os.path.join(logdir, "checkpoints"))
-    if reached and reached[-1] == job.total_steps:  # nothing left to train: say so, don't re-evaluate
+    # Nothing left to train and every output written (model.keras is the run's last write; a kill after the
+    # final checkpoint but before it goes on below: restore, evaluate, write the outputs): say so.
+    if reached and reached[-1] == job.total_steps and os.path.exists(os.path.join(logdir, "model.keras")):
         print(f"--logdir={logdir} already holds a complete run (step {job.total_steps} of {job.total_steps}); "
               "nothing to do. For a new run, leave out --logdir (a new folder under runs/) or give a new one; "
               "to train this one longer, rerun with a larger --epochs/--steps.", flush=True)
@@ -151,12 +153,14 @@ def _run(config: TrainConfig, *, callbacks, progress, run_scope: contextlib.Exit
         test_metrics["loss"] = trainer.evaluate(job.eval_dataset())["loss"]
         outcome.history.test = test_metrics
         outcome.history.save(history_path)
-    if outcome.status == "completed":
-        job.model.save(os.path.join(logdir, "model.keras"))  # loads back with `import clrlab` + load_model
     steps = outcome.history.steps
     plots.plot_lr(steps["step"], steps["lr"], os.path.join(logdir, "clr_plot.png"),
                   title=f"{config.policy} learning rate", momentum=steps.get("momentum"))
     plots.plot_history(outcome.history.epochs, os.path.join(logdir, "training_plot.png"))
+    if outcome.status == "completed":  # the LAST write: a model.keras means every output of the run is there
+        model_path = os.path.join(logdir, "model.keras")
+        job.model.save(f"{model_path}.tmp.keras")  # loads back with `import clrlab` + load_model
+        os.replace(f"{model_path}.tmp.keras", model_path)
     return RunResult(status=outcome.status, step=outcome.step, logdir=logdir, test_metrics=test_metrics,
                      history=outcome.history, resumed_from=resumed_from, signal=outcome.signal, model=job.model,
                      seconds=time.monotonic() - started)

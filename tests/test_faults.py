@@ -279,7 +279,7 @@ ERRORS = {
                                  "history.json: it is a folder"),
     "history_json_tmp_is_a_folder": (lambda d: os.mkdir(os.path.join(d, "history.json.tmp")), None, [],
                                      "history.json.tmp: it is a folder"),
-    "no_checkpoint_restores": ("ran", _damage_all, [], "can be restored"),
+    "no_checkpoint_restores": ("ran", _damage_all, ["--steps=12"], "can be restored"),
     "disk_full_checkpoint": (None, "disk_full_checkpoint", [], "No space left on device; free some disk space"),
     "disk_full_history": (None, "disk_full_history", [], "history.json: No space left on device; free"),
     "disk_full_events": (None, "disk_full_events", [], "in the run's TensorBoard folder: No space left on device"),
@@ -301,7 +301,8 @@ def test_every_user_reachable_fault_on_the_command_line_is_one_line_never_a_trac
     for name, (_, inject, flags, _) in ERRORS.items():
         cases.append({"name": name, "argv": RUN + flags + [f"--logdir={logdir(name)}"], "inject": inject})
     for name in RECOVERED:
-        cases.append({"name": name, "argv": RUN + [f"--logdir={logdir(name)}"]})
+        # --steps=12: extend the finished 8-step run, so the rerun restores (a complete run is left alone).
+        cases.append({"name": name, "argv": RUN + ["--steps=12", f"--logdir={logdir(name)}"]})
     for case in cases:
         case.update(out=str(tmp_path / f"{case['name']}.out"), err=str(tmp_path / f"{case['name']}.err"))
     # The finished run first (its logdir is copied for the faults about its files), then the rest.
