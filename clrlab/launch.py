@@ -110,13 +110,12 @@ def launch(num_workers: int, train_args: list[str], *, grace: float = STOP_GRACE
             env = dict(os.environ, TF_CONFIG=cluster.local_tf_config(addresses, i))
             workers.append(Worker(i, argv, env))
         failed = None
-        while any(w.proc.poll() is None for w in workers):
-            failed = failed or next((w for w in workers if w.proc.returncode not in (None, 0, 130)), None)
-            if failed is not None:
+        while failed is None:
+            codes = [w.proc.poll() for w in workers]
+            failed = _first_failure(workers)
+            if None not in codes:
                 break
             time.sleep(POLL_SECONDS)
-        if failed is None:  # all ended: a failure among them?
-            failed = next((w for w in workers if w.proc.returncode not in (0, 130)), None)
         if failed is not None:
             _stop_all(workers, grace)
             for w in workers:
@@ -131,6 +130,13 @@ def launch(num_workers: int, train_args: list[str], *, grace: float = STOP_GRACE
         _stop_all(workers, grace)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _first_failure(workers: list[Worker]) -> Worker | None:
+    """The worker to blame among those that ended badly: one killed by a signal (the others then fail on
+    their collectives, which is a consequence), else the lowest index; None when none failed."""
+    failed = [w for w in workers if w.proc.returncode not in (None, 0, 130)]
+    return next((w for w in failed if w.proc.returncode < 0), failed[0] if failed else None)
 
 
 def _stop_all(workers: list[Worker], grace: float) -> None:

@@ -105,9 +105,33 @@ def worker_scope(config, callbacks=None) -> Iterator[WorkerRun]:
                         f"--trainer={config.trainer}.")
     info = cluster_info()
     callbacks.append(StopAgreement(config))
-    if info.is_chief:
-        yield WorkerRun(config, callbacks, config.logdir)
-        return
+    with _peer_failures_as_user_errors(info):
+        if info.is_chief:
+            yield WorkerRun(config, callbacks, config.logdir)
+        else:
+            with _non_chief(config, callbacks, info) as run:
+                yield run
+
+
+@contextlib.contextmanager
+def _peer_failures_as_user_errors(info: cluster.ClusterInfo) -> Iterator[None]:
+    """A collective that fails because a peer died or timed out becomes a one-line `UserError`."""
+    try:
+        yield
+    except _PEER_ERRORS as e:
+        first = next((line.strip() for line in str(e.message).splitlines() if line.strip()), type(e).__name__)
+        raise UserError(f"{info.name}: a collective with the other workers failed ({type(e).__name__}: {first}); "
+                        "a worker stopped or is unreachable. Rerun all workers to resume from the last "
+                        "checkpoint.") from None
+
+
+_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+                tf.errors.CancelledError)
+
+
+@contextlib.contextmanager
+def _non_chief(config, callbacks: list, info: cluster.ClusterInfo) -> Iterator[WorkerRun]:
+    """A non-chief's run: in a temporary folder (removed at the end), quiet, writing no outputs."""
     from trainers.run_state import RunState  # deferred: trainers sit above this module's users (clrlab.job)
 
     folder = tempfile.mkdtemp(prefix=f"clrlab-{info.task_type}{info.task_index}-")
