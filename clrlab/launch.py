@@ -109,19 +109,25 @@ def launch(num_workers: int, train_args: list[str], *, grace: float = STOP_GRACE
         for i in range(num_workers):
             env = dict(os.environ, TF_CONFIG=cluster.local_tf_config(addresses, i))
             workers.append(Worker(i, argv, env))
-        failed = None
+        failed, message, chief_done = None, None, None
         while failed is None:
             codes = [w.proc.poll() for w in workers]
             failed = _first_failure(workers)
             if None not in codes:
                 break
+            if codes[0] is not None and chief_done is None:
+                chief_done = time.monotonic()
+            if failed is None and chief_done is not None and time.monotonic() - chief_done > 3 * grace:
+                failed = next(w for w, c in zip(workers, codes, strict=True) if c is None)
+                message = (f"worker {failed.index} (pid {failed.proc.pid}) was still running {3 * grace:g}s "
+                           "after the chief ended")
             time.sleep(POLL_SECONDS)
         if failed is not None:
             _stop_all(workers, grace)
             for w in workers:
                 w.join_output()
-            print(f"error: {failed.describe_failure()}; stopped the other workers. Rerun the same command to "
-                  "resume from the last checkpoint.", file=sys.stderr, flush=True)
+            print(f"error: {message or failed.describe_failure()}; stopped the other workers. Rerun the same "
+                  "command to resume from the last checkpoint.", file=sys.stderr, flush=True)
             return 1
         for w in workers:
             w.join_output()

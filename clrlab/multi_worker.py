@@ -4,10 +4,10 @@ Following TensorFlow's multi-worker custom-loop tutorial (tensorflow.org/tutoria
 multi_worker_with_ctl): every worker trains the same steps; the chief (`clrlab.cluster`) writes the
 TensorBoard events, checkpoints, plots, history and reports in --logdir; every other worker runs the same
 job in its own temporary folder (its checkpoints too: all workers must save), removed when it ends, and
-prints one start line (then only warnings and errors). To resume, a non-chief first copies the chief's
-checkpoints into its folder, so every worker restores the same state (on separate hosts the chief's
---logdir must be on a shared filesystem, as in the tutorial); `StopAgreement` refuses to train when the
-workers' weights differ.
+prints one start line (its stdout is then discarded; warnings and errors still reach stderr). To resume,
+a non-chief first copies the chief's checkpoints into its folder, so every worker restores the same
+state (on separate hosts the chief's --logdir must be on a shared filesystem, as in the tutorial);
+`StopAgreement` refuses to train when the workers' weights differ.
 
 Input: the training stream of global step s is the same global batch (`clrlab.data.train_dataset`, a pure
 function of (seed, step)) for any number of workers; `shard_by_data` has `experimental_distribute_dataset`
@@ -132,20 +132,16 @@ _PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.
 @contextlib.contextmanager
 def _non_chief(config, callbacks: list, info: cluster.ClusterInfo) -> Iterator[WorkerRun]:
     """A non-chief's run: in a temporary folder (removed at the end), quiet, writing no outputs."""
-    from trainers.run_state import RunState  # deferred: trainers sit above this module's users (clrlab.job)
-
     folder = tempfile.mkdtemp(prefix=f"clrlab-{info.task_type}{info.task_index}-")
     try:
         _copy_resume_state(os.path.abspath(config.logdir), folder)
         print(f"clrlab: {info.name} of {info.num_workers} workers; the chief writes the outputs in "
               f"{os.path.abspath(config.logdir)}; this worker's checkpoints go to {folder} (removed at the end)",
               flush=True)
+        # RunState.writes_outputs stays True: it also gates checkpoints, which every worker must save; all
+        # of this worker's outputs go to its temporary folder instead.
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            RunState.writes_outputs = False
-            try:
-                yield WorkerRun(dataclasses.replace(config, logdir=folder), callbacks, config.logdir)
-            finally:
-                RunState.writes_outputs = True
+            yield WorkerRun(dataclasses.replace(config, logdir=folder), callbacks, config.logdir)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

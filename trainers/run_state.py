@@ -25,8 +25,7 @@ Seams for later work, deliberately not built here:
 * File writes: every file this module writes goes through `write_text` (today: temp file + rename).
   Atomic writes of the other outputs hook in there.
 * Who writes: `RunState.writes_outputs` is the one place that decides whether this process writes
-  history and epoch scalars (False on the non-chief workers of `--distribute=multi_worker`, which still
-  save checkpoints, to their own folder: a multi-worker checkpoint needs every worker).
+  history, checkpoints and epoch scalars (always True today; chief-only under a multi-worker strategy).
 * Logdir lock: `restore()` is the first touch of the run's folder; a lock would be taken there and
   released when the run ends.
 """
@@ -302,7 +301,7 @@ class RunState:
         """Writes history.json, then a checkpoint at the global step (so history >= checkpoint after a
         kill between the two). Returns the checkpoint path (None without checkpoints)."""
         self.save_history()
-        if self.checkpoint_manager is None:  # every worker saves (its own folder when not the chief)
+        if not self.writes_outputs or self.checkpoint_manager is None:
             return None
         self.last_checkpoint = self.checkpoint_manager.save(checkpoint_number=self.global_step)
         return self.last_checkpoint
