@@ -116,8 +116,14 @@ def _define_data_model_flags() -> None:
                          "step in graph; progress, Keras callbacks and checkpoints run between calls.",
                          lower_bound=1)
     flags.DEFINE_enum("distribute", "default", list(config.DISTRIBUTIONS),
-                      "tf.distribute strategy: default (one device) or mirrored (all local GPUs, or the "
-                      "CPU devices from --cpu_devices).")
+                      "tf.distribute strategy: default (one device), mirrored (all local GPUs, or the "
+                      "CPU devices from --cpu_devices) or multi_worker (MultiWorkerMirroredStrategy over "
+                      "the cluster in TF_CONFIG; python -m clrlab.launch starts local workers).")
+    flags.DEFINE_enum("collective", "auto", list(config.COLLECTIVES),
+                      "multi_worker: all-reduce implementation; auto is NCCL on GPUs, ring on CPUs.")
+    flags.DEFINE_integer("collective_timeout", 300,
+                         "multi_worker: seconds a collective waits for a peer before failing (0: no limit).",
+                         lower_bound=0)
     flags.DEFINE_integer("cpu_devices", 1,
                          "Split the CPU into this many logical devices (to try --distribute=mirrored "
                          "without GPUs).", lower_bound=1)

@@ -28,7 +28,10 @@ IMPLIED_SCALE_MODE = {"triangular": "cycle", "triangular2": "cycle", "exp_range"
 ANNEAL_STRATEGIES = ("cos", "linear")
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
-DISTRIBUTIONS = ("default", "mirrored")
+DISTRIBUTIONS = ("default", "mirrored", "multi_worker")
+# Cross-worker all-reduce of --distribute=multi_worker (tf.distribute.experimental.CommunicationImplementation):
+# auto picks NCCL on GPUs and ring on CPUs.
+COLLECTIVES = ("auto", "ring")
 TRAINERS = ("custom_loop", "keras_fit")
 LR_CONTROLS = ("schedule", "callback")
 NORMALIZATIONS = ("mean", "standardize", "none")
@@ -93,6 +96,8 @@ class TrainConfig:
     steps_per_loop: int = 100
     distribute: str = "default"
     cpu_devices: int = 1
+    collective: str = "auto"  # multi_worker: the all-reduce implementation (COLLECTIVES)
+    collective_timeout: int = 300  # multi_worker: seconds a collective may wait for a peer (0: no limit)
     seed: int = 0
     deterministic: bool = False
     logdir: str = ""

@@ -107,8 +107,10 @@ def read_json(path: str, what: str, *, fix: str | None = None, missing_ok: bool 
 
 
 def _what_to_do(e: OSError) -> str:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "free some space"
+    if e.errno == errno.ENOSPC:
+        return "free some disk space"
+    if e.errno == errno.EDQUOT:
+        return "free some space (disk quota exceeded)"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "fix the folder's permissions"
     return "remove what is in the way or fix the path"

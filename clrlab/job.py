@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 
 from clrlab import config as config_lib
-from clrlab import data, models, optimizers, schedules
+from clrlab import data, models, multi_worker, optimizers, schedules
 from clrlab.callbacks import CyclicLR
 from clrlab.config import TrainConfig
 from clrlab.errors import UserError
@@ -43,7 +43,8 @@ class Job:
     def train_data_fn(self, start_step: int) -> tf.data.Dataset:
         """The training batches from global step `start_step` on (infinite, resume-exact)."""
         c = self.config
-        return data.train_dataset(self.splits, c.batch_size, seed=c.seed, start_step=start_step, augment=c.augment)
+        ds = data.train_dataset(self.splits, c.batch_size, seed=c.seed, start_step=start_step, augment=c.augment)
+        return multi_worker.shard_by_data(ds) if c.distribute == "multi_worker" else ds
 
     def eval_dataset(self) -> tf.data.Dataset:
         return data.eval_dataset(self.splits, max(self.config.batch_size, 256))
@@ -53,8 +54,11 @@ def setup_runtime(config: TrainConfig) -> None:
     """Process-wide settings: logical CPU devices, seeds, op determinism, the mixed-precision policy.
 
     Call before any model is built. Logical devices can only be configured before TensorFlow's runtime
-    starts; if it already has, a mismatch raises RuntimeError.
+    starts; if it already has, a mismatch raises RuntimeError. Under `--distribute=multi_worker` the
+    strategy is created first of all (MultiWorkerMirroredStrategy must exist before other TF ops run).
     """
+    if config.distribute == "multi_worker":
+        make_strategy(config)
     if config.cpu_devices > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         try:
@@ -72,6 +76,10 @@ def setup_runtime(config: TrainConfig) -> None:
 
 
 def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
+    """The strategy of `config.distribute`; multi_worker: the process's one MultiWorkerMirroredStrategy
+    (`clrlab.multi_worker.strategy`, over TF_CONFIG)."""
+    if config.distribute == "multi_worker":
+        return multi_worker.strategy(config.collective, config.collective_timeout)
     if config.distribute == "mirrored":
         gpus = tf.config.list_logical_devices("GPU")
         devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]

@@ -70,12 +70,16 @@ def run(config: TrainConfig, *, callbacks: Iterable[Any] | None = None, progress
     """
     import keras  # deferred: see the module docstring
 
+    from clrlab import multi_worker  # deferred: it imports TensorFlow
+
     if not config.logdir:  # never the current directory itself
         config = dataclasses.replace(config, logdir=config_lib.default_logdir())
     policy = keras.mixed_precision.global_policy().name
     try:
-        with contextlib.ExitStack() as run_scope:  # holds the logdir lock until the run ends
-            return _run(config, callbacks=callbacks, progress=progress, run_scope=run_scope)
+        # multi_worker: the chief runs in --logdir, other workers quietly in a temporary folder
+        with multi_worker.worker_scope(config, callbacks) as worker, contextlib.ExitStack() as run_scope:
+            result = _run(worker.config, callbacks=worker.callbacks, progress=progress, run_scope=run_scope)
+            return worker.result(result)  # holds the logdir lock (run_scope) until the run ends
     finally:
         keras.mixed_precision.set_global_policy(policy)  # setup_runtime changed it for this run only
 

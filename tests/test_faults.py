@@ -218,8 +218,11 @@ _FAULTS = textwrap.dedent("""
                 raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
             type(tf.summary.create_file_writer(os.devnull + ".none")).flush = flush
         elif name == "disk_full_report":
-            real = open
-            train.open = lambda path, *a, **k: enospc() if "classification" in str(path) else real(path, *a, **k)
+            from clrlab import files
+
+            real_replace = files._replace_with
+            files._replace_with = (lambda path, *a: enospc() if "classification" in str(path)
+                                   else real_replace(path, *a))
         elif name == "read_only_checkpoints":
             real = open
             def read_only(path, *a, **k):

@@ -42,7 +42,7 @@ def test_enospc_mid_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch)
     with pytest.raises(UserError) as info:
         files.write_atomic(path, "new content " * 1000)
     monkeypatch.setattr(os, "fsync", real_fsync)
-    assert str(info.value).startswith(f"cannot write {path}: No space left on device; free some space, then rerun")
+    assert str(info.value).startswith(f"cannot write {path}: No space left on device; free some disk space, then rerun")
     assert info.value.__cause__.errno == errno.ENOSPC and calls
     assert path.read_text() == "old content"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run_config.json"]
