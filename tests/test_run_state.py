@@ -235,7 +235,8 @@ def saved_states(tmp_path, steps=(2, 4, 6)) -> dict[int, list]:
     """Saves checkpoints at `steps` (different weights each) and returns {step: weights}."""
     state = make_state(tmp_path)
     weights = {}
-    for s in steps:
+    for previous, s in zip((0,) + tuple(steps), steps):
+        state.history.add_steps(records(previous, s - previous))  # history.json keeps up with the checkpoints
         state.global_step.assign(s)
         state.model.set_weights([w + 1.0 for w in state.model.get_weights()])
         weights[s] = [w.copy() for w in state.model.get_weights()]
