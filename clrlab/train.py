@@ -240,9 +240,10 @@ def main(argv: list[str]) -> int:
               "(python -m clrlab.range_finder suggests bounds).", file=sys.stderr)
         return 1
     if result.status == "interrupted":
+        again = (f"run: {_rerun_command(result.logdir)}" if config.distribute != "multi_worker" else
+                 "rerun the same launch command (python -m clrlab.launch ..., or every worker with its TF_CONFIG)")
         print(f"Stopped by {result.signal} at step {result.step}; checkpoint saved in "
-              f"{os.path.join(result.logdir, 'checkpoints')}. To resume, run: {_rerun_command(result.logdir)}",
-              flush=True)
+              f"{os.path.join(result.logdir, 'checkpoints')}. To resume, {again}", flush=True)
         return EXIT_INTERRUPTED if result.signal == "SIGINT" else 0
     print(summary(result), flush=True)
     return 0
