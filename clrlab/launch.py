@@ -160,8 +160,16 @@ def _stop_all(workers: list[Worker], grace: float) -> None:
         w.proc.wait()
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line `error: ...` and exit 1, like every clrlab command."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="python -m clrlab.launch",
         description="Run clrlab.train with --distribute=multi_worker on N local worker processes (127.0.0.1).",
         epilog="Example: python -m clrlab.launch --workers=2 -- --dataset=digits --steps=100 --logdir=runs/mw")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import sys
 import time
@@ -92,6 +93,9 @@ def read_options() -> Options:
         raise UserError("--study_dir is required (the study's folder; rerun with the same one to continue).")
     if FLAGS.parallel is not None and FLAGS.parallel < 1:
         raise UserError(f"--parallel must be >= 1. Received: {FLAGS.parallel}.")
+    target = FLAGS.target_accuracy
+    if target is not None and not (math.isfinite(target) and 0.0 < target <= 1.0):
+        raise UserError(f"--target_accuracy must be a fraction in (0, 1]. Received: {target}.")
     return Options(tuple(FLAGS.grid), FLAGS.seeds, os.path.abspath(FLAGS.study_dir), FLAGS.parallel,
                    FLAGS.backend, FLAGS.ray_address, FLAGS.target_accuracy, FLAGS.baseline, FLAGS.retry_failed)
 

@@ -86,6 +86,8 @@ def test_bounds_from_replaces_the_bounds_of_a_preset(tmp_path, train_flags):
 
 BAD_FLAGS = {
     "non-boolean fused_updates": (["--fused_updates=maybe"], "fused_updates"),
+    "negative collective_timeout": (["--collective_timeout=-1"], "--collective_timeout"),
+    "unknown collective": (["--collective=nccl2"], "--collective"),
     "unknown policy": (["--policy=cosine"], "--policy"),
     "negative base_lr": (["--base_lr=-0.1"], "--base_lr must be >= 0"),
     "inverted bounds": (["--base_lr=0.01", "--max_lr=0.001"], "--max_lr must be greater than --base_lr"),

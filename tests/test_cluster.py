@@ -13,7 +13,7 @@ import pytest
 
 from clrlab import cluster
 from clrlab.errors import UserError
-from tests.conftest import parse_config, subprocess_env, user_lines
+from conftest import parse_config, subprocess_env, user_lines
 
 TWO = ["127.0.0.1:2001", "127.0.0.1:2002"]
 
@@ -108,3 +108,21 @@ def test_the_command_line_says_it_in_one_line_and_writes_nothing(tmp_path):
     lines = user_lines(proc.stderr)
     assert lines == [lines[0]] and lines[0].startswith("error: --distribute=multi_worker: TF_CONFIG is not valid JSON")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--workers=0", "--", "--steps=2"], "error: --workers must be >= 1. Received: 0."),
+    (["--workers=two", "--", "--steps=2"], "error: argument --workers: invalid int value: 'two' (see --help)"),
+    (["--", "--distribute=mirrored"], "error: the launcher sets --distribute=multi_worker itself; drop "
+                                      "--distribute=mirrored."),
+])
+def test_bad_launcher_arguments_are_one_line_exit_1_and_start_no_worker(capsys, monkeypatch, args, expected):
+    from clrlab import launch
+
+    monkeypatch.setattr(launch, "launch", lambda *a, **k: pytest.fail("a worker was started"))
+    try:
+        code = launch.main(args)
+    except SystemExit as e:  # argparse's own errors exit
+        code = e.code
+    assert code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [expected]

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, read_scalars, run_module, subprocess_env
+from conftest import ROOT, read_scalars, run_module, subprocess_env
 
 pytestmark = pytest.mark.slow
 

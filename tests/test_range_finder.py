@@ -56,6 +56,7 @@ def test_command_line_writes_outputs_and_bounds_round_trip_into_training(tmp_pat
     (["--steps=5"], "--steps"),
     (["--steps=100", "--epochs=2"], "not both"),
     (["--sweep=cosine"], "sweep"),
+    (["--repeats=0"], "--repeats"),
 ])
 def test_command_line_rejects_bad_values_in_one_line(tmp_path, args, needle):
     proc = run_module("clrlab.range_finder", *args, f"--logdir={tmp_path / 'x'}")

@@ -62,6 +62,20 @@ def test_bad_grids_are_one_line_errors_before_any_run(study_flags, capsys, tmp_p
     assert not study_dir.exists()  # nothing started, nothing written
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--seeds=0"], "error: --seeds must be >= 1. Received: 0."),
+    (["--parallel=0"], "error: --parallel must be >= 1. Received: 0."),
+    (["--target_accuracy=1.5"], "error: --target_accuracy must be a fraction in (0, 1]. Received: 1.5."),
+    (["--target_accuracy=nan"], "error: --target_accuracy must be a fraction in (0, 1]. Received: nan."),
+])
+def test_bad_study_options_are_one_line_errors_before_any_run(study_flags, capsys, tmp_path, args, expected):
+    study_dir = tmp_path / "s"
+    code, err = _main_in_process(study_flags, capsys, *TINY, "--grid=policy=constant,triangular", *args,
+                                 f"--study_dir={study_dir}")
+    assert code == 1 and user_lines(err) == [expected]
+    assert not study_dir.exists()
+
+
 def test_seed_and_logdir_are_the_studys(study_flags, capsys, tmp_path):
     code, err = _main_in_process(study_flags, capsys, "--grid=policy=constant,triangular", "--seed=3",
                                  f"--study_dir={tmp_path}")
