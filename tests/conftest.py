@@ -4,11 +4,8 @@ write tiny datasets in their real file formats, and keep global Keras state isol
 
 from __future__ import annotations
 
-import gzip
 import os
-import pickle
 import re
-import struct
 import subprocess
 import sys
 
@@ -104,76 +101,3 @@ def parse_config(flag_values, *argv: str):
         return cli.config_from_flags()
     finally:
         flag_values.unparse_flags()
-
-
-# ----------------------------------------------------------------------------- tiny datasets, real formats
-CIFAR_PER_BATCH, CIFAR_TEST = 2, 3
-CIFAR10_LABEL_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-# The four files of MNIST's IDX distribution (also Fashion-MNIST's), in train/test x images/labels order.
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-             "t10k-labels-idx1-ubyte")
-
-
-class Py2Pickler(pickle._Pickler):
-    """Protocol 2 with bytes written as Python 2 ``str`` (BINSTRING opcodes), as cPickle wrote the
-    original CIFAR-10 batches: what Keras' loader reads with ``encoding="bytes"``. (Python 3's own
-    protocol 2 would route bytes through ``_codecs.encode`` instead.)"""
-
-    def save_bytes(self, obj):
-        n = len(obj)
-        if n < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", n) + obj)
-        self.memoize(obj)
-
-    dispatch = dict(pickle._Pickler.dispatch)
-    dispatch[bytes] = save_bytes
-
-
-def _cifar_batches(rng):
-    """Dicts exactly as in cifar-10-python.tar.gz: bytes keys, uint8 (N, 3072) row-major RGB planes."""
-    batches = {}
-    for i in range(1, 6):
-        batches[f"data_batch_{i}"] = {
-            b"batch_label": f"training batch {i} of 5".encode(),
-            b"labels": [int(v) for v in rng.integers(0, 10, CIFAR_PER_BATCH)],
-            b"data": rng.integers(0, 256, (CIFAR_PER_BATCH, 3072), dtype=np.uint8),
-            b"filenames": [b"img_%d.png" % j for j in range(CIFAR_PER_BATCH)],
-        }
-    batches["test_batch"] = {
-        b"batch_label": b"testing batch 1 of 1",
-        b"labels": [int(v) for v in rng.integers(0, 10, CIFAR_TEST)],
-        b"data": rng.integers(0, 256, (CIFAR_TEST, 3072), dtype=np.uint8),
-        b"filenames": [b"t_%d.png" % j for j in range(CIFAR_TEST)],
-    }
-    batches["batches.meta"] = {
-        b"label_names": [n.encode() for n in CIFAR10_LABEL_NAMES],
-        b"num_cases_per_batch": 10000,
-        b"num_vis": 3072,
-    }
-    return batches
-
-
-def write_cifar_folder(folder, rng=None, skip=()):
-    """Writes an extracted cifar-10-batches-py folder (Python 2 style pickles, as the original files)."""
-    batches = _cifar_batches(rng or np.random.default_rng(0))
-    os.makedirs(folder, exist_ok=True)
-    for name, d in batches.items():
-        if name not in skip:
-            with open(os.path.join(folder, name), "wb") as f:
-                Py2Pickler(f, protocol=2).dump(d)
-    return batches
-
-
-def write_idx(path, array):
-    """Writes a gzipped IDX file (MNIST's format): magic 0,0,8,ndim, big-endian int32 dims, uint8 data."""
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def tiny_mnist(rng, n_train=6, n_test=4):
-    """(x_train, y_train, x_test, y_test) as uint8 arrays of 28x28 images, in IDX_FILES order."""
-    return (rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8), rng.integers(0, 10, n_train).astype(np.uint8),
-            rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8), rng.integers(0, 10, n_test).astype(np.uint8))

@@ -19,7 +19,8 @@ import pytest
 from clrlab import config as config_lib
 from clrlab import data, job
 from clrlab import train as train_mod
-from conftest import IDX_FILES, ROOT, parse_config, tiny_mnist, write_cifar_folder, write_idx
+from conftest import ROOT, parse_config
+from helpers_data import IDX_FILES, tiny_mnist, write_cifar_folder, write_idx
 
 PRESET_DIR = os.path.join(ROOT, "flags")
 PRESETS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(PRESET_DIR, "*.cfg")))
