@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from clrlab import config, keras_internals, optimizers, schedules
+from clrlab.callbacks import step_values
 from clrlab.callbacks.step_values import GraphLR, deaverage
 
 __all__ = ["CyclicLR"]
@@ -245,23 +246,17 @@ class CyclicLR(keras.callbacks.Callback):
             self._momentum.assign(tf.cast(value, self._momentum.dtype))
 
     def on_train_begin(self, logs=None):
-        model = self.model
-        optimizer = getattr(model, "optimizer", None)
-        if optimizer is None:
-            raise ValueError("CyclicLR needs a compiled model: call model.compile(optimizer=...) first.")
-        schedule = keras_internals.held_schedule(optimizer)
-        if schedule is not None:
-            raise ValueError(
+        optimizer = step_values.per_batch_lr_optimizer(
+            self.model, "CyclicLR",
+            schedule_advice=lambda name: (
                 "CyclicLR cannot set the learning rate of an optimizer built with a LearningRateSchedule "
-                f"({type(schedule).__name__}): pass a float learning rate or use "
-                "clrlab.schedules.CyclicalLearningRate instead of the callback.")
-        spe = getattr(model, "steps_per_execution", 1) or 1
-        if int(spe) > 1:
-            raise ValueError(
+                f"({name}): pass a float learning rate or use "
+                "clrlab.schedules.CyclicalLearningRate instead of the callback."),
+            steps_advice=lambda spe: (
                 f"CyclicLR sets the learning rate from Python between batches, but compile(steps_per_execution="
                 f"{spe}) runs {spe} batches per call, so the LR would change only every {spe} batches. "
                 "Compile with steps_per_execution=1, or pass clrlab.schedules.CyclicalLearningRate as the "
-                "optimizer's learning_rate (exact at any steps_per_execution).")
+                "optimizer's learning_rate (exact at any steps_per_execution)."))
         if self.cycle_momentum:
             self._momentum = optimizers.momentum_variable(optimizer)  # one-line ValueError for other optimizers
             if keras_internals.inner_optimizer(optimizer).momentum_schedule is not None:

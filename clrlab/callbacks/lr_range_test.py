@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from clrlab import keras_internals
+from clrlab.callbacks import step_values
 from clrlab.callbacks.step_values import BatchValue, GraphLR, accuracy_key
 from clrlab.sweep import RangeTestResult, StateSnapshot, SweepOptions, SweepRecorder, sweep_schedule
 
@@ -235,21 +236,16 @@ class LRRangeTest(keras.callbacks.Callback):
     # ------------------------------------------------------------------------------------ hooks
     def on_train_begin(self, logs=None):
         model = self.model
-        optimizer = getattr(model, "optimizer", None)
-        if optimizer is None:
-            raise ValueError("LRRangeTest needs a compiled model: call model.compile(optimizer=...) first.")
-        schedule = keras_internals.held_schedule(optimizer)
-        if schedule is not None:
-            raise ValueError(
+        optimizer = step_values.per_batch_lr_optimizer(
+            model, "LRRangeTest",
+            schedule_advice=lambda name: (
                 "LRRangeTest sets the learning rate every batch, which an optimizer built with a "
-                f"LearningRateSchedule ({type(schedule).__name__}) does not allow: compile with a float "
-                "learning rate for the range test (it is restored afterwards).")
-        spe = int(getattr(model, "steps_per_execution", 1) or 1)
-        if spe > 1:
-            raise ValueError(
+                f"LearningRateSchedule ({name}) does not allow: compile with a float "
+                "learning rate for the range test (it is restored afterwards)."),
+            steps_advice=lambda spe: (
                 f"LRRangeTest needs the exact LR of every batch, but compile(steps_per_execution={spe}) runs "
                 f"{spe} batches per call, so the LR could change only every {spe} batches and {spe - 1} of "
-                f"every {spe} losses would be missing. Compile with steps_per_execution=1 for the range test.")
+                f"every {spe} losses would be missing. Compile with steps_per_execution=1 for the range test."))
         self._reset_records()
         self._model_name = getattr(model, "name", None)
         if not optimizer.built:  # Keras 3 creates slots lazily; LossScaleOptimizer.build is not idempotent

@@ -15,8 +15,12 @@ Everything here runs eagerly, on the host, between compiled training calls.
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 import tensorflow as tf
+
+from clrlab import keras_internals
 
 __all__ = ["BatchValue", "GraphLR", "accuracy_key", "deaverage"]
 
@@ -160,3 +164,20 @@ def accuracy_key(keys) -> str | None:
         if key in keys:
             return key
     return next((k for k in keys if k.endswith("accuracy") and not k.startswith("val_")), None)
+
+
+def per_batch_lr_optimizer(model, callback: str, *, schedule_advice: str, steps_advice) -> Any:
+    """The optimizer of a compiled `model` whose LR a callback may set between batches (eager, once in
+    `on_train_begin`). Raises one-line ValueErrors for an uncompiled model, an optimizer built with a
+    `LearningRateSchedule` (`schedule_advice(name_of_schedule)` says what to do) and
+    `steps_per_execution > 1` (`steps_advice(k)` says what goes wrong and what to do)."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        raise ValueError(f"{callback} needs a compiled model: call model.compile(optimizer=...) first.")
+    schedule = keras_internals.held_schedule(optimizer)
+    if schedule is not None:
+        raise ValueError(schedule_advice(type(schedule).__name__))
+    spe = int(getattr(model, "steps_per_execution", 1) or 1)
+    if spe > 1:
+        raise ValueError(steps_advice(spe))
+    return optimizer
