@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import json
 import math
 import os
 import sys
@@ -32,7 +31,7 @@ from typing import Any
 
 from absl import app, flags
 
-from clrlab import cli, study_grid, study_report, study_workers
+from clrlab import cli, files, study_grid, study_report, study_workers
 from clrlab.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -123,11 +122,7 @@ def baseline_label(plan: study_grid.Plan, spec: str | None) -> str:
 
 
 def _load_manifest(study_dir: str) -> dict[str, Any] | None:
-    path = os.path.join(study_dir, MANIFEST)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    return files.read_json(os.path.join(study_dir, MANIFEST), "the study's grid and runs")
 
 
 def check_manifest(study_dir: str, identity: dict[str, Any]) -> None:
@@ -149,13 +144,6 @@ def _lock(study_dir: str):
     return fh
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
-
-
 def default_parallel(todo: int) -> int:
     return max(1, min(os.cpu_count() or 1, todo))
 
@@ -168,7 +156,7 @@ def run_study(options: Options, plan: study_grid.Plan) -> int:
     lock = _lock(options.study_dir)
     check_manifest(options.study_dir, identity)
     if _load_manifest(options.study_dir) is None:  # claim the folder for this grid before any run starts
-        _write_json(os.path.join(options.study_dir, MANIFEST), {**identity, "runs": {}})
+        files.write_json(os.path.join(options.study_dir, MANIFEST), {**identity, "runs": {}})
     values = {k: list(dict.fromkeys(r.point[k] for r in plan.runs)) for k in plan.varying}
     study_report.write_hparams_config(options.study_dir, values, plan.seeds)
 
@@ -232,7 +220,7 @@ def _report(options, plan, records, baseline, identity, throughput) -> None:
     manifest = {**identity, "baseline": baseline, "runs": records, "aggregates": aggregates}
     if throughput:
         manifest["throughput"] = throughput
-    _write_json(os.path.join(options.study_dir, MANIFEST), manifest)
+    files.write_json(os.path.join(options.study_dir, MANIFEST), manifest)
     with open(os.path.join(options.study_dir, "study.md"), "w", encoding="utf-8") as fh:
         fh.write(study_report.markdown(aggregates, identity, throughput))
     lr_curves = {}

@@ -9,7 +9,6 @@ end), so iterations-to-target has a resolution of one epoch's steps.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -18,15 +17,12 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from clrlab import files
 from clrlab import study_stats as stats
 
 
 def load_history(logdir: str) -> dict[str, Any] | None:
-    path = os.path.join(logdir, "history.json")
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    return files.read_json(os.path.join(logdir, "history.json"), "the run's history")
 
 
 def group_label(point: Mapping[str, str], varying: Sequence[str]) -> str:

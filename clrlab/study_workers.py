@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from clrlab import files
 from clrlab.errors import UserError
 
 RESULT_FILE = "study_result.json"
@@ -41,18 +42,7 @@ class _Stop(BaseException):
 
 def read_result(logdir: str) -> dict[str, Any] | None:
     """The run's study_result.json, or None when the run has not finished (or failed) yet."""
-    path = os.path.join(logdir, RESULT_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
+    return files.read_json(os.path.join(logdir, RESULT_FILE), "the run's study result")
 
 
 @contextlib.contextmanager
@@ -176,7 +166,7 @@ def execute(name: str, point: dict[str, str], config) -> dict[str, Any]:
         record["loop_seconds"] = timer.end - timer.begin
     if record["status"] != "interrupted":
         _write_hparams(config, point, record)
-        _write_json(os.path.join(config.logdir, RESULT_FILE), record)
+        files.write_json(os.path.join(config.logdir, RESULT_FILE), record)
     return record
 
 
