@@ -38,7 +38,7 @@ FLAGS = flags.FLAGS
 
 # The range test's own flags (the sweep): `sweep_options_from_flags` returns them.
 SWEEP_FLAGS = ("sweep", "start_lr", "end_lr", "steps", "epochs", "eval_every", "smoother", "beta",
-               "divergence_factor", "step_size_epochs")
+               "divergence_factor", "step_size_epochs", "repeats")
 
 
 class _Defined:
@@ -250,6 +250,8 @@ def define_range_test_flags(sweep_defaults: Mapping[str, Mapping[str, float]]) -
         flags.DEFINE_enum("smoother", "ema_debiased", ["none", "ema_seeded", "ema_debiased"], "Loss smoothing.")
         flags.DEFINE_float("beta", 0.98, "Smoothing factor of the moving average (0 <= beta < 1).")
         flags.DEFINE_float("divergence_factor", 4.0, "Stop when the smoothed loss exceeds this x its best (> 1).")
+        flags.DEFINE_integer("repeats", 1, "Run this many sweeps (same schedule, other batches), recommend on "
+                             "their mean curve and print the spread of the bounds.", lower_bound=1)
         flags.DEFINE_float("step_size_epochs", 4.0, "Half-cycle length (epochs) in the printed train command.",
                            lower_bound=0.0)
 

@@ -229,8 +229,6 @@ def main(argv: list[str]) -> int:
     try:
         config = cli.config_from_flags()
         options_flags = cli.sweep_options_from_flags()
-        if "repeats" in flags.FLAGS:
-            options_flags["repeats"] = flags.FLAGS.repeats
         out = run(config, options_flags)
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -253,9 +251,6 @@ def run_main() -> None:
     """Console-script entry point (`clrlab-range-test`; also `python -m clrlab.range_finder` and
     scripts/range_test.py): defines the flags, parses them, runs `main`."""
     cli.define_range_test_flags(SWEEP_DEFAULTS)
-    if "repeats" not in flags.FLAGS:
-        flags.DEFINE_integer("repeats", 1, "Run this many sweeps (same schedule, other batches), recommend on "
-                             "their mean curve and print the spread of the bounds.", lower_bound=1)
     flags.adopt_module_key_flags(cli)  # so that --help lists them (absl shows the main module's key flags)
     app.run(main, flags_parser=cli.parse_flags_or_exit)
 
