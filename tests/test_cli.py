@@ -234,14 +234,14 @@ def test_range_test_config_holds_the_data_model_settings_and_its_own_logdir(rang
 
 
 def test_sweep_options_from_flags_are_the_parsed_sweep_flags(range_test_flags):
-    range_test_flags(["prog", "--sweep=exponential", "--steps=60", "--eval_every=10", "--beta=0.9"])
+    range_test_flags(["prog", "--sweep=exponential", "--steps=60", "--eval_every=10", "--beta=0.9", "--repeats=3"])
     try:
         options = cli.sweep_options_from_flags()
     finally:
         range_test_flags.unparse_flags()
     assert options == {"sweep": "exponential", "start_lr": None, "end_lr": None, "steps": 60, "epochs": None,
                        "eval_every": 10, "smoother": "ema_debiased", "beta": 0.9, "divergence_factor": 4.0,
-                       "step_size_epochs": 4.0}
+                       "step_size_epochs": 4.0, "repeats": 3}
 
 
 def test_sweep_options_need_the_range_test_flags(train_flags):
