@@ -43,8 +43,8 @@ Example:
 >>> losses = 2.3 - 2.0 / (1.0 + np.exp(-(x + 3.0) / 0.3)) + np.exp((x + 0.5) / 0.1)
 >>> rec = recommend(lrs, losses)
 >>> rec.base_rule, rec.max_rule, rec.stopped_early, rec.reason
-('max_lr/4 (loss rule)', 'loss_minimum/3 (no accuracy recorded)', True, 'diverged')
->>> bool(rec.max_lr == rec.base_lr * 4 and 10 ** -3 < rec.max_lr < 10 ** -0.5)
+('max_lr/3 (loss rule)', 'loss_minimum/2 (no accuracy recorded)', True, 'diverged')
+>>> bool(rec.max_lr == rec.base_lr * 3 and 10 ** -2 < rec.max_lr < 10 ** -0.5)
 True
 """
 
@@ -434,6 +434,13 @@ MAX_RATIO = 4.0
 """Largest ``max_lr / base_lr``: a rise that starts further below ``max_lr`` is clamped to ``max_lr / 4``
 (Smith 2018, sec. 4.1: the minimum bound is a factor 3-4 below the maximum)."""
 
+TOP_BACKOFF = 2.0
+"""The recommended ``max_lr`` is the sweep's top divided by this: the top is the largest LR at which the sweep
+still improves (the accuracy trend's peak or the loss trend's minimum, :func:`choose_bounds`), and "the optimum
+learning rate is usually within a factor of two of the largest one that converges" (Smith 2017, CLR paper,
+sec. 3.3, after Bengio 2012, arXiv 1206.5533, sec. 3.1.1). A sweep reads that top after only a few steps at
+each LR; a training run that stays near ``max_lr`` for a whole half cycle needs the margin."""
+
 
 def _odd_window(window: int, n: int) -> int:
     window = min(int(window), n if n % 2 else n - 1)
@@ -496,6 +503,10 @@ class Bounds:
         ``"max_lr/3 (fallback: ...)"``), or why nothing was found (e.g. ``"no_accuracy_rise"``).
       base_index, max_index: sweep indices of the bounds when read off the curve, else ``None``.
       warnings: plain-language warnings (each one line).
+      top_lr, top_index: the largest LR at which the curve still improves (the accuracy trend's peak, the
+        loss trend's minimum) and its sweep index, or ``None``; :func:`choose_bounds` backs off from it.
+      rise_lr: the LR where the accuracy starts to rise (Smith's base reading, before the ratio guard), or
+        ``None`` (no rise, or the sweep started mid-rise).
     """
 
     base_lr: float | None
@@ -505,6 +516,13 @@ class Bounds:
     base_index: int | None = None
     max_index: int | None = None
     warnings: tuple[str, ...] = ()
+    top_lr: float | None = None
+    top_index: int | None = None
+    rise_lr: float | None = None
+
+
+MID_RISE_WARNING = ("accuracy already rises at the start of the sweep: lower the start LR to see where it "
+                    f"starts; base_lr = max_lr/{MIN_RATIO:g}")
 
 
 def _ratio_guard(lr: np.ndarray, base: int | None, max_index: int, max_rule: str, what: str,
@@ -603,26 +621,32 @@ def suggest_from_accuracy(lrs: Any, accuracies: Any, *, sweep: str = "linear", w
                       warnings=(f"accuracy stops rising ({max_rule}) where it starts to, at lr={float(lr[base]):.3g}: "
                                 "no readable rise",))
     warnings: list[str] = []
+    top = {"top_lr": float(lr[peak]), "top_index": peak}
     if base < n0:
-        warnings.append("accuracy already rises at the start of the sweep: lower the start LR to see where it "
-                        f"starts; base_lr = max_lr/{MIN_RATIO:g}")
-        return _ratio_guard(lr, None, max_index, max_rule, "accuracy", warnings)
-    return _ratio_guard(lr, base, max_index, max_rule, "accuracy", warnings)
+        warnings.append(MID_RISE_WARNING)
+        return dataclasses.replace(_ratio_guard(lr, None, max_index, max_rule, "accuracy", warnings), **top)
+    return dataclasses.replace(_ratio_guard(lr, base, max_index, max_rule, "accuracy", warnings), **top,
+                               rise_lr=float(lr[base]))
 
 
 def suggest_from_loss(lrs: Any, losses: Any, *, window: int | None = None, skip_start: int = 0,
                       skip_end: int = 0, min_fall: float = 0.02) -> Bounds:
-    """The loss rule (Smith 2018, arXiv 1803.09820, sec. 4.1) on a zero-lag, noise-aware loss curve.
+    """The loss rule on a zero-lag, noise-aware loss curve: back off from where the loss stops falling.
 
-    ``t`` = :func:`trend` of the (kept) losses; the minimum is searched in ``t`` without the first
-    ``skip_start`` and last ``skip_end`` points.
+    ``t`` = :func:`trend` of the (kept) losses; its minimum ``i_min`` is searched without the first
+    ``skip_start`` and last ``skip_end`` points. ``lr[i_min]`` is the largest LR at which the sweep still
+    lowers the loss (past it the loss "starts to increase": Smith 2018, arXiv 1803.09820, sec. 4.1, reads the
+    maximum bound there; fastai's ``minimum`` divides it by 10). It is the rule's ``top_lr``, and
 
-    * ``max_lr`` (``"loss_steepest"``): the LR of the steepest descent of ``t`` against ``ln lr``
-      before its minimum; if that lies more than a factor 3 below the minimum (the steepest fall of
-      a loss that keeps falling for a decade or more), ``lr_min / 3`` (``"loss_minimum/3"``).
-    * ``base_lr`` = ``max_lr / 4`` (``"max_lr/4 (loss rule)"``, the paper's factor 3-4).
-    * No bounds when the trend falls by less than ``max(6 sigma_t, min_fall * |start level|)``
-      (``"loss_flat"``), or when the minimum lies in the first 10% of the points (``"loss_rises_at_once"``).
+    * ``max_lr`` = ``lr[i_min] / TOP_BACKOFF`` (``"loss_minimum/2"``, :data:`TOP_BACKOFF`: Smith 2017 sec. 3.3's
+      "within a factor of two of the largest one that converges"), a bit below where the loss turns up;
+    * ``base_lr`` = ``max_lr / 3`` (``"max_lr/3 (loss rule)"``, the paper's factor 3-4).
+
+    The steepest descent (fastai ``steep``) is not used: on short sweeps it lies a decade or more below
+    the minimum, where a 6-epoch run trains too slowly. A minimum in the last searched point (the loss
+    still falls at the sweep's end) is read as is, with a warning. No bounds when the trend falls by less
+    than ``max(6 sigma_t, min_fall * |start level|)`` (``"loss_flat"``), or when the minimum lies in the
+    first 10% of the points (``"loss_rises_at_once"``).
     """
     lr, loss = _curve(lrs, losses)
     n = loss.size
@@ -641,16 +665,13 @@ def suggest_from_loss(lrs: Any, losses: Any, *, window: int | None = None, skip_
         return Bounds(None, None, "loss_flat", "loss_flat",
                       warnings=(f"the loss falls by {drop:.3g}, not clearly above the batch noise "
                                 f"({sigma_t:.2g} in the trend): widen the sweep or sweep longer",))
-    if i_min < 2:
-        steep, max_rule = 0, "loss_minimum"
-    else:
-        grad = np.diff(t[:i_min + 1]) / np.diff(np.log(lr[:i_min + 1]))
-        steep = int(np.argmin(grad[lo:])) + lo if lo < grad.size else int(np.argmin(grad))
-        max_rule = "loss_steepest"
-    max_lr = float(lr[steep])
-    if max_lr < lr[i_min] / 3.0:
-        max_lr, max_rule, steep = float(lr[i_min] / 3.0), "loss_minimum/3", None
-    return Bounds(max_lr / 4.0, max_lr, "max_lr/4 (loss rule)", max_rule, None, steep)
+    warnings = []
+    if i_min == hi - 1:
+        warnings.append(f"the loss still falls at the end of the sweep (lr={float(lr[i_min]):.3g}): the largest "
+                        "LR that trains may lie higher; sweep to a higher end LR")
+    max_lr = float(lr[i_min]) / TOP_BACKOFF
+    return Bounds(max_lr / MIN_RATIO, max_lr, f"max_lr/{MIN_RATIO:g} (loss rule)", f"loss_minimum/{TOP_BACKOFF:g}",
+                  None, None, tuple(warnings), top_lr=float(lr[i_min]), top_index=i_min)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -807,45 +828,81 @@ def _infer_sweep(lr: np.ndarray) -> str:
 
 def choose_bounds(acc_bounds: Bounds | None, loss_bounds: Bounds, *, n: int, lrs: Sequence[float],
                   disagree_factor: float = 10.0 ** 0.5) -> tuple[float | None, float | None, str, str, list[str]]:
-    """Picks the bounds: Smith's accuracy rule when it found a rise, cross-checked by the loss rule.
+    """Picks the bounds from the sweep's top: the largest LR at which it still improves, backed off.
 
-    Returns ``(base_lr, max_lr, base_rule, max_rule, warnings)``. When the two rules' ``max_lr``
-    differ by more than ``disagree_factor`` (half a decade), a warning names both and the LOWER one is
-    used (an LR too high diverges, one too low only trains slower); a loss-rule pick says it is a fallback.
-    Without an accuracy rise the loss rule is used (its rules carry
-    ``fallback``). When neither finds bounds, a curve that rises at once recommends ``lrs[0]`` as
-    ``max_lr`` (``"sweep_start (fallback)"``); a flat curve recommends nothing.
+    Returns ``(base_lr, max_lr, base_rule, max_rule, warnings)``.
+
+    1. The top, read by both rules (:attr:`Bounds.top_lr`): where the accuracy trend peaks ("starts to fall",
+       Smith 2017 sec. 3.3, when :func:`suggest_from_accuracy` found a rise) and where the loss trend bottoms
+       out ("starts to increase", Smith 2018 sec. 4.1, :func:`suggest_from_loss`). With both, the LOWER is
+       used (an LR too high diverges, one too low only trains slower); when they differ by more than
+       ``disagree_factor`` (half a decade) a warning names both.
+    2. ``max_lr = top / TOP_BACKOFF`` (``"accuracy_peak/2"`` or ``"loss_minimum/2"``, :data:`TOP_BACKOFF`):
+       "the optimum learning rate is usually within a factor of two of the largest one that converges"
+       (Smith 2017 sec. 3.3). Smith's own max reading, where the accuracy stops rising, is kept in the
+       suggestions (``accuracy_max``): on a 200-step sweep it wanders between a decade below the top and
+       the top itself, with the batch noise of a flat accuracy curve.
+    3. ``base_lr``: Smith's reading, where the accuracy starts to rise (``"accuracy_rise"``), when it lies
+       3-4x below ``max_lr`` (:data:`MIN_RATIO`, :data:`MAX_RATIO`); else ``max_lr / 3`` (Smith 2017 sec. 3.3
+       and Smith 2018 sec. 4.1: "1/3 or 1/4 of max_lr"; the rule names why). A rise within 3x of ``max_lr``
+       gives ``max_lr / 3`` with a warning, so ``max_lr / base_lr >= 3`` always.
+
+    Fallbacks say so in the rule names: no accuracy rise (the loss rule alone), a curve that rises at once
+    (``max_lr = lrs[0]``, ``"sweep_start (fallback: rises at once)"``), a flat curve (no bounds).
     """
     warnings = list(loss_bounds.warnings)
     if n < MIN_RULE_POINTS:
         warnings.append(f"only {n} sweep points before the stop: too short for a noise-aware reading; "
                         "sweep longer or from a lower start LR")
+    acc_top = None if acc_bounds is None else acc_bounds.top_lr
     if acc_bounds is not None:
-        warnings = list(acc_bounds.warnings) + warnings
-    if acc_bounds is not None and acc_bounds.max_lr is not None:
-        if loss_bounds.max_lr is not None:
-            factor = acc_bounds.max_lr / loss_bounds.max_lr
-            if not 1 / disagree_factor <= factor <= disagree_factor:
-                # Too high an LR diverges, too low one only trains slower: take the lower of the two.
-                lower = "accuracy" if factor < 1 else "loss"
-                warnings.append(f"the accuracy rule (max_lr={acc_bounds.max_lr:.3g}) and the loss rule "
-                                f"(max_lr={loss_bounds.max_lr:.3g}) disagree by {max(factor, 1 / factor):.2g}x; "
-                                f"using the lower, the {lower} rule: check the plot")
-                if factor > 1:
-                    return (loss_bounds.base_lr, loss_bounds.max_lr, loss_bounds.base_rule,
-                            f"{loss_bounds.max_rule} (fallback: below the accuracy rule's max_lr)", warnings)
-        return acc_bounds.base_lr, acc_bounds.max_lr, acc_bounds.base_rule, acc_bounds.max_rule, warnings
-    if loss_bounds.max_lr is not None:
-        why = "no accuracy recorded" if acc_bounds is None else "accuracy does not rise"
-        if acc_bounds is not None:
-            warnings.append("the accuracy rule found no rise: bounds from the loss rule")
-        return (loss_bounds.base_lr, loss_bounds.max_lr, f"{loss_bounds.base_rule}",
-                f"{loss_bounds.max_rule} ({'fallback: ' if acc_bounds is not None else ''}{why})", warnings)
-    if loss_bounds.max_rule == "loss_rises_at_once":
-        max_lr = float(lrs[0])
-        return (max_lr / MIN_RATIO, max_lr, f"max_lr/{MIN_RATIO:g} (fallback)", "sweep_start (fallback: rises at once)",
-                warnings)
-    return None, None, "none", "none", warnings
+        prefix = acc_bounds.max_rule.split("accuracy")[0] if acc_top is not None else ""
+        # Without a rise its warnings say why; with one, only the sweep-start warning applies to these bounds
+        # (its ratio warnings are about Smith's own reading, not the bounds chosen here).
+        kept = [w for w in acc_bounds.warnings if acc_top is None or w == MID_RISE_WARNING]
+        warnings = kept + warnings
+    else:
+        prefix = ""
+    tops: dict[str, float] = {}
+    if acc_top is not None:
+        tops[f"{prefix}accuracy_peak"] = acc_top
+    if loss_bounds.top_lr is not None:
+        tops["loss_minimum"] = loss_bounds.top_lr
+    if not tops:
+        if loss_bounds.max_rule == "loss_rises_at_once":
+            max_lr = float(lrs[0])
+            return (max_lr / MIN_RATIO, max_lr, f"max_lr/{MIN_RATIO:g} (fallback)",
+                    "sweep_start (fallback: rises at once)", warnings)
+        return None, None, "none", "none", warnings
+    name = min(tops, key=lambda k: tops[k])
+    top = tops[name]
+    if len(tops) == 2:
+        factor = acc_top / loss_bounds.top_lr
+        if not 1 / disagree_factor <= factor <= disagree_factor:
+            warnings.append(f"the accuracy peaks at lr={acc_top:.3g} but the loss bottoms out at "
+                            f"lr={loss_bounds.top_lr:.3g} ({max(factor, 1 / factor):.2g}x apart); using the "
+                            f"lower, the {name.replace('_', ' ')}: check the plot")
+    max_lr = top / TOP_BACKOFF
+    max_rule = f"{name}/{TOP_BACKOFF:g}"
+    if acc_bounds is None:
+        max_rule += " (no accuracy recorded)"
+    elif acc_top is None:
+        max_rule += " (fallback: accuracy does not rise)"
+        warnings.append("the accuracy rule found no rise: bounds from the loss rule")
+    rise = None if acc_bounds is None else acc_bounds.rise_lr
+    if rise is not None and max_lr / MAX_RATIO <= rise <= max_lr / MIN_RATIO:
+        return rise, max_lr, f"{prefix}accuracy_rise", max_rule, warnings
+    base_lr = max_lr / MIN_RATIO
+    if rise is None:
+        base_rule = f"max_lr/{MIN_RATIO:g}" + (" (loss rule)" if acc_top is None else " (fallback)")
+    elif rise > base_lr:
+        where = "above" if rise >= max_lr else f"only {max_lr / rise:.2g}x below"
+        warnings.append(f"accuracy starts rising at lr={rise:.3g}, {where} max_lr={max_lr:.3g}; base_lr = "
+                        f"max_lr/{MIN_RATIO:g} instead (the CLR range should span a factor >= 3)")
+        base_rule = f"max_lr/{MIN_RATIO:g} (fallback: rise within 3x of max)"
+    else:
+        base_rule = f"max_lr/{MIN_RATIO:g} (accuracy rise starts {max_lr / rise:.3g}x below max)"
+    return base_lr, max_lr, base_rule, max_rule, warnings
 
 
 def recommend(
@@ -862,6 +919,7 @@ def recommend(
     skip_end: int = 5,
     window: int | None = None,
     accuracy_kwargs: Mapping[str, Any] | None = None,
+    heldout: Bounds | None = None,
 ) -> Recommendation:
     """Analyses a range-test sweep and recommends CLR bounds: the one call a range test makes.
 
@@ -873,7 +931,10 @@ def recommend(
     5. The fastai suggestions ``steep``/``minimum``/``valley``/``slide`` on the trimmed trend (first
        ``skip_start``, default ``n // 10``, and last ``skip_end`` points dropped), for reference.
     6. The bounds: :func:`suggest_from_accuracy` (Smith's rule) with accuracies, cross-checked by
-       :func:`suggest_from_loss`; :func:`choose_bounds` picks and writes the warnings.
+       :func:`suggest_from_loss`; :func:`choose_bounds` backs off from the sweep's top and writes the warnings.
+
+    ``heldout``: :func:`suggest_from_accuracy` on held-out evaluations during the sweep, used instead of the
+    per-batch accuracy rule (its rule names get a ``heldout_`` prefix).
     """
     lr = _as_1d("lrs", lrs)
     loss = _as_1d("losses", losses)
@@ -929,7 +990,11 @@ def recommend(
     loss_bounds = suggest_from_loss(lr_k, loss_k, window=window, skip_start=start, skip_end=end)
     suggestions["loss_base"], suggestions["loss_max"] = loss_bounds.base_lr, loss_bounds.max_lr
     acc_bounds = None
-    if acc_k is not None:
+    if heldout is not None:
+        acc_bounds = dataclasses.replace(heldout, base_rule=f"heldout_{heldout.base_rule}",
+                                         max_rule=f"heldout_{heldout.max_rule}")
+        suggestions["accuracy_base"], suggestions["accuracy_max"] = heldout.base_lr, heldout.max_lr
+    elif acc_k is not None:
         if keep >= _MIN_ACCURACY_POINTS:
             kwargs = dict(accuracy_kwargs or {})
             kwargs.setdefault("window", window)

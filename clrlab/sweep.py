@@ -240,32 +240,28 @@ class SweepRecorder:
 
     def result(self) -> RangeTestResult:
         """Analyses the records (`clrlab.lr_suggest.recommend`, with the options' smoother, beta and
-        divergence factor). With held-out evaluations, Smith's accuracy rule on them replaces the bounds
-        (rule `heldout_<rule>`, suggestions `accuracy_base`/`accuracy_max`): held-out accuracy beats the
+        divergence factor). With held-out evaluations that rise, Smith's accuracy rule on them replaces the
+        per-batch accuracy rule (`recommend(heldout=...)`: rules `heldout_accuracy_peak/2`,
+        `heldout_accuracy_rise`, suggestions `accuracy_base`/`accuracy_max`): held-out accuracy beats the
         noisier per-batch training accuracy; too few evaluations keep the per-batch bounds (logged as a
-        warning). The held-out rules are `heldout_<rule>` in `base_rule`/`max_rule`.
+        warning).
 
         Raises:
           ValueError: when `recommend` cannot analyse the records (too few finite steps).
         """
         options = self.options
+        heldout = None
+        if self.eval_accuracies:
+            try:
+                heldout = lr_suggest.suggest_from_accuracy(self.eval_lrs, self.eval_accuracies, sweep=options.sweep)
+            except ValueError as e:
+                _log.warning("Held-out accuracy not used for the bounds: %s", e)
+            if heldout is not None and heldout.top_lr is None:
+                heldout = None  # no readable held-out rise: the per-batch rules decide
         rec = lr_suggest.recommend(np.asarray(self.lrs), np.asarray(self.losses),
                                    None if self.accuracies is None else np.asarray(self.accuracies),
                                    sweep=options.sweep, smoother=options.smoother, beta=options.beta,
-                                   divergence_factor=options.divergence_factor)
-        if self.eval_accuracies:
-            try:
-                bounds = lr_suggest.suggest_from_accuracy(self.eval_lrs, self.eval_accuracies, sweep=options.sweep)
-            except ValueError as e:
-                _log.warning("Held-out accuracy not used for the bounds: %s", e)
-                bounds = None
-            if bounds is not None and bounds.base_lr is not None and bounds.max_lr is not None:
-                suggestions = dict(rec.suggestions, accuracy_base=bounds.base_lr, accuracy_max=bounds.max_lr)
-                base_rule, max_rule = f"heldout_{bounds.base_rule}", f"heldout_{bounds.max_rule}"
-                rec = dataclasses.replace(rec, base_lr=bounds.base_lr, max_lr=bounds.max_lr,
-                                          rule=f"base: {base_rule}; max: {max_rule}", base_rule=base_rule,
-                                          max_rule=max_rule, suggestions=suggestions,
-                                          warnings=rec.warnings + bounds.warnings)
+                                   divergence_factor=options.divergence_factor, heldout=heldout)
         return RangeTestResult(recommendation=rec, eval_steps=tuple(self.eval_steps),
                                eval_lrs=tuple(self.eval_lrs), eval_accuracies=tuple(self.eval_accuracies))
 

@@ -83,7 +83,8 @@ def main() -> int:
         row["within_1pt"] = acc_rec >= acc_grid[best_pair] - 0.01
         row["not_worse_than_default"] = acc_rec >= acc_default
         print(json.dumps(row), flush=True)
-        print(f"| {args.setup} | {seed} | {out['base_lr']:.3g}-{out['max_lr']:.3g} | {acc_rec:.4f} | "
+        print(f"| {args.setup} | {seed} | {out['base_lr']:.3g}-{out['max_lr']:.3g} | {out['max_rule']} | "
+              f"{acc_rec:.4f} | "
               f"{best_pair} | {acc_grid[best_pair]:.4f} | {acc_default:.4f} | "
               f"{'yes' if row['within_1pt'] else 'no'} | {'yes' if row['not_worse_than_default'] else 'no'} |",
               flush=True)
