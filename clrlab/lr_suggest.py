@@ -22,11 +22,18 @@ the range test's JSON result (:meth:`Recommendation.to_dict` lists its fields).
 The bounds: Smith's accuracy rule (CLR paper, sec. 3.3) on a zero-lag trend (:func:`trend`, a centred
 moving average, so nothing shifts toward higher LR) with the batch noise estimated from the residuals
 (:func:`batch_noise`); a rise, plateau, raggedness or fall counts only when it exceeds that noise
-(:func:`suggest_from_accuracy`). The loss rule (Smith 2018, arXiv 1803.09820, sec. 4.1:
-:func:`suggest_from_loss`) cross-checks it and is the fallback without an accuracy rise. Each bound names
-the rule that produced it (``base_rule``/``max_rule``, fallbacks say so); doubts are plain ``warnings``.
-``max_lr / base_lr`` is kept within [3, 4] (:data:`MIN_RATIO`, :data:`MAX_RATIO`); a ratio under 3 is
-never returned without a warning.
+(:func:`suggest_from_accuracy`). The loss rule (:func:`suggest_from_loss`) cross-checks it and is the fallback
+without an accuracy rise. Both read the sweep's top, the largest LR at which it still improves (the accuracy
+trend's peak, the loss trend's minimum); :func:`choose_bounds` takes the lower of the two and recommends
+``max_lr = top / 2`` (:data:`TOP_BACKOFF`: "the optimum learning rate is usually within a factor of two of the
+largest one that converges", Smith 2017 sec. 3.3, after Bengio 2012; Smith 2018, arXiv 1803.09820, sec. 4.1,
+reads the maximum bound a bit below where the loss turns up) and ``base_lr = max_lr / 3`` (both papers:
+"1/3 or 1/4 of max_lr"), or where the accuracy starts to rise when that lies 3-4x below. Smith's literal max
+reading (where the accuracy stops rising) and fastai's suggestions stay in ``suggestions``: on 200-step sweeps
+the former wandered with the batch noise between a decade below the top and the top itself, and fastai's
+``minimum`` (the top / 10) and ``steep`` lay 3-10x below the LRs 6-epoch runs trained best with (the
+range-test section of BENCHMARKS.md). Each bound names the rule that produced it (``base_rule``/``max_rule``,
+fallbacks say so); doubts are plain ``warnings``. ``max_lr / base_lr`` is never under 3 without a warning.
 
 The fastai suggestions, kept for reference (:data:`SUGGESTION_HELP`, printed by the range test):
 
@@ -66,8 +73,10 @@ __all__ = [
     "MIN_POINTS",
     "MIN_RATIO",
     "MIN_RULE_POINTS",
+    "RULE_HELP",
     "SMOOTHERS",
     "SUGGESTION_HELP",
+    "TOP_BACKOFF",
     "Bounds",
     "Recommendation",
     "batch_noise",
@@ -77,6 +86,7 @@ __all__ = [
     "first_nonfinite",
     "recommend",
     "recommend_repeats",
+    "rule_help",
     "smooth",
     "suggest_from_accuracy",
     "suggest_from_loss",
@@ -814,6 +824,25 @@ SUGGESTION_HELP = {
     "slide": "slide: where the loss gradient stops changing, sliding left from the end of the sweep (fastai)",
 }
 """One line per loss suggestion, printed by the range test and listed here for the docs."""
+
+RULE_HELP = {
+    "accuracy_peak": "accuracy_peak/2: half the LR where the smoothed accuracy peaks, the largest LR the sweep still "
+                     "trains at (Smith 2017: the optimum is within 2x of it)",
+    "loss_minimum": "loss_minimum/2: half the LR of the lowest smoothed loss, the largest LR the sweep still trains "
+                    "at (Smith 2017: the optimum is within 2x of it)",
+    "accuracy_rise": "accuracy_rise: where the smoothed accuracy starts to rise (Smith 2017's base reading)",
+}
+"""One line per rule a recommended bound can come from (its name in ``max_rule``/``base_rule``), printed by the
+range test under the bounds."""
+
+
+def rule_help(rule: str) -> list[str]:
+    """The :data:`RULE_HELP` lines for the rules named in ``rule`` (a ``base_rule``/``max_rule``/``rule`` text).
+
+    >>> rule_help("base: max_lr/3 (fallback); max: heldout_accuracy_peak/2")[0].startswith("accuracy_peak/2: half")
+    True
+    """
+    return [line for name, line in RULE_HELP.items() if name in rule]
 
 
 def _infer_sweep(lr: np.ndarray) -> str:

@@ -208,6 +208,8 @@ def _report(out: dict[str, Any], logdir: str) -> None:
     if out.get("command"):
         print(f"Recommended bounds: base_lr={out['base_lr']:.3g} ({out['base_rule']}), "
               f"max_lr={out['max_lr']:.3g} ({out['max_rule']})")
+        for line in lr_suggest.rule_help(f"{out['base_rule']} {out['max_rule']}"):
+            print("  " + line)
         if out.get("spread"):
             spread = out["spread"]
             print(f"Spread over {out['repeats']} sweeps: base_lr " + ", ".join(

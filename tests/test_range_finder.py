@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 
-from clrlab import range_finder
+from clrlab import lr_suggest, range_finder
 from conftest import parse_config, read_scalars, run_module, user_lines
 
 
@@ -102,6 +102,9 @@ def test_main_builds_the_job_from_the_flags_and_writes_the_outputs(tmp_path, cap
         if result["suggestions"][name] is not None:
             assert f"  {name}: " in out
     assert f"({result['base_rule']})" in out and f"({result['max_rule']})" in out
+    # ... and the rules behind the bounds are explained too, one line each.
+    helps = lr_suggest.rule_help(result["max_rule"])
+    assert helps and all(f"  {line}\n" in out for line in helps)
     assert sum(line.startswith("warning: ") for line in out.splitlines()) == len(result["warnings"])
     assert result["setup"] == {"dataset": "digits", "model": "mlp", "batch_size": 64, "optimizer": "sgd"}
 
