@@ -11,6 +11,8 @@ plus a Markdown table row. Setups used in BENCHMARKS.md:
     python scripts/range_check.py --setup=digits_mlp_lin   --seeds=1,2,3 --epochs=6
     python scripts/range_check.py --setup=digits_cnn_exp   --seeds=1,2,3 --epochs=6
     python scripts/range_check.py --setup=mnist1d_cnn_exp  --seeds=1,2,3 --epochs=6
+
+`--fine` measures instead how much the follow-up accuracy moves between LRs 1.33x apart (the check's noise).
 """
 
 from __future__ import annotations
@@ -55,14 +57,33 @@ def _train(dataset: str, model: str, seed: int, base_lr: float, max_lr: float, e
     return float((result.test_metrics or {}).get("accuracy", 0.0))
 
 
+def _fine(args, dataset: str, model: str) -> int:
+    """The follow-up accuracy on a 1.33x grid of max_lr around the recommendations (ratios 3 and 4)."""
+    root = tempfile.mkdtemp(prefix=f"range_check_fine_{args.setup}_")
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for ratio in (3, 4):
+            for k in range(8):
+                max_lr = 0.03 * 10 ** (k / 8)
+                acc = _train(dataset, model, seed, max_lr / ratio, max_lr, args.epochs, root)
+                print(json.dumps({"setup": args.setup, "seed": seed, "ratio": ratio, "max_lr": max_lr, "acc": acc}),
+                      flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setup", choices=sorted(SETUPS), required=True)
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--grid", default=",".join(f"{m:g}" for m in GRID_MAX), help="max_lr values of the grid")
+    parser.add_argument("--fine", action="store_true",
+                        help="instead of the check: how noisy is the follow-up accuracy in the LR? Train max_lr = "
+                             "0.03 * 10**(k/8), k = 0..7 (steps of 1.33x), with base = max/3 and max/4; one JSON "
+                             "line per pair (no range test)")
     args = parser.parse_args()
     dataset, model, sweep = SETUPS[args.setup]
+    if args.fine:
+        return _fine(args, dataset, model)
     grid = [(m / 3.0, m) for m in (float(v) for v in args.grid.split(","))]
     root = tempfile.mkdtemp(prefix=f"range_check_{args.setup}_")
     for seed in (int(s) for s in args.seeds.split(",")):
