@@ -7,6 +7,7 @@ minimum is found on a dense analytic grid, independently of the code under test.
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import json
 import math
@@ -644,3 +645,79 @@ def test_every_loss_suggestion_has_a_one_line_explanation():
 def test_docstring_examples():
     result = doctest.testmod(ls, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 10 and result.failed == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# choose_bounds: the sweep's top, backed off by TOP_BACKOFF; base from the rise or max/3.
+# ----------------------------------------------------------------------------------------------
+
+
+def _acc(top, rise, warnings=()):
+    return ls.Bounds(0.0, 0.0, "accuracy_rise", "accuracy_plateau", warnings=warnings, top_lr=top, rise_lr=rise)
+
+
+def _loss(top):
+    return ls.Bounds(top / 2 / 3, top / 2, "max_lr/3 (loss rule)", "loss_minimum/2", top_lr=top)
+
+
+def test_choose_bounds_halves_the_lower_top_and_takes_a_rise_3_to_4x_below():
+    base, mx, base_rule, max_rule, warnings = ls.choose_bounds(_acc(0.1, 0.0135), _loss(0.2), n=200, lrs=[1e-4])
+    assert (mx, max_rule) == (pytest.approx(0.05), "accuracy_peak/2") and ls.TOP_BACKOFF == 2
+    assert (base, base_rule, warnings) == (0.0135, "accuracy_rise", [])
+    base, mx, base_rule, max_rule, warnings = ls.choose_bounds(_acc(0.3, 0.0135), _loss(0.2), n=200, lrs=[1e-4])
+    assert (mx, max_rule, warnings) == (pytest.approx(0.1), "loss_minimum/2", [])
+    assert base == pytest.approx(0.1 / 3) and base_rule == "max_lr/3 (accuracy rise starts 7.41x below max)"
+
+
+def test_choose_bounds_never_gives_under_3x_without_a_warning_and_names_disagreeing_tops():
+    base, mx, base_rule, _, warnings = ls.choose_bounds(_acc(0.1, 0.03), _loss(0.12), n=200, lrs=[1e-4])
+    assert mx / base == pytest.approx(3) and base_rule == "max_lr/3 (fallback: rise within 3x of max)"
+    assert len(warnings) == 1 and "only 1.7x below max_lr=0.05" in warnings[0] and ">= 3" in warnings[0]
+    base, mx, _, max_rule, warnings = ls.choose_bounds(_acc(0.01, 1e-4), _loss(0.2), n=200, lrs=[1e-4])
+    assert (mx, max_rule) == (pytest.approx(0.005), "accuracy_peak/2")
+    assert len(warnings) == 1 and "(20x apart); using the lower, the accuracy peak" in warnings[0]
+
+
+def test_choose_bounds_fallbacks_name_themselves():
+    no_rise = ls.Bounds(None, None, "no_accuracy_rise", "no_accuracy_rise", warnings=("flat accuracy",))
+    base, mx, base_rule, max_rule, warnings = ls.choose_bounds(no_rise, _loss(0.2), n=200, lrs=[1e-4])
+    assert (mx, max_rule, base_rule) == (pytest.approx(0.1), "loss_minimum/2 (fallback: accuracy does not rise)",
+                                         "max_lr/3 (loss rule)")
+    assert warnings == ["flat accuracy", "the accuracy rule found no rise: bounds from the loss rule"]
+    # Mid-rise at the sweep start: no rise LR, the warning says so (Smith's ratio warnings are not repeated).
+    mid = _acc(0.1, None, warnings=(ls.MID_RISE_WARNING, "accuracy starts rising at ... only 2x below ..."))
+    base, mx, base_rule, _, warnings = ls.choose_bounds(mid, _loss(0.2), n=200, lrs=[1e-4])
+    assert base == pytest.approx(mx / 3) and base_rule == "max_lr/3 (fallback)" and warnings == [ls.MID_RISE_WARNING]
+    # Held-out bounds keep their prefix in the names.
+    held = dataclasses.replace(_acc(0.1, 0.0135), base_rule="heldout_accuracy_rise",
+                               max_rule="heldout_accuracy_plateau")
+    _, _, base_rule, max_rule, _ = ls.choose_bounds(held, _loss(0.2), n=200, lrs=[1e-4])
+    assert (base_rule, max_rule) == ("heldout_accuracy_rise", "heldout_accuracy_peak/2")
+    rises = ls.Bounds(None, None, "loss_rises_at_once", "loss_rises_at_once")
+    got = ls.choose_bounds(None, rises, n=8, lrs=[0.5, 1.0])
+    assert got[:4] == (pytest.approx(0.5 / 3), 0.5, "max_lr/3 (fallback)", "sweep_start (fallback: rises at once)")
+    assert any("only 8 sweep points" in w for w in got[4])
+    flat = ls.Bounds(None, None, "loss_flat", "loss_flat")
+    assert ls.choose_bounds(None, flat, n=200, lrs=[1e-4])[:4] == (None, None, "none", "none")
+
+
+CHECK_CURVES = np.load(pathlib.Path(__file__).parent / "data" / "range_check_curves.npz")
+CHECK_CASES = sorted({k.rsplit("_", 1)[0] for k in CHECK_CURVES.files})
+
+
+@pytest.mark.parametrize("case", CHECK_CASES)
+def test_the_recorded_check_sweeps_give_half_the_lower_top(case):
+    # Recorded by `scripts/range_check.py --setup=S --seeds=1,2,3 --epochs=6` (BENCHMARKS.md, range-test section):
+    # digits MLP (exponential and linear sweeps), digits small CNN and MNIST-1D CNN, seeds 1-3. The grid put the
+    # best 6-epoch max_lr at 0.03-0.3, and 0.17 or more trains MNIST-1D to chance: the rule lands in between.
+    lrs, loss, acc = (CHECK_CURVES[f"{case}_{k}"].astype(np.float64) for k in ("lrs", "loss", "acc"))
+    rec = ls.recommend(lrs, loss, acc)
+    assert rec.sweep == ("linear" if "_lin_" in case else "exponential")
+    n = len(rec.lrs)
+    tops = [ls.suggest_from_loss(rec.lrs, rec.loss_raw, skip_start=n // 10, skip_end=5).top_lr]
+    acc_rule = ls.suggest_from_accuracy(rec.lrs, rec.accuracy, sweep=rec.sweep)
+    if acc_rule.top_lr is not None:
+        tops.append(acc_rule.top_lr)
+    assert rec.max_lr == pytest.approx(min(tops) / 2) and rec.max_rule.split(" ")[0].endswith("/2")
+    assert 0.04 < rec.max_lr < 0.17 and rec.max_lr / rec.base_lr == pytest.approx(3)
+    assert rec.max_lr <= rec.suggestions["loss_max"] * (1 + 1e-12)
