@@ -109,10 +109,28 @@ class FusedSGDUpdate:
                 return False
         return any(g is not None for g in grads)
 
-    def __call__(self, grads: Sequence[tf.Tensor | None], variables: Sequence[keras.Variable]) -> None:
+    def __call__(self, grads: Sequence[tf.Tensor | None], variables: Sequence[keras.Variable],
+                 momentum: tf.Tensor | None = None) -> None:
+        """Applies one SGD update (inside a tf.function; also works eagerly).
+
+        Args:
+          grads, variables: as `optimizer.apply`.
+          momentum: optional scalar float tensor, clrlab SGD only: the momentum this update uses, as if it
+            had first been assigned to `optimizer.momentum_variable` (which is then left as it is: the
+            caller assigns it when the state should hold it). Each variable's kernel gets
+            `cast(momentum, variable.dtype)`: bit for bit what assigning it to the float64 variable and
+            reading that back gives, for a float16, bfloat16, float32 or float64 momentum (each is exact
+            in float64). It saves the per-step assign, read and cast of the variable (cyclical momentum).
+            With the `optimizer.apply` fallback the value is assigned to the variable first.
+        """
         optimizer = self.optimizer
         grads, variables = list(grads), list(variables)
+        if momentum is not None and self._momentum_variable is None:
+            raise ValueError("momentum= needs a clrlab.optimizers.SGD (keras.optimizers.SGD keeps its momentum as "
+                             "a Python float).")
         if not self._fusable(grads, variables):
+            if momentum is not None:  # optimizer.apply reads the variable
+                self._momentum_variable.assign(tf.cast(momentum, self._momentum_variable.dtype))
             optimizer.apply(grads, variables)
             return
         # As Keras' SGD.update_step: the LR variable and the momentum cast to each variable's dtype.
@@ -127,8 +145,10 @@ class FusedSGDUpdate:
             grad = tf.cast(grad, dtype)
             if self._momentum_variable is not None or optimizer.momentum != 0:
                 if dtype not in momenta:
-                    momentum = optimizer.momentum if self._momentum_variable is None else self._momentum_variable
-                    momenta[dtype] = tf.cast(momentum, dtype)
+                    value = momentum
+                    if value is None:
+                        value = optimizer.momentum if self._momentum_variable is None else self._momentum_variable
+                    momenta[dtype] = tf.cast(value, dtype)  # no op when `momentum` already has that dtype
                 accum = _tf_variable(optimizer.momentums[optimizer._get_variable_index(variable)])
                 tf.raw_ops.ResourceApplyKerasMomentum(
                     var=tf_var.handle, accum=accum.handle, lr=lr, grad=grad,
