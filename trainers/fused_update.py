@@ -24,7 +24,9 @@ The update reads the optimizer's own learning-rate variable and momentum slots a
 `clrlab.optimizers.SGD` keeps its momentum in a float64 variable that a loop may assign every step
 (cyclical momentum); its momentum slots always exist, so it always takes ResourceApplyKerasMomentum
 with `momentum = cast(momentum_variable, dtype)`, read at run time: the same arithmetic as its
-`update_step` (at momentum 0 too: `accum = accum * 0 - grad * lr; var += accum`).
+`update_step` (at momentum 0 too: `accum = accum * 0 - grad * lr; var += accum`). A caller that computes
+the momentum every step (the custom loop's momentum schedule) may pass it as a tensor instead
+(`momentum=`), which saves assigning, reading and casting the variable every step, bit for bit.
 
 Only the plain case is fused; everything else keeps `optimizer.apply` (see `unfusable_reason`):
 other optimizers (Adam's kernel computes `1 - beta_1` in float32 where Keras rounds it from a Python
