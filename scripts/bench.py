@@ -56,9 +56,12 @@ Contenders (ids used in the table and the JSON):
   h_log100    a_default with --summary_every=100.
   i_mom_const (mlp) a_default with clrlab.optimizers.SGD (momentum in a float64 variable) at a constant
               momentum 0.9, fused update on: the baseline of the cycling-momentum ratio.
-  i_mom_cycle (mlp) i_mom_const with the loop assigning schedules.CyclicalMomentum(clr, 0.85, 0.95) to
-              the momentum variable every step and recording/logging it (cyclical momentum, Smith 2018),
-              fused update on.
+  i_mom_cycle (mlp) i_mom_const with the trainer's momentum_schedule schedules.CyclicalMomentum(clr, 0.85,
+              0.95): a new momentum every step (passed to the fused update, the momentum variable set
+              once per call), recorded and logged every step (cyclical momentum, Smith 2018).
+              Both momentum contenders run as 3 copies each (own model, optimizer, trainer; built in
+              alternating order), each copy running the repeat's steps, so that one copy's placement in
+              memory (up to ~2% of speed between identical copies) does not pass for a 1% cost.
   z_floor     (diagnostic) the same model step (forward, L2, backward, SGD update) in a bare
               `for _ in tf.range(n)` tf.function that only sums the loss: no LR assignment, no per-step
               records, no summaries. No loop does less, so floor/c and floor/d bound (a)/(c) and (a)/(d).
@@ -79,6 +82,11 @@ warming up the contender. Where /proc/self/clear_refs is not writable, ru_maxrss
 `--profile` then runs a_default, z_floor, d_fit_sched and c_fit_cb under tf.profiler and adds, per op
 type, the TensorFlow op time and op count per step: where the step time goes.
 
+`--op_counts` then counts, for every custom-loop contender, the ops one training step runs: the nodes of
+the traced loop body, and the nodes of the loop frame in the graph TensorFlow's executor runs (after
+Grappler and the lowering of the while loop), by op type; per ratio, their difference. Unlike a time,
+no other process on the machine can move it.
+
 Output: a table on stdout (progress on stderr) and a JSON file (--out) with, per workload and
 contender, steps/s, examples/s, ms/step, CPU ms/step, memory, trace counts and the per-repeat values,
 plus the ratios with confidence intervals, targets and pass flags. `--quick` uses a handful of steps
@@ -90,6 +98,7 @@ Invalid flag values print one line `error: ...` on stderr and exit with status 1
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import glob
 import json
@@ -147,7 +156,7 @@ DESCRIPTIONS = {
     "g_range": "range-test step: a_default loop with ExponentialSweep",
     "h_log100": "clrlab loop as a_default, summaries every 100 steps",
     "i_mom_const": "clrlab loop as a_default, clrlab.optimizers.SGD at constant momentum, fused",
-    "i_mom_cycle": "clrlab loop as i_mom_const, CyclicalMomentum assigned every step, fused",
+    "i_mom_cycle": "clrlab loop as i_mom_const, a CyclicalMomentum value every step, fused",
     "z_floor": "bare model step in a tf.range loop (no LR/records/summaries)",
 }
 TUNED_STEPS = 1000  # steps_per_loop of a_tuned, steps_per_execution of d_fit_big
@@ -162,8 +171,11 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "linear": dict(model="linear", input_shape=(28, 28, 1), steps=100, repeats=31,
                    contenders=tuple(c for c in ALL_CONTENDERS if c not in ("f_bf16", "f_fp16", *MOMENTUM_CONTENDERS)),
                    multipliers={"a_tuned": 10, "d_fit_big": 10}, profile_steps=20),
+    # The momentum pair runs as 3 copies each (copies_contender): its target is a 1% difference, below
+    # what one copy's memory placement can shift.
     "mlp": dict(model="mlp", input_shape=(28, 28, 1), steps=100, repeats=51, contenders=ALL_CONTENDERS,
-                multipliers={"a_tuned": 10, "d_fit_big": 10}, profile_steps=10),
+                multipliers={"a_tuned": 10, "d_fit_big": 10}, profile_steps=10,
+                copies={"i_mom_const": 3, "i_mom_cycle": 3}),
     # ~0.07 s/step on 2 cores: calls of 10 steps (a call costs ~1 ms against 0.7 s of compute, so
     # steps_per_loop cannot matter: no a_tuned/d_fit_big); c_classic only on linear and MLP.
     "small_cnn": dict(model="small_cnn", input_shape=(28, 28, 1), steps=10, repeats=20,
@@ -177,7 +189,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 }
 # --quick: tiny steps and batches; MiniGoogLeNet only when named in --workloads (tracing it alone takes
 # ~10 s per contender on 2 cores).
-QUICK = dict(steps=4, repeats=2, batch_size=8, workloads=("mlp", "small_cnn"))
+QUICK = dict(steps=4, repeats=2, batch_size=8, workloads=("mlp", "small_cnn"), copies=2)
 
 # ratio key -> (numerator, denominator, kind, {workload: target}, comparison). kind "throughput": ratio
 # of steps/s; kind "time": ratio of seconds per step.
@@ -272,6 +284,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="After the timings, run " + ", ".join(PROFILED) + " under tf.profiler (up to 200 "
                         "steps each) and add each one's TensorFlow op time per step, by op type, to the JSON "
                         "(where the step time goes; the numbers behind BENCHMARKS.md's analysis).")
+    p.add_argument("--op_counts", action="store_true",
+                   help="After the timings, count the ops each step of every custom-loop contender runs (traced "
+                        "loop body; loop frame of the graph the executor runs, by op type) and, per ratio, their "
+                        "difference: a figure the machine's load cannot move.")
     p.add_argument("--seed", type=int, default=0, help="Seed for weights and data (default 0).")
     p.add_argument("--logdir", default=None,
                    help="Where the contenders' TensorBoard writers write (default: a temporary folder, "
@@ -395,11 +411,36 @@ class _FitTimer:
 
 class Contender:
     """A ready-to-run contender: `run(n)` trains n steps and returns the seconds they took; `call_size` is
-    the steps per compiled call (warm-up runs two calls of it)."""
+    the steps per compiled call (warm-up runs two calls of it). Custom-loop contenders also keep their
+    `trainer` and data `iterator` (for --op_counts)."""
 
     def __init__(self, name: str, run: Callable[[int], float], traces: Callable[[], int | None], config: dict,
-                 call_size: int):
+                 call_size: int, trainer=None, iterator=None):
         self.name, self.run, self.traces, self.config, self.call_size = name, run, traces, config, call_size
+        self.trainer, self.iterator = trainer, iterator
+
+
+def copies_contender(copies: list[Contender]) -> Contender:
+    """One contender made of several identically configured copies (own model, optimizer, trainer each):
+    `run(n)` runs n // len(copies) steps on each copy (n must be a multiple; the copies' order rotates
+    from call to call) and returns the summed seconds. Averages out what one copy's placement in memory
+    does to its speed (two identical copies of the same trainer differed by up to ~2% in one process)."""
+    k, calls = len(copies), [0]
+
+    def run(n: int) -> float:
+        if n % k:
+            raise ValueError(f"{n} steps do not split over {k} copies")
+        start = calls[0] % k
+        calls[0] += 1
+        return sum(c.run(n // k) for c in copies[start:] + copies[:start])
+
+    def traces():
+        counts = [c.traces() for c in copies]
+        return None if any(t is None for t in counts) else max(counts)  # per copy
+
+    first = copies[0]
+    return Contender(first.name, run, traces, {**first.config, "copies": k}, first.call_size * k,
+                     trainer=first.trainer, iterator=first.iterator)
 
 
 def _tracing_count(fn) -> int | None:
@@ -542,7 +583,7 @@ def build_contender(name: str, spec: dict, dataset, *, steps_total: int, tuned: 
               "momentum_schedule": None if momentum_schedule is None else type(momentum_schedule).__name__}
     # The loop's step count is a tensor: any call size reuses the trace, so warm up with short calls.
     return Contender(name, run, lambda: _tracing_count(trainer._loop_fn), config,
-                     call_size=min(steps_per_loop, 20))
+                     call_size=min(steps_per_loop, 20), trainer=trainer, iterator=iterator)
 
 
 def make_dataset(spec: dict, batch_size: int, seed: int):
@@ -637,6 +678,65 @@ def profile_contender(contender: Contender, steps: int) -> dict:
             "ops": {t: {"us_per_step": time_us[t] / steps, "per_step": count[t] / steps} for t in top}}
 
 
+def _while_frame_ops(graph_def) -> collections.Counter:
+    """Op types of the nodes inside the while-loop frames of a lowered (executor) graph: the nodes reachable
+    from an Enter node by data or control edges without passing an Exit node, Enter itself excluded (it
+    runs once per loop). In the custom loop these are the nodes that run once per training step."""
+    consumers = collections.defaultdict(list)
+    for node in graph_def.node:
+        for name in node.input:
+            consumers[name.lstrip("^").split(":")[0]].append(node)
+    counts: collections.Counter = collections.Counter()
+    seen: set[str] = set()
+    todo = [n for n in graph_def.node if n.op == "Enter"]
+    while todo:
+        node = todo.pop()
+        if node.name in seen or node.op == "Exit":
+            continue
+        seen.add(node.name)
+        if node.op != "Enter":
+            counts[node.op] += 1
+        todo.extend(consumers[node.name])
+    return counts
+
+
+def loop_op_counts(contender: Contender) -> dict | None:
+    """Per-step op counts of a custom-loop contender's compiled loop (None for model.fit contenders).
+
+    `traced`: nodes of the traced loop body (`tf.function` graph, before Grappler). `executed`: nodes of
+    the loop frame in the graph the TensorFlow executor runs (after Grappler's rewrites and the lowering of
+    the loop to Enter/Merge/Switch/NextIteration/Exit), by op type: what each step pays for, whatever the
+    machine's load. Obtained by tracing the trainer's loop once more and running it for 2 steps under
+    run metadata (after the timings; those 2 steps train the model further)."""
+    import tensorflow as tf
+    from tensorflow.python.eager import context
+
+    trainer = contender.trainer
+    if trainer is None:
+        return None
+    graph = trainer._loop_fn.get_concrete_function(contender.iterator, tf.constant(1)).graph.as_graph_def()
+    bodies = [f for f in graph.library.function if "while_body" in f.signature.name]
+    traced = max(len(f.node_def) for f in bodies)
+    fresh = tf.function(trainer._loop, reduce_retracing=True)
+    ctx = context.context()
+    ctx.enable_run_metadata()
+    try:
+        if trainer.summary_writer is not None:
+            with trainer.summary_writer.as_default():
+                fresh(contender.iterator, tf.constant(2))
+        else:
+            fresh(contender.iterator, tf.constant(2))
+        metadata = ctx.export_run_metadata()
+    finally:
+        ctx.disable_run_metadata()
+    executed: collections.Counter = collections.Counter()
+    for function_graph in metadata.function_graphs:
+        for partition in function_graph.partition_graphs:
+            executed.update(_while_frame_ops(partition))
+    return {"traced_body_ops": traced, "executed_ops_per_step": sum(executed.values()),
+            "executed_by_type": dict(sorted(executed.items()))}
+
+
 def bench_workload(wname: str, args: argparse.Namespace, logdir: str, log: Callable[[str], None]) -> dict:
     import keras
 
@@ -652,21 +752,33 @@ def bench_workload(wname: str, args: argparse.Namespace, logdir: str, log: Calla
             run_steps[n] = max(tuned, run_steps[n] // tuned * tuned)
     dataset = make_dataset(spec, args.batch_size, args.seed)
 
-    contenders: dict[str, Contender] = {}
-    build = {}
-    for name in names:
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
-            contender = build_contender(name, spec, dataset, steps_total=4 * tuned + repeats * steps, tuned=tuned,
-                                        chunk=chunk, seed=args.seed, logdir=os.path.join(logdir, wname))
-            # Warm-up (excluded): tracing, graph optimisation and XLA compilation happen in the first call;
-            # a second call makes sure nothing is left (fit also builds a new data iterator per call).
-            contender.run(contender.call_size)
-            contender.run(contender.call_size)
-            build_s = time.perf_counter() - t0
-        build[name] = {"build_and_warmup_s": build_s, "build_rss_delta_mb": mem.delta}
-        contenders[name] = contender
-        log(f"  [{wname}] built {name} ({build_s:.1f}s)")
+    # Copies per contender (own model, optimizer and trainer each; see copies_contender), built in rounds
+    # whose order alternates (A B, B A, A B ...), so that neither side of a ratio is always built first.
+    copies = {n: min(spec.get("copies", {}).get(n, 1), QUICK["copies"] if args.quick else 10**6) for n in names}
+    for n in names:
+        run_steps[n] *= copies[n]  # each copy runs the steps a single contender would
+    built: dict[str, list[Contender]] = {n: [] for n in names}
+    build = {n: {"build_and_warmup_s": 0.0, "build_rss_delta_mb": 0.0} for n in names}
+    for round_ in range(max(copies.values(), default=1)):
+        in_round = [n for n in names if copies[n] > round_]
+        for name in in_round if round_ % 2 == 0 else in_round[::-1]:
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                contender = build_contender(name, spec, dataset, steps_total=4 * tuned + repeats * steps,
+                                            tuned=tuned, chunk=chunk, seed=args.seed,
+                                            logdir=os.path.join(logdir, wname, f"copy{round_}"))
+                # Warm-up (excluded): tracing, graph optimisation and XLA compilation happen in the first
+                # call; a second call makes sure nothing is left (fit also builds a new data iterator per call).
+                contender.run(contender.call_size)
+                contender.run(contender.call_size)
+                build_s = time.perf_counter() - t0
+            build[name]["build_and_warmup_s"] += build_s
+            build[name]["build_rss_delta_mb"] += mem.delta
+            built[name].append(contender)
+            log(f"  [{wname}] built {name}" + (f" copy {round_ + 1}/{copies[name]}" if copies[name] > 1 else "")
+                + f" ({build_s:.1f}s)")
+    contenders: dict[str, Contender] = {n: (built[n][0] if copies[n] == 1 else copies_contender(built[n]))
+                                        for n in names}
 
     # Settle: building later contenders adds functions to the runtime, after which the first call of an
     # earlier contender's function is slow again (measured: ~10x for a few steps). One more untimed
@@ -706,6 +818,7 @@ def bench_workload(wname: str, args: argparse.Namespace, logdir: str, log: Calla
             "peak_rss_mb": max(peaks[name]),
             "peak_rss_delta_mb": max(deltas[name]),
             **build[name],
+            "copies": copies[name],
             "traces": contenders[name].traces(),
         }
     ratios = {}
@@ -736,8 +849,24 @@ def bench_workload(wname: str, args: argparse.Namespace, logdir: str, log: Calla
             n = 2 if args.quick else spec["profile_steps"]
             if name.startswith("d_"):
                 n = max(n, contenders[name].call_size)  # whole executions
+            n = -(-n // copies[name]) * copies[name]  # whole steps on every copy
             profiles[name] = profile_contender(contenders[name], n)
             log(f"  [{wname}] profiled {name}: {profiles[name]['op_us_per_step']:.0f} us of op time per step")
+    if args.op_counts:  # load-independent: the ops each step runs
+        for name in results:
+            ops = loop_op_counts(contenders[name])
+            if ops is not None:
+                results[name]["loop_ops"] = ops
+        for r in ratios.values():
+            num_ops, den_ops = (results[r[k]].get("loop_ops") for k in ("numerator", "denominator"))
+            if num_ops and den_ops:
+                kinds = set(num_ops["executed_by_type"]) | set(den_ops["executed_by_type"])
+                r["loop_ops_difference"] = {
+                    "traced_body_ops": num_ops["traced_body_ops"] - den_ops["traced_body_ops"],
+                    "executed_ops_per_step": num_ops["executed_ops_per_step"] - den_ops["executed_ops_per_step"],
+                    "executed_by_type": {
+                        t: d for t in sorted(kinds)
+                        if (d := num_ops["executed_by_type"].get(t, 0) - den_ops["executed_by_type"].get(t, 0))}}
     params = int(build_model(spec, None).count_params())
     keras.backend.clear_session()
     return {"model": spec["model"], "input_shape": list(spec["input_shape"]), "num_classes": 10,
@@ -780,6 +909,16 @@ def format_table(result: dict) -> str:
             verdict = r["verdict"] or ""
             lines.append(f"  {key:<30} {r['value']:>6.3f} [{r['ci95'][0]:>6.3f}-{r['ci95'][1]:>6.3f}] "
                          f"{r['cpu_time_value']:>6.3f} {target:>8}  {verdict}")
+        for r in w["ratios"].values():
+            if "loop_ops_difference" in r:
+                d = r["loop_ops_difference"]
+                lines.append(f"  ops per step {r['numerator']} - {r['denominator']}: traced body "
+                             f"{d['traced_body_ops']:+d}, executed {d['executed_ops_per_step']:+d} "
+                             f"({', '.join(f'{t} {v:+d}' for t, v in d['executed_by_type'].items()) or 'none'})")
+        for name, c in w["contenders"].items():
+            if "loop_ops" in c:
+                lines.append(f"  ops per step {name:<12} traced body {c['loop_ops']['traced_body_ops']}, "
+                             f"executed {c['loop_ops']['executed_ops_per_step']}")
         for name, prof in w.get("profile", {}).items():
             top = ", ".join(f"{t} {v['us_per_step']:.0f}" for t, v in list(prof["ops"].items())[:8])
             lines.append(f"  profile {name:<12} {prof['op_us_per_step']:>8.0f} us op time/step; top (us/step): {top}")

@@ -42,7 +42,7 @@ def positive(x) -> bool:
 @pytest.mark.slow
 def test_quick_run_writes_every_workload_contender_and_ratio(tmp_path):
     out = tmp_path / "new_folder" / "bench.json"  # the folder is created
-    proc = run_bench("--quick", "--workloads=mlp", f"--out={out}")
+    proc = run_bench("--quick", "--workloads=mlp", "--op_counts", f"--out={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "results written to" in proc.stdout and "a_over_c" in proc.stdout  # the table went to stdout
     result = json.loads(out.read_text())
@@ -71,9 +71,27 @@ def test_quick_run_writes_every_workload_contender_and_ratio(tmp_path):
         # examples/s = steps/s x batch size
         assert c["examples_per_s"]["median"] == pytest.approx(c["steps_per_s"]["median"] * w["batch_size"])
 
-    # The cycling-momentum pair: same clrlab SGD, fused, the loop assigning the momentum only in i_mom_cycle.
+    # The cycling-momentum pair: same clrlab SGD, fused, the loop assigning the momentum only in i_mom_cycle;
+    # each as copies (2 under --quick), every other contender as one.
     for name in ("i_mom_const", "i_mom_cycle"):
         assert w["contenders"][name]["config"]["fused_update_reason"] is None, name
+        assert w["contenders"][name]["copies"] == w["contenders"][name]["config"]["copies"] == 2
+    assert all(c["copies"] == 1 for n, c in w["contenders"].items() if not n.startswith("i_mom"))
+    # --op_counts: every custom-loop contender, none of model.fit's; the difference per ratio.
+    for name, c in w["contenders"].items():
+        if c["config"]["trainer"] != "CustomLoopTrainer":
+            assert "loop_ops" not in c, name
+            continue
+        ops = c["loop_ops"]
+        assert positive(ops["traced_body_ops"]) and positive(ops["executed_ops_per_step"]), name
+        assert sum(ops["executed_by_type"].values()) == ops["executed_ops_per_step"], name
+        summaries = ops["executed_by_type"].get("WriteSummary", 0)  # lr, loss, accuracy, l2_loss, total_loss..
+        assert summaries >= 5 if c["config"]["summary_writer"] else summaries == 0, name
+    diff = w["ratios"]["momentum_cycle_over_const"]["loop_ops_difference"]
+    cycle, const = (w["contenders"][n]["loop_ops"] for n in ("i_mom_cycle", "i_mom_const"))
+    assert diff["executed_ops_per_step"] == cycle["executed_ops_per_step"] - const["executed_ops_per_step"]
+    assert diff["executed_by_type"]["WriteSummary"] == 1  # the momentum scalar
+    assert "loop_ops_difference" not in w["ratios"]["a_over_c"]  # c_fit_cb is model.fit
     assert w["contenders"]["i_mom_cycle"]["config"]["momentum_schedule"] == "CyclicalMomentum"
     assert w["contenders"]["i_mom_const"]["config"]["momentum_schedule"] is None
     assert set(w["ratios"]) == set(bench.RATIOS)  # every ratio: all its contenders ran
@@ -113,6 +131,42 @@ def test_help_describes_the_flags_and_contenders():
     for flag in ("--quick", "--out", "--repeats", "--steps", "--workloads", "--contenders", "--batch_size"):
         assert flag in proc.stdout
     assert "c_fit_cb" in proc.stdout and "d_fit_sched" in proc.stdout
+
+
+def test_copies_split_the_steps_rotate_and_sum_the_seconds():
+    calls = []
+
+    def copy(i, traces=1):
+        def run(n):
+            calls.append((i, n))
+            return 0.5 * n
+        return bench.Contender("x", run, lambda: traces, {"a": 1}, call_size=3)
+
+    both = bench.copies_contender([copy(0), copy(1)])
+    assert both.config == {"a": 1, "copies": 2} and both.call_size == 6 and both.traces() == 1
+    assert both.run(8) == 4.0 and both.run(4) == 2.0
+    assert calls == [(0, 4), (1, 4), (1, 2), (0, 2)]  # n // copies each, the first copy rotating
+    with pytest.raises(ValueError, match="do not split"):
+        both.run(5)
+    assert bench.copies_contender([copy(0), copy(1, traces=2)]).traces() == 2  # a retrace in any copy shows
+    assert bench.copies_contender([copy(0), copy(1, traces=None)]).traces() is None
+
+
+def test_while_frame_ops_counts_the_nodes_between_enter_and_exit():
+    from types import SimpleNamespace as Node
+
+    nodes = [Node(op="Const", name="outside", input=[]),
+             Node(op="Enter", name="enter", input=["outside"]),
+             Node(op="Merge", name="merge", input=["enter", "next"]),
+             Node(op="Switch", name="switch", input=["merge", "cond"]),
+             Node(op="Identity", name="body", input=["switch:1"]),
+             Node(op="Const", name="in_frame", input=["^body"]),  # a control edge keeps it in the frame
+             Node(op="AddV2", name="add", input=["body", "in_frame"]),
+             Node(op="NextIteration", name="next", input=["add"]),
+             Node(op="Exit", name="exit", input=["switch"]),
+             Node(op="Identity", name="after", input=["exit"])]
+    counts = bench._while_frame_ops(Node(node=nodes))
+    assert counts == {"Merge": 1, "Switch": 1, "Identity": 1, "Const": 1, "AddV2": 1, "NextIteration": 1}
 
 
 def test_median_ci_is_the_order_statistic_interval_of_the_binomial():

@@ -13,6 +13,8 @@ paths, on models of a few parameters.
 
 from __future__ import annotations
 
+import collections
+
 import keras
 import numpy as np
 import pytest
@@ -226,6 +228,71 @@ def test_per_call_momentum_is_bitwise_the_per_step_momentum():
     slow_records = slow.train_steps(slow.make_iterator(ds.skip(1)), 9)
     np.testing.assert_array_equal(np.concatenate([r.momentum for r in fast_records])[1:].view(np.int32),
                                   slow_records.momentum.view(np.int32))
+
+
+def _loop_body_ops(trainer, iterator) -> collections.Counter:
+    """Op types of the traced per-step loop body (`for i in tf.range(num_steps)`) of `trainer`'s call."""
+    graph = trainer._loop_fn.get_concrete_function(iterator, tf.constant(1)).graph.as_graph_def()
+    (body,) = [f for f in graph.library.function if "while_body" in f.signature.name]
+    return collections.Counter(node.op for node in body.node_def)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_cycling_momentum_adds_no_per_step_op(fused):
+    """With the fused update the momentum goes from the per-call table straight into the update kernels: the
+    loop body assigns no momentum variable and has no more ops than at a constant momentum (optimizer.apply
+    reads the variable, so the unfused loop assigns it every step)."""
+    lr = schedules.CyclicalLearningRate(0.01, 0.1, 3)
+    ops = {}
+    for cycle in (False, True):
+        trainer = _trainer(optimizers.SGD(0.0, 0.9), lr, fused_updates=fused,
+                           momentum_schedule=schedules.CyclicalMomentum(lr, 0.8, 0.95) if cycle else None)
+        iterator = _iterator(trainer)
+        trainer.train_steps(iterator, 2)
+        ops[cycle] = _loop_body_ops(trainer, iterator)
+    assert ops[True]["AssignVariableOp"] == ops[False]["AssignVariableOp"] + (0 if fused else 1)
+    if fused:
+        assert sum(ops[True].values()) <= sum(ops[False].values())
+        assert ops[True]["GatherV2"] == ops[False]["GatherV2"] == 1  # one [lr, momentum] row per step
+
+
+@pytest.mark.parametrize("lr_schedule", [
+    schedules.CyclicalLearningRate(0.01, 0.1, 3),  # momentum table per call
+    schedules.CyclicalLearningRate(0.01, 0.1, 3, mode="triangular2"),  # momentum evaluated per step
+])
+def test_fused_momentum_variable_holds_each_calls_last_momentum(lr_schedule):
+    """Fused, the variable is assigned once per call: after every call (when the controller checkpoints) it
+    holds the momentum of the call's last step, as the per-step assignment left it."""
+    trainer = _trainer(optimizers.SGD(0.0, 0.9), lr_schedule,
+                       momentum_schedule=schedules.CyclicalMomentum(lr_schedule, 0.8, 0.95))
+    assert trainer.fused_update_reason is None
+    iterator = _iterator(trainer)
+    for n in (4, 1, 3):
+        records = trainer.train_steps(iterator, n)
+        variable = optimizers.momentum_variable(trainer.optimizer)
+        assert variable.dtype == "float64" and float(variable.numpy()) == float(records.momentum[-1])
+
+
+@pytest.mark.parametrize("momentum", [
+    lambda t: 0.9 - 0.05 * tf.cast(t % 3, tf.float64),  # float64, exactly vectorizable: a float64 table
+    lambda t: 0.9 - 0.05 * tf.cos(tf.cast(t, tf.float64)),  # float64, evaluated per step
+])
+def test_float64_momentum_schedule_fused_is_unfused_bit_for_bit(momentum):
+    lr = schedules.CyclicalLearningRate(0.01, 0.1, 3)
+    runs = {}
+    for fused in (True, False):
+        trainer = _trainer(optimizers.SGD(0.0, 0.9), lr, fused_updates=fused, momentum_schedule=momentum)
+        iterator = _iterator(trainer, tf.reshape(tf.range(12, dtype=tf.float32) / 7, [4, 3]))
+        runs[fused] = trainer, np.concatenate([trainer.train_steps(iterator, n).momentum for n in (5, 2)])
+    (fused, fused_momenta), (plain, plain_momenta) = runs[True], runs[False]
+    assert fused.fused_update_reason is None and plain.fused_update_reason is not None
+    expected = momentum(tf.range(7, dtype=tf.int64)).numpy()
+    np.testing.assert_array_equal(fused_momenta, expected.astype(np.float32))
+    np.testing.assert_array_equal(plain_momenta, fused_momenta)
+    for a, b in zip(fused.model.weights + fused.optimizer.variables, plain.model.weights + plain.optimizer.variables,
+                    strict=True):
+        np.testing.assert_array_equal(np.atleast_1d(a.numpy()).view(np.uint8), np.atleast_1d(b.numpy()).view(np.uint8))
+    assert float(optimizers.momentum_variable(fused.optimizer).numpy()) == float(expected[-1])
 
 
 def test_a_momentum_schedule_needs_a_momentum_variable_the_optimizer_does_not_schedule():

@@ -31,7 +31,10 @@ def _bits(values) -> list[np.ndarray]:
     return [np.atleast_1d(keras.ops.convert_to_numpy(v)).view(np.uint8) for v in values]
 
 
-def _train(optimizer_kwargs: dict, fused: bool, steps: int = 6, embedding: bool = False, cycle_momentum=False):
+def _train(optimizer_kwargs: dict, fused: bool, steps: int = 6, embedding: bool = False, cycle_momentum=False,
+           momentum_dtype=None):
+    """Trains `steps` steps; with `momentum_dtype` (and `cycle_momentum`) the cycling momentum is passed to
+    the fused update as a tensor of that dtype instead of being assigned to the momentum variable."""
     model = _model(embedding=embedding)
     optimizer = (optimizers.SGD if cycle_momentum else keras.optimizers.SGD)(**optimizer_kwargs)
     optimizer.build(model.trainable_variables)
@@ -47,11 +50,18 @@ def _train(optimizer_kwargs: dict, fused: bool, steps: int = 6, embedding: bool 
     @tf.function
     def step(x, y, lr):
         optimizer.learning_rate.assign(lr)
-        if cycle_momentum:  # a new momentum every step, as the trainer's momentum schedule assigns it
-            optimizer.momentum_variable.assign(tf.cast(0.97 - lr / 10.0, tf.float64))
+        momentum = None
+        if cycle_momentum:  # a new momentum every step, as the trainer's momentum schedule gives it
+            momentum = 0.97 - lr / 10.0
+            if momentum_dtype is None:
+                optimizer.momentum_variable.assign(tf.cast(momentum, tf.float64))
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=True)) + tf.add_n(model.losses or [tf.constant(0.0)])
-        apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        grads = tape.gradient(loss, model.trainable_variables)
+        if momentum_dtype is None:
+            apply(grads, model.trainable_variables)
+        else:
+            apply(grads, model.trainable_variables, momentum=tf.cast(momentum, momentum_dtype))
 
     for i in range(steps):
         step(xs[i], ys[i], tf.constant(0.05 + 0.37 * i, tf.float32))  # a new, large LR every step
@@ -115,6 +125,48 @@ def test_fused_clrlab_sgd_with_cycling_momentum_is_its_update_step_bit_for_bit(k
     const_model, _, _, _ = _train(kwargs, fused=True)
     assert not np.allclose(keras.ops.convert_to_numpy(const_model.trainable_variables[0]),
                            keras.ops.convert_to_numpy(fused_model.trainable_variables[0]))
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
+def test_a_momentum_tensor_is_the_assigned_momentum_variable_bit_for_bit(nesterov, dtype):
+    """`FusedSGDUpdate(..., momentum=m)` (what the trainer passes with a momentum schedule) updates exactly as
+    assigning m to the variable and reading it back, and leaves the variable alone."""
+    kwargs = {"learning_rate": 0.1, "momentum": 0.9, "nesterov": nesterov}
+    ref_model, _, ref_slots, ref_step = _train(kwargs, fused=True, cycle_momentum=True)
+    model, optimizer, slots, step = _train(kwargs, fused=True, cycle_momentum=True, momentum_dtype=dtype)
+    ops, ref_ops = ([node.op for node in fn.get_concrete_function(
+        tf.TensorSpec([8, 6]), tf.TensorSpec([8], tf.int32), tf.TensorSpec([], tf.float32)).graph.as_graph_def().node]
+        for fn in (step, ref_step))
+    # One assign fewer than the reference (its momentum variable assign).
+    assert ops.count("AssignVariableOp") == ref_ops.count("AssignVariableOp") - 1
+    assert ops.count("ResourceApplyKerasMomentum") == len(slots)
+    for a, b in zip(_bits(ref_model.trainable_variables + ref_slots), _bits(model.trainable_variables + slots),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert float(optimizer.momentum_variable.numpy()) == 0.9  # not assigned: the caller's job
+
+
+def test_a_momentum_tensor_with_the_optimizer_apply_fallback_is_assigned_first():
+    kwargs = {"learning_rate": 0.1, "momentum": 0.9}
+    ref_model, ref_opt, ref_slots, _ = _train(kwargs, fused=False, embedding=True, cycle_momentum=True)
+    model, optimizer, slots, _ = _train(kwargs, fused=True, embedding=True, cycle_momentum=True,
+                                        momentum_dtype=tf.float32)
+    for a, b in zip(_bits(ref_model.trainable_variables + ref_slots), _bits(model.trainable_variables + slots),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Sparse gradients: optimizer.apply read the variable, so the last momentum was assigned to it.
+    assert float(optimizer.momentum_variable.numpy()) == float(np.float32(0.97 - np.float32(0.05 + 0.37 * 5) / 10))
+    assert float(ref_opt.momentum_variable.numpy()) == float(optimizer.momentum_variable.numpy())
+
+
+def test_a_momentum_tensor_needs_a_clrlab_sgd():
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+    model = _model()
+    optimizer.build(model.trainable_variables)
+    grads = [tf.zeros_like(v) for v in model.trainable_variables]
+    with pytest.raises(ValueError, match="momentum= needs a clrlab.optimizers.SGD"):
+        FusedSGDUpdate(optimizer)(grads, model.trainable_variables, momentum=tf.constant(0.9))
 
 
 class _MySGD(keras.optimizers.SGD):

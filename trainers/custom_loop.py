@@ -6,7 +6,9 @@ This module holds the training step and nothing else (no epochs, files or callba
     lr = schedule(global_step)                 # float32, from the trainer's checkpointed int64 step
     optimizer.learning_rate.assign(lr)         # the optimizer's own LR variable, cross-replica context
     [m = momentum_schedule(global_step)        # only with a momentum schedule (cyclical momentum)
-     momentum_variable(optimizer).assign(m)]   # clrlab.optimizers' float64 momentum / beta_1 variable
+     momentum_variable(optimizer).assign(m)]   # clrlab.optimizers' float64 momentum / beta_1 variable; with
+                                               # the fused SGD update m goes straight into the update kernels
+                                               # and the variable is assigned once per call (last step's m)
     x, y = next(iterator)
     strategy.run(step_fn): tape -> loss (data) [+ l2_loss = total_loss] -> [loss scaling] -> gradients -> apply
     summaries (learning_rate[, momentum], loss, accuracy[, l2_loss, total_loss][, loss_scale]) at global_step,
@@ -34,7 +36,7 @@ import tensorflow as tf
 
 from clrlab import keras_internals, optimizers
 from trainers.evaluation import Evaluator
-from trainers.fused_update import make_apply_fn
+from trainers.fused_update import FusedSGDUpdate, make_apply_fn
 
 
 class NonFiniteLossError(RuntimeError):
@@ -135,6 +137,8 @@ class CustomLoopTrainer:
         the loop assigns it to `clrlab.optimizers.momentum_variable(optimizer)` (SGD momentum or Adam's
         `beta_1`), records it (`StepRecords.momentum`) and writes the TensorBoard scalar `momentum`.
         The optimizer must be a `clrlab.optimizers` one built with a float momentum (not a schedule).
+        With the fused SGD update the step's value goes straight into the update and the variable is
+        assigned once per `train_steps` call (the last step's value): the same weights, bit for bit.
     """
 
     def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer,
@@ -172,6 +176,9 @@ class CustomLoopTrainer:
         # The optimizer update: fused SGD kernels where they give Keras' exact arithmetic, else optimizer.apply.
         self._apply_updates, self.fused_update_reason = make_apply_fn(self.optimizer, self.strategy,
                                                                       fused=fused_updates)
+        # With a momentum schedule and the fused update, the step's momentum goes straight into the fused
+        # kernels; the momentum variable is assigned once per call (the last step's value), not every step.
+        self._momentum_in_update = momentum_schedule is not None and isinstance(self._apply_updates, FusedSGDUpdate)
         # XLA compiles the per-replica step only: dataset iterators cannot be compiled.
         self._replica_step = tf.function(self._step_fn, jit_compile=True) if self.jit_compile else self._step_fn
         # Schedules made only of exactly rounded elementwise ops (triangular CLR, Constant, LinearSweep...)
@@ -187,9 +194,10 @@ class CustomLoopTrainer:
         self.evaluator = Evaluator(model, self.strategy, self.loss_fn)
 
     # ----------------------------------------------------------------------------------- graph code
-    def _step_fn(self, x: tf.Tensor, y: tf.Tensor):
+    def _step_fn(self, x: tf.Tensor, y: tf.Tensor, momentum: tf.Tensor | None = None):
         """One replica's step (replica context). Returns (data loss, l2 term or None, total loss, correct,
-        count, grads_finite); the gradients are those of the total loss."""
+        count, grads_finite); the gradients are those of the total loss. `momentum` (fused SGD with a
+        momentum schedule only) is the step's momentum, passed to the fused update."""
         model, optimizer = self.model, self.optimizer
         num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
@@ -212,7 +220,10 @@ class CustomLoopTrainer:
             finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
         else:
             finite = tf.constant(True)
-        self._apply_updates(grads, variables)
+        if momentum is not None:
+            self._apply_updates(grads, variables, momentum=momentum)
+        else:
+            self._apply_updates(grads, variables)
         predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
         correct = tf.reduce_sum(tf.cast(tf.equal(predictions, tf.cast(tf.reshape(y, [-1]), tf.int32)), tf.float32))
         count = tf.cast(tf.shape(per_example)[0], tf.float32)
@@ -234,7 +245,15 @@ class CustomLoopTrainer:
             call are computed once before the loop from `global_step + range(n)`; each step gathers its
             own (one op instead of the schedule's dozen). The values are bit for bit those of the
             per-step evaluation, which other schedules keep. The momentum schedule gets the same
-            treatment on its own (a `CyclicalMomentum` over a triangular CLR is exactly vectorizable);
+            treatment (a `CyclicalMomentum` over a triangular CLR is exactly vectorizable); when both
+            tables are float32 they are one [n, 2] table: one gather (and one loop-carried tensor) per
+            step for both;
+          * with a momentum schedule and the fused SGD update, the step's momentum is passed to the
+            fused kernels as a tensor (bit for bit what assigning and reading the float64 variable
+            gives): no per-step assign, read and cast of the momentum variable. The variable is
+            assigned once after the loop, with the last step's momentum, so checkpoints taken between
+            calls hold what per-step assignment would have left. `optimizer.apply` (every other
+            optimizer) reads the variable, so there it is assigned every step;
           * the summary gate is decided once at trace time when it can be: with `summary_every == 1` the
             scalars are written unconditionally (no per-scalar `record_if` callable and cond), otherwise
             ONE `tf.cond` on `step % summary_every == 0` guards all of them; without `summary_writer` no
@@ -247,18 +266,40 @@ class CustomLoopTrainer:
             tf.debugging.assert_equal(tf.shape(lr_table), tf.reshape(num_steps, [1]),
                                       message="the schedule must map a vector of steps to one LR per step")
         momentum_table = None
-        if self._momentum_table:  # likewise for the momentum schedule, in the variable's dtype
-            momentum_table = tf.cast(self.momentum_schedule(first_step + tf.range(tf.cast(num_steps, tf.int64))),
-                                     self._momentum_variable.dtype)
+        if self._momentum_table:  # likewise for the momentum schedule (float32 when that is exact)
+            momentum_table = self._momentum_value(
+                self.momentum_schedule(first_step + tf.range(tf.cast(num_steps, tf.int64))))
             tf.debugging.assert_equal(tf.shape(momentum_table), tf.reshape(num_steps, [1]),
                                       message="the momentum schedule must map a vector of steps to one value per step")
+        # Both tables float32: one [n, 2] table, so the loop carries one tensor and gathers one row per step.
+        joint = None
+        if lr_table is not None and momentum_table is not None and momentum_table.dtype == tf.float32:
+            joint = tf.stack([lr_table, momentum_table], axis=1)
         records = tf.TensorArray(tf.float32, size=num_steps, element_shape=[len(self._columns)])
         for i in tf.range(num_steps):
             with tf.name_scope(""):
-                lr = None if lr_table is None else tf.gather(lr_table, i)
-                momentum = None if momentum_table is None else tf.gather(momentum_table, i)
+                if joint is not None:
+                    lr, momentum = tf.unstack(tf.gather(joint, i), num=2)
+                else:
+                    lr = None if lr_table is None else tf.gather(lr_table, i)
+                    momentum = None if momentum_table is None else tf.gather(momentum_table, i)
                 records = records.write(i, self._train_one_step(iterator, lr, momentum))
+        if self._momentum_in_update:  # the state checkpoints save: the momentum of the call's last step
+            if momentum_table is not None:
+                last = tf.gather(momentum_table, num_steps - 1)
+            else:
+                last = self._momentum_value(self.momentum_schedule(self.global_step.read_value() - 1))
+            self._momentum_variable.assign(tf.cast(last, self._momentum_variable.dtype))
         return {"first_step": first_step, "records": records.stack()}
+
+    def _momentum_value(self, momentum) -> tf.Tensor:
+        """A momentum schedule's output as the loop carries it: float32 when that is exact (a float16,
+        bfloat16 or float32 schedule, e.g. `CyclicalMomentum`), else the momentum variable's dtype. Either
+        way, assigning it to the (float64) variable stores the same number (graph code, any shape)."""
+        momentum = tf.convert_to_tensor(momentum)
+        if momentum.dtype in (tf.float16, tf.bfloat16, tf.float32):
+            return tf.cast(momentum, tf.float32)
+        return tf.cast(momentum, self._momentum_variable.dtype)
 
     def _train_one_step(self, iterator, lr: tf.Tensor | None, momentum: tf.Tensor | None = None) -> tf.Tensor:
         """The body of `_loop`: one step at `global_step`, with `lr` = schedule(global_step) and `momentum` =
@@ -272,13 +313,15 @@ class CustomLoopTrainer:
         momentum_record = None
         if self.momentum_schedule is not None:
             if momentum is None:
-                momentum = tf.cast(self.momentum_schedule(step), self._momentum_variable.dtype)
-            self._momentum_variable.assign(momentum)
-            momentum_record = tf.cast(momentum, tf.float32)
+                momentum = self._momentum_value(self.momentum_schedule(step))
+            if not self._momentum_in_update:  # optimizer.apply reads the variable
+                self._momentum_variable.assign(tf.cast(momentum, self._momentum_variable.dtype))
+            momentum_record = tf.cast(momentum, tf.float32)  # no op for a float32 momentum
         # The loss scale this step uses (read before the step may change it).
         loss_scale = tf.cast(self.optimizer.dynamic_scale, tf.float32) if self.loss_scaling else None
         x, y = next(iterator)
-        loss, l2_loss, total_loss, correct, count, finite = strategy.run(self._replica_step, args=(x, y))
+        args = (x, y, momentum) if self._momentum_in_update else (x, y)
+        loss, l2_loss, total_loss, correct, count, finite = strategy.run(self._replica_step, args=args)
         loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
         if l2_loss is not None:
             l2_loss = strategy.reduce(tf.distribute.ReduceOp.SUM, l2_loss, axis=None)

@@ -24,7 +24,9 @@ The update reads the optimizer's own learning-rate variable and momentum slots a
 `clrlab.optimizers.SGD` keeps its momentum in a float64 variable that a loop may assign every step
 (cyclical momentum); its momentum slots always exist, so it always takes ResourceApplyKerasMomentum
 with `momentum = cast(momentum_variable, dtype)`, read at run time: the same arithmetic as its
-`update_step` (at momentum 0 too: `accum = accum * 0 - grad * lr; var += accum`).
+`update_step` (at momentum 0 too: `accum = accum * 0 - grad * lr; var += accum`). A caller that computes
+the momentum every step (the custom loop's momentum schedule) may pass it as a tensor instead
+(`momentum=`), which saves assigning, reading and casting the variable every step, bit for bit.
 
 Only the plain case is fused; everything else keeps `optimizer.apply` (see `unfusable_reason`):
 other optimizers (Adam's kernel computes `1 - beta_1` in float32 where Keras rounds it from a Python
@@ -109,10 +111,28 @@ class FusedSGDUpdate:
                 return False
         return any(g is not None for g in grads)
 
-    def __call__(self, grads: Sequence[tf.Tensor | None], variables: Sequence[keras.Variable]) -> None:
+    def __call__(self, grads: Sequence[tf.Tensor | None], variables: Sequence[keras.Variable],
+                 momentum: tf.Tensor | None = None) -> None:
+        """Applies one SGD update (inside a tf.function; also works eagerly).
+
+        Args:
+          grads, variables: as `optimizer.apply`.
+          momentum: optional scalar float tensor, clrlab SGD only: the momentum this update uses, as if it
+            had first been assigned to `optimizer.momentum_variable` (which is then left as it is: the
+            caller assigns it when the state should hold it). Each variable's kernel gets
+            `cast(momentum, variable.dtype)`: bit for bit what assigning it to the float64 variable and
+            reading that back gives, for a float16, bfloat16, float32 or float64 momentum (each is exact
+            in float64). It saves the per-step assign, read and cast of the variable (cyclical momentum).
+            With the `optimizer.apply` fallback the value is assigned to the variable first.
+        """
         optimizer = self.optimizer
         grads, variables = list(grads), list(variables)
+        if momentum is not None and self._momentum_variable is None:
+            raise ValueError("momentum= needs a clrlab.optimizers.SGD (keras.optimizers.SGD keeps its momentum as "
+                             "a Python float).")
         if not self._fusable(grads, variables):
+            if momentum is not None:  # optimizer.apply reads the variable
+                self._momentum_variable.assign(tf.cast(momentum, self._momentum_variable.dtype))
             optimizer.apply(grads, variables)
             return
         # As Keras' SGD.update_step: the LR variable and the momentum cast to each variable's dtype.
@@ -127,8 +147,10 @@ class FusedSGDUpdate:
             grad = tf.cast(grad, dtype)
             if self._momentum_variable is not None or optimizer.momentum != 0:
                 if dtype not in momenta:
-                    momentum = optimizer.momentum if self._momentum_variable is None else self._momentum_variable
-                    momenta[dtype] = tf.cast(momentum, dtype)
+                    value = momentum
+                    if value is None:
+                        value = optimizer.momentum if self._momentum_variable is None else self._momentum_variable
+                    momenta[dtype] = tf.cast(value, dtype)  # no op when `momentum` already has that dtype
                 accum = _tf_variable(optimizer.momentums[optimizer._get_variable_index(variable)])
                 tf.raw_ops.ResourceApplyKerasMomentum(
                     var=tf_var.handle, accum=accum.handle, lr=lr, grad=grad,
