@@ -71,8 +71,9 @@ class PackingRefused(UserError):
 @dataclasses.dataclass(frozen=True)
 class MemberResult:
     """One member's outcome, with `clrlab.train.RunResult`'s fields plus `error` (the one-line reason of a
-    failed member). `status`: completed, failed, interrupted or already_complete. `seconds` is the member's
-    share of the pack's wall time (the call's seconds / members)."""
+    failed member). `status`: completed, failed, interrupted or already_complete. `seconds` and
+    `loop_seconds` are the member's share (/ members) of the call's wall time and of its training loop (steps,
+    evaluations, checkpoints; None when nothing was trained)."""
 
     status: str
     step: int
@@ -84,6 +85,7 @@ class MemberResult:
     model: Any = None
     seconds: float | None = None
     error: str | None = None
+    loop_seconds: float | None = None
 
 
 def _show(value) -> str:
@@ -404,8 +406,7 @@ class _Pack:
                     status, received = "interrupted", stops.name
                     self.save()
                     break
-        loop_seconds = time.monotonic() - loop_start
-        self.loop_seconds_share = loop_seconds / self.members
+        self.loop_seconds = (time.monotonic() - loop_start) / self.members
         for s in self._live_states():
             s.summary_writer.flush()
             s.validation_writer.flush()
@@ -439,7 +440,7 @@ class _Pack:
         if m in self.failures:
             return MemberResult(status="failed", step=self.trainer.step, logdir=c.logdir, test_metrics=None,
                                 history=s.history, resumed_from=resumed_from, seconds=seconds,
-                                error=self.failures[m])
+                                error=self.failures[m], loop_seconds=self.loop_seconds)
         test_metrics = None
         if status == "completed":
             packed_models.unpack_into(self.packed, m, j.model)
@@ -460,7 +461,7 @@ class _Pack:
             os.replace(f"{model_path}.tmp.keras", model_path)
         return MemberResult(status=status, step=self.trainer.step, logdir=c.logdir, test_metrics=test_metrics,
                             history=s.history, resumed_from=resumed_from, signal=received, model=j.model,
-                            seconds=seconds)
+                            seconds=seconds, loop_seconds=self.loop_seconds)
 
     def _unpack_optimizer(self, m: int) -> None:
         """Member m's Keras optimizer as the unpacked run would hold it: its slots (when the packed optimizer

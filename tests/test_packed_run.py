@@ -180,6 +180,7 @@ def test_a_diverging_member_fails_alone(tmp_path):
     assert [r.status for r in again] == ["already_complete", "failed"] and again[1].error == bad.error
 
 
+@pytest.mark.slow
 def test_a_pack_folder_with_other_members_is_refused(tmp_path, monkeypatch):
     from trainers.packed import PackedTrainer
 
