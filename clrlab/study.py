@@ -191,6 +191,9 @@ def run_study(options: Options, plan: study_grid.Plan) -> int:
     if note:
         print(f"study: {note}", file=sys.stderr, flush=True)
     executed = []
+    # A packed job's members start together: one progress line once the last of them started.
+    last_start = {t.todo[-1] for t in packed}
+    packed_names = {n for t in packed for n in t.todo}
 
     def on_event(kind: str, name: str, payload: Any) -> None:
         if kind == "pack_start":
@@ -201,6 +204,8 @@ def run_study(options: Options, plan: study_grid.Plan) -> int:
             return
         if kind == "start":
             progress.running += 1
+            if name in packed_names and name not in last_start:
+                return
         else:
             progress.running -= 1
             if payload["status"] in ("finished", "failed"):

@@ -294,7 +294,7 @@ def _results(study_dir, names):
 
 @pytest.mark.slow
 def test_kill_9_during_a_packed_study_then_rerun_gives_the_uninterrupted_results(tmp_path):
-    grid = ("--grid=policy=constant,triangular", "--seeds=2", "--steps=160", "--checkpoint_every=20")
+    grid = ("--grid=policy=constant,triangular", "--seeds=2", "--steps=80", "--checkpoint_every=8")
     names = ["policy=constant,seed=0", "policy=constant,seed=1", "policy=triangular,seed=0",
              "policy=triangular,seed=1"]
     straight = _study(tmp_path / "straight", *grid)
@@ -305,7 +305,7 @@ def test_kill_9_during_a_packed_study_then_rerun_gives_the_uninterrupted_results
     study_dir = tmp_path / "s"
     proc = _study(study_dir, *grid, popen=True)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not list(study_dir.glob("packs/*/checkpoints/ckpt-40.index")):
+    while time.monotonic() < deadline and not list(study_dir.glob("packs/*/checkpoints/ckpt-16.index")):
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -317,7 +317,7 @@ def test_kill_9_during_a_packed_study_then_rerun_gives_the_uninterrupted_results
     assert done.returncode == 0, done.stderr
     assert sorted(d for d in os.listdir(study_dir) if (study_dir / d).is_dir() and d != "packs") == names
     manifest = json.loads((study_dir / "study.json").read_text())
-    assert all(r["status"] == "finished" and r["resumed_from"] >= 40 for r in manifest["runs"].values())
+    assert all(r["status"] == "finished" and r["resumed_from"] >= 16 for r in manifest["runs"].values())
     assert _results(study_dir, names) == _results(tmp_path / "straight", names)  # identical, bit for bit
     again = _study(study_dir, *grid)
     assert again.returncode == 0 and "study: 4 runs (4 already done)" in again.stderr
