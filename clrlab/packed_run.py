@@ -98,7 +98,7 @@ def packing_refusal(configs: Sequence[TrainConfig]) -> str | None:
     float32 without augmentation, and a packable model and optimizer (`clrlab.packed_models.PACKABLE`,
     `PACKED_OPTIMIZERS`). Config-level checks only (no data or model is built): `run_packed` also checks the
     built model layer by layer and the optimizer's settings, raising `PackingRefused`."""
-    from clrlab import packed_models  # deferred: it imports TensorFlow
+    from clrlab import models, packed_models  # deferred: they import TensorFlow
 
     if not configs:
         return "no runs to pack"
@@ -114,8 +114,16 @@ def packing_refusal(configs: Sequence[TrainConfig]) -> str | None:
             shown = (f"--{name}" if getattr(first, name) else f"--no{name}") if isinstance(value, bool) \
                 else f"--{name}={getattr(first, name)}"
             return f"{shown} ({why})"
-    if first.model not in packed_models.PACKABLE:
-        return f"--model={first.model} has no packed form (packable: {', '.join(packed_models.PACKABLE)})"
+    model = first.model
+    if model == "auto" and first.dataset.split(":")[0] in ("mnist1d", "digits", "mnist", "fashion_mnist", "cifar10"):
+        # The built-in datasets' default model is known without loading them (clrlab.models.auto_model_name).
+        shapes = {"mnist1d": (40, 1), "digits": (8, 8, 1), "mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1),
+                  "cifar10": (32, 32, 3)}
+        name = first.dataset.split(":")[0]
+        model = models.auto_model_name(name, shapes[name])
+    if model != "auto" and model not in packed_models.PACKABLE:  # auto on other data: run_packed checks the model
+        shown = f"--model={model}" if model == first.model else f"--model=auto ({model} for {first.dataset})"
+        return f"{shown} has no packed form (packable: {', '.join(packed_models.PACKABLE)})"
     if first.optimizer not in PACKED_OPTIMIZERS:
         return f"--optimizer={first.optimizer} has no packed update (packable: {', '.join(PACKED_OPTIMIZERS)})"
     kind = first.dataset.split(":")[0]

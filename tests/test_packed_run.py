@@ -45,6 +45,7 @@ def _members(tmp_path, *points):
 def test_members_must_share_everything_but_policy_and_seed(tmp_path, change, expected):
     a, b = _members(tmp_path, {}, dict(policy="one_cycle", seed=1))
     assert packing_ok(a, b)
+    assert packing_ok(*(dataclasses.replace(c, model="auto") for c in (a, b)))  # mnist1d_cnn
     assert packed_run.packing_refusal([a, dataclasses.replace(b, **change)]) == expected
 
 
@@ -54,6 +55,7 @@ def test_members_must_share_everything_but_policy_and_seed(tmp_path, change, exp
     (dict(mixed_precision="mixed_float16"), "--mixed_precision=mixed_float16 (packed runs train in float32)"),
     (dict(augment=True), "--augment (per-member augmentation is not implemented)"),
     (dict(model="small_cnn"), "--model=small_cnn has no packed form (packable: "),
+    (dict(model="auto", dataset="digits"), "--model=auto (small_cnn for digits) has no packed form (packable: "),
     (dict(optimizer="rmsprop"), "--optimizer=rmsprop has no packed update (packable: sgd, nesterov, adam, adamw)"),
 ])
 def test_settings_a_pack_cannot_train_are_refused(tmp_path, change, expected):
