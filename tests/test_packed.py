@@ -77,8 +77,9 @@ def test_epoch_order_is_the_pipelines_batch_order(splits):
 
 
 @pytest.mark.slow
-def test_each_member_trains_as_the_same_run_alone(splits):
-    configs = [dataclasses.replace(BASE, **m) for m in MEMBERS]
+@pytest.mark.parametrize("model", ["mnist1d_mlp", "mnist1d_cnn"])  # Dense; Conv1D (the study preset's CNN)
+def test_each_member_trains_as_the_same_run_alone(splits, model):
+    configs = [dataclasses.replace(BASE, model=model, **m) for m in MEMBERS]
     trainer, _ = _packed(splits, configs)
     packed_runs = _train_packed(trainer, BASE.steps, chunk=5)  # 3 epochs of 8 steps, in chunks of <= 5
     assert all(not failures for _, failures in packed_runs)
