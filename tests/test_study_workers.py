@@ -53,6 +53,9 @@ def test_ray_backend_runs_each_run_as_a_task_with_the_same_resume(tmp_path, monk
         assert manifest["runs"]["base_lr=1e12,seed=0"]["error"].startswith("NonFiniteLossError: ")
         finished = tmp_path / "base_lr=0.01,seed=0"
         assert json.loads((finished / "history.json").read_text())["epochs"]["step"][-1] == 8
+        (pack,) = (tmp_path / "packs").iterdir()  # --pack=auto: the two runs were one packed Ray task
+        assert json.loads((pack / "pack.json").read_text())["members"] == [
+            str(tmp_path / "base_lr=0.01,seed=0"), str(tmp_path / "base_lr=1e12,seed=0")]
         before = (finished / "study_result.json").read_bytes()
         capsys.readouterr()
         cli.FLAGS.unparse_flags()
