@@ -321,3 +321,16 @@ def test_kill_9_during_a_packed_study_then_rerun_gives_the_uninterrupted_results
     assert _results(study_dir, names) == _results(tmp_path / "straight", names)  # identical, bit for bit
     again = _study(study_dir, *grid)
     assert again.returncode == 0 and "study: 4 runs (4 already done)" in again.stderr
+
+
+@pytest.mark.slow
+def test_a_grid_that_cannot_pack_trains_unpacked_after_one_line(tmp_path):
+    study_dir = tmp_path / "s"
+    done = _study(study_dir, "--grid=model=mnist1d_cnn,linear", "--steps=4", "--parallel=1")
+    assert done.returncode == 0, done.stderr
+    assert [line for line in user_lines(done.stderr) if "packed" in line] == [
+        "study: not packed: --model differs between the runs (mnist1d_cnn, linear); the runs train unpacked."]
+    assert not (study_dir / "packs").exists()
+    for name in ("model=mnist1d_cnn,seed=0", "model=linear,seed=0"):
+        assert json.loads((study_dir / name / "study_result.json").read_text())["status"] == "finished"
+        assert (study_dir / name / "checkpoints").is_dir()  # an ordinary unpacked run's own checkpoints
