@@ -11,11 +11,12 @@ study's own plan. For M members (seed-major: M=5 is every policy at seed 0, M=25
   TensorBoard scalars), and
 * packed: `trainers.packed.PackedTrainer.train_steps` of the M members together (the same calls and scalars).
 
-The in-loop time of M unpacked runs is the sum of theirs; each of the preset's 5 policies is timed once per
-round and M runs of a policy cost M/5 times that (the seeds of a policy run the same ops). Measurements are
-interleaved: every round times the 5 unpacked runs and then each pack, so a change of the machine's load
-hits both; the speed-up is the median over rounds of (unpacked time / packed time) of that round. The
-per-epoch evaluation (1000 test examples) is timed the same way, packed vs M unpacked.
+The in-loop time of M unpacked runs is the sum of theirs; each of the preset's 5 policies is timed and M runs
+of a policy cost M/5 times that (the seeds of a policy run the same ops; M=1 is the constant policy alone).
+Measurements are paired A-B-A: for each pack size in each round, the unpacked runs train `--steps`/2 steps,
+then the pack `--steps`, then the unpacked runs the other half, so a change of the machine's load hits both
+sides alike; the speed-up is the median over rounds of unpacked time / packed time. The per-epoch
+evaluation (1000 test examples) is timed the same way, packed vs M unpacked.
 
 Memory per member: the packed variables' bytes (weights + optimizer slots) / M, and the growth of the
 process's resident set (ru_maxrss) when the pack is built and first trained, / M (rough: it includes the
@@ -172,15 +173,20 @@ def main(argv=None) -> int:
     ratios = {m: [] for m in sizes}
     eval_ratios = {m: [] for m in sizes}
     rows = []
+    half = args.steps // 2
     for r in range(args.rounds):
-        per_policy = [u.time_steps(args.steps) for u in unpacked]
-        per_policy_eval = [u.time_eval() for u in unpacked]
         for m in sizes:
+            timed = unpacked[:min(m, 5)]
+            before = [u.time_steps(half) for u in timed]
+            before_eval = [u.time_eval() for u in timed]
             packed_s = packs[m].time_steps(args.steps)
             packed_eval = packs[m].time_eval()
-            members = configs[:m]
-            unpacked_s = sum(per_policy[i % 5] for i in range(len(members)))
-            unpacked_eval = sum(per_policy_eval[i % 5] for i in range(len(members)))
+            after = [u.time_steps(args.steps - half) for u in timed]
+            after_eval = [u.time_eval() for u in timed]
+            per_policy = [a + b for a, b in zip(before, after)]
+            per_policy_eval = [(a + b) / 2 for a, b in zip(before_eval, after_eval)]
+            unpacked_s = sum(per_policy[i % len(timed)] for i in range(m))
+            unpacked_eval = sum(per_policy_eval[i % len(timed)] for i in range(m))
             ratios[m].append(unpacked_s / packed_s)
             eval_ratios[m].append(unpacked_eval / packed_eval)
             row = {"round": r, "members": m, "unpacked_s": unpacked_s, "packed_s": packed_s,
@@ -199,4 +205,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)  # skip TensorFlow's slow interpreter teardown (writers, tf.data threads)
