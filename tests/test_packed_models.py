@@ -223,3 +223,27 @@ def test_packed_model_is_a_tf_module_with_its_variables():
     assert isinstance(packed, PackedModel) and isinstance(packed, tf.Module)
     assert {v.ref() for v in packed.trainable_variables} == {v.ref() for v in packed.variables_by_member_order}
     assert [tuple(v.shape) for v in packed.variables_by_member_order] == [(4, 40, 10), (4, 10)]
+
+
+def test_sequential_models_pack_and_subclassed_models_are_refused():
+    def sequential(seed):
+        keras.utils.set_random_seed(seed)
+        return keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(3)])
+
+    members = [sequential(seed) for seed in range(2)]
+    x = _inputs(2, (6,))
+    out = pack(members)(x).numpy()
+    for i, model in enumerate(members):
+        np.testing.assert_allclose(out[i], model(x[i]).numpy(), rtol=RTOL, atol=ATOL)
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, inputs):
+            return self.dense(inputs)
+
+    model = Subclassed()
+    model(np.zeros((1, 6), np.float32))
+    assert "not a built functional model" in _first_line_only(refusal(model))
