@@ -394,17 +394,22 @@ class PackedModel(tf.Module):
         if kind == "dense":
             activation, use_bias = cfg
             kernel = weights[0]
-            shape = tf.shape(x)
-            rows = tf.reshape(x, [self.members, -1, x.shape[-1]])
-            y = tf.linalg.matmul(rows, kernel)
+            units = kernel.shape[-1]
+            if x.shape.rank == 3:  # [M, B, I]: one batched matmul, no reshapes
+                y = tf.linalg.matmul(x, kernel)
+            else:  # Keras' Dense contracts the last axis of any rank
+                shape = tf.shape(x)
+                y = tf.linalg.matmul(tf.reshape(x, [self.members, -1, x.shape[-1]]), kernel)
+                y = tf.reshape(y, tf.concat([shape[:-1], [units]], 0))
             if use_bias:
-                y = y + weights[1][:, None, :]
-            y = tf.reshape(y, tf.concat([shape[:-1], [kernel.shape[-1]]], 0))
+                y = y + tf.reshape(weights[1], [self.members] + [1] * (y.shape.rank - 2) + [units])
             return _ACTIVATION_FNS[activation](y), False
         if kind == "flatten":
-            return tf.reshape(x, [self.members, tf.shape(x)[1], math.prod(x.shape[2:])]), False
+            return tf.reshape(x, [self.members, -1, math.prod(x.shape[2:])]), False
         if kind == "reshape":
-            return tf.reshape(x, [self.members, tf.shape(x)[1], *cfg]), False
+            if -1 in cfg:  # the batch axis must stay explicit when the target shape has its own -1
+                return tf.reshape(x, [self.members, tf.shape(x)[1], *cfg]), False
+            return tf.reshape(x, [self.members, -1, *cfg]), False
         raise AssertionError(f"unknown packed op {kind}")
 
     @staticmethod
