@@ -88,6 +88,8 @@ def _conv_stack(seed):
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((17, 3))
     x = keras.layers.Conv1D(4, 3, strides=2, padding="same", activation="relu")(inputs)
+    x = keras.layers.Add()([x, keras.layers.Conv1D(4, 3, padding="same")(x)])  # residual of two convolutions
+    x = keras.layers.Add()([x, keras.layers.Dense(4)(x)])  # a Dense on [length, channels], added to a conv
     x = keras.layers.Conv1D(5, 3, dilation_rate=2, padding="causal", activation="tanh")(x)
     x = keras.layers.Conv1D(2, 1, padding="valid", use_bias=False)(x)
     x = keras.layers.LeakyReLU(0.1)(x)
@@ -96,7 +98,7 @@ def _conv_stack(seed):
     return keras.Model(inputs, outputs)
 
 
-def test_conv1d_formulations_agree_on_padding_strides_and_dilation():
+def test_conv1d_formulations_agree_on_padding_strides_dilation_and_residuals():
     members = [_conv_stack(seed) for seed in range(3)]
     x = _inputs(3, (17, 3), batch=4)
     for conv1d in CONV1D_FORMULATIONS:
