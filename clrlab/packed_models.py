@@ -1,9 +1,9 @@
 """Member-stacked ("packed") copies of small Keras models: M models of one architecture computed in the same ops.
 
-A study trains many tiny runs that differ only in their LR policy and seed. On a CPU a tiny model's step is
-almost all per-op overhead, so stacking the M runs' weights on a leading member axis and computing every
-member in one batched op per layer (the idea of JAX's ``jax.vmap`` and PyTorch's ``torch.func.stack_module_state``
-+ ``vmap``) does the work of M runs for little more than the cost of one.
+A study trains many tiny runs that differ only in their LR policy and seed. A tiny model's step is mostly
+per-op overhead and small, inefficient kernels, so stacking the M runs' weights on a leading member axis and
+computing every member in one batched op per layer (the idea of JAX's ``jax.vmap`` and PyTorch's
+``torch.func.stack_module_state`` + ``vmap``) does the work of M runs in fewer, larger kernels.
 
 `pack` reads M ordinary functional Keras models (as `clrlab.models.build_model` builds them, one seed each),
 checks that they share one architecture and copies their weights, exactly, into variables of shape
@@ -19,8 +19,8 @@ refused and run unpacked.
 
 Member-stacked ops (x: ``[M, B, ...]``; w: the stacked weights):
 
-- Dense: one batched matmul ``[M, N, I] x [M, I, O]`` (``tf.linalg.matmul``, BatchMatMulV2) on the
-  input reshaped to ``N = B * (other axes)`` rows, plus the bias and the activation.
+- Dense: one batched matmul ``[M, B, I] x [M, I, O]`` (``tf.linalg.matmul``, BatchMatMulV2; an input
+  with more axes is reshaped to ``[M, rows, I]`` and back), plus the bias and the activation.
 - Conv1D: ``"grouped"`` (the default): the members folded into channels, ``[B, L, M * C]`` (member m's
   channels at ``m * C ... m * C + C - 1``), and one grouped ``tf.nn.conv1d`` with ``M`` groups (oneDNN runs
   grouped convolutions on CPU) plus a BiasAdd. Consecutive convolutions, paddings and activations stay
@@ -394,17 +394,22 @@ class PackedModel(tf.Module):
         if kind == "dense":
             activation, use_bias = cfg
             kernel = weights[0]
-            shape = tf.shape(x)
-            rows = tf.reshape(x, [self.members, -1, x.shape[-1]])
-            y = tf.linalg.matmul(rows, kernel)
+            units = kernel.shape[-1]
+            if x.shape.rank == 3:  # [M, B, I]: one batched matmul, no reshapes
+                y = tf.linalg.matmul(x, kernel)
+            else:  # Keras' Dense contracts the last axis of any rank
+                shape = tf.shape(x)
+                y = tf.linalg.matmul(tf.reshape(x, [self.members, -1, x.shape[-1]]), kernel)
+                y = tf.reshape(y, tf.concat([shape[:-1], [units]], 0))
             if use_bias:
-                y = y + weights[1][:, None, :]
-            y = tf.reshape(y, tf.concat([shape[:-1], [kernel.shape[-1]]], 0))
+                y = y + tf.reshape(weights[1], [self.members] + [1] * (y.shape.rank - 2) + [units])
             return _ACTIVATION_FNS[activation](y), False
         if kind == "flatten":
-            return tf.reshape(x, [self.members, tf.shape(x)[1], math.prod(x.shape[2:])]), False
+            return tf.reshape(x, [self.members, -1, math.prod(x.shape[2:])]), False
         if kind == "reshape":
-            return tf.reshape(x, [self.members, tf.shape(x)[1], *cfg]), False
+            if -1 in cfg:  # the batch axis must stay explicit when the target shape has its own -1
+                return tf.reshape(x, [self.members, tf.shape(x)[1], *cfg]), False
+            return tf.reshape(x, [self.members, -1, *cfg]), False
         raise AssertionError(f"unknown packed op {kind}")
 
     @staticmethod

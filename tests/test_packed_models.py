@@ -88,6 +88,8 @@ def _conv_stack(seed):
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((17, 3))
     x = keras.layers.Conv1D(4, 3, strides=2, padding="same", activation="relu")(inputs)
+    x = keras.layers.Add()([x, keras.layers.Conv1D(4, 3, padding="same")(x)])  # residual of two convolutions
+    x = keras.layers.Add()([x, keras.layers.Dense(4)(x)])  # a Dense on [length, channels], added to a conv
     x = keras.layers.Conv1D(5, 3, dilation_rate=2, padding="causal", activation="tanh")(x)
     x = keras.layers.Conv1D(2, 1, padding="valid", use_bias=False)(x)
     x = keras.layers.LeakyReLU(0.1)(x)
@@ -96,7 +98,7 @@ def _conv_stack(seed):
     return keras.Model(inputs, outputs)
 
 
-def test_conv1d_formulations_agree_on_padding_strides_and_dilation():
+def test_conv1d_formulations_agree_on_padding_strides_dilation_and_residuals():
     members = [_conv_stack(seed) for seed in range(3)]
     x = _inputs(3, (17, 3), batch=4)
     for conv1d in CONV1D_FORMULATIONS:
@@ -223,3 +225,27 @@ def test_packed_model_is_a_tf_module_with_its_variables():
     assert isinstance(packed, PackedModel) and isinstance(packed, tf.Module)
     assert {v.ref() for v in packed.trainable_variables} == {v.ref() for v in packed.variables_by_member_order}
     assert [tuple(v.shape) for v in packed.variables_by_member_order] == [(4, 40, 10), (4, 10)]
+
+
+def test_sequential_models_pack_and_subclassed_models_are_refused():
+    def sequential(seed):
+        keras.utils.set_random_seed(seed)
+        return keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(3)])
+
+    members = [sequential(seed) for seed in range(2)]
+    x = _inputs(2, (6,))
+    out = pack(members)(x).numpy()
+    for i, model in enumerate(members):
+        np.testing.assert_allclose(out[i], model(x[i]).numpy(), rtol=RTOL, atol=ATOL)
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, inputs):
+            return self.dense(inputs)
+
+    model = Subclassed()
+    model(np.zeros((1, 6), np.float32))
+    assert "not a built functional model" in _first_line_only(refusal(model))

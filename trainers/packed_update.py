@@ -93,9 +93,17 @@ def optimizer_settings(optimizer: keras.optimizers.Optimizer) -> dict:
     }
 
 
-def _broadcast(v, rank):
-    """A [M] tensor as [M, 1, ..., 1] of the given rank."""
-    return tf.reshape(v, [-1] + [1] * (rank - 1))
+class _Broadcast:
+    """A [M] tensor as [M, 1, ..., 1] of each variable's rank, reshaped once per rank (fewer ops per step)."""
+
+    def __init__(self, value):
+        self.value = value
+        self._by_rank = {}
+
+    def __call__(self, rank):
+        if rank not in self._by_rank:
+            self._by_rank[rank] = tf.reshape(self.value, [-1] + [1] * (rank - 1))
+        return self._by_rank[rank]
 
 
 class PackedOptimizer(tf.Module):
@@ -168,21 +176,22 @@ class PackedOptimizer(tf.Module):
             momentum = self._default_momentum
         momentum64 = tf.cast(tf.convert_to_tensor(momentum), tf.float64)
         pairs = [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
+        lr_b = _Broadcast(lr)
         if self._weight_decay is not None:  # Keras' _apply_weight_decay, before the update
-            wd_lr = [self._weight_decay, lr]
+            wd_b = _Broadcast(self._weight_decay)
             for _, v in pairs:
                 rank = v.shape.rank
-                v.assign_sub(v * _broadcast(wd_lr[0], rank) * _broadcast(wd_lr[1], rank))
+                v.assign_sub(v * wd_b(rank) * lr_b(rank))
         if self.kind == "sgd":
-            mom = tf.cast(momentum64, tf.float32)
+            mom = _Broadcast(tf.cast(momentum64, tf.float32))
             for g, v in pairs:
                 rank = v.shape.rank
-                lr_b, mom_b = _broadcast(lr, rank), _broadcast(mom, rank)
+                lr_r, mom_r = lr_b(rank), mom(rank)
                 g = tf.cast(g, v.dtype)
                 m = self.momentums[self._index[v.ref()]]
-                m.assign(m * mom_b - g * lr_b)
+                m.assign(m * mom_r - g * lr_r)
                 if self.nesterov:
-                    v.assign_add(m * mom_b - g * lr_b)
+                    v.assign_add(m * mom_r - g * lr_r)
                 else:
                     v.assign_add(m)
         else:
@@ -190,7 +199,8 @@ class PackedOptimizer(tf.Module):
             beta_1_power = tf.pow(tf.cast(momentum64, tf.float32), local_step)
             beta_2_power = tf.pow(tf.constant(self.beta_2, tf.float32), local_step)
             alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
-            one_minus_beta_1 = tf.cast(1.0 - momentum64, tf.float32)
+            alpha = _Broadcast(alpha)
+            one_minus_beta_1 = _Broadcast(tf.cast(1.0 - momentum64, tf.float32))
             one_minus_beta_2 = tf.constant(1 - self.beta_2, tf.float32)
             epsilon = tf.constant(self.epsilon, tf.float32)
             for g, v in pairs:
@@ -198,13 +208,13 @@ class PackedOptimizer(tf.Module):
                 index = self._index[v.ref()]
                 g = tf.cast(g, v.dtype)
                 m, vel = self.momentums[index], self.velocities[index]
-                m.assign_add((g - m) * _broadcast(one_minus_beta_1, rank))
+                m.assign_add((g - m) * one_minus_beta_1(rank))
                 vel.assign_add((tf.square(g) - vel) * one_minus_beta_2)
                 if self.amsgrad:
                     v_hat = self.velocity_hats[index]
                     v_hat.assign(tf.maximum(v_hat, vel))
                     vel = v_hat
-                v.assign_sub((m * _broadcast(alpha, rank)) / (tf.sqrt(vel) + epsilon))
+                v.assign_sub((m * alpha(rank)) / (tf.sqrt(vel) + epsilon))
         self.iterations.assign_add(1)
 
     def unpack_slots_into(self, index: int, keras_optimizer: keras.optimizers.Optimizer,
