@@ -34,8 +34,10 @@ call it is masked (`active`): its per-step summaries stop, `train_steps` reports
 Its slice is still computed (and may hold NaN), which cannot reach the other members: every op keeps
 members apart (a NaN upstream gradient only flows into the failed member's own slice).
 
-Everything in `train_steps`, `evaluate` is eager entry point over compiled functions; one host sync per call.
-Steps are global steps (batches); a call never crosses an epoch end (the caller chunks by epoch).
+`train_steps` and `evaluate` are eager entry points over compiled functions (one host sync per call); the
+`_loop` / `_train_one_step` / `_write_summaries` methods are graph code inside one `tf.function`. Steps are
+global steps (batches); a call never crosses an epoch end (the caller chunks by epoch). Shapes: M members,
+B examples per member per step, C classes.
 """
 
 from __future__ import annotations
