@@ -14,6 +14,12 @@ their checkpoints; a changed grid or common flags is refused. SIGINT/SIGTERM is 
 runs, which save a checkpoint and stop. Exit codes: 0 all runs finished (or stopped by SIGTERM), 1 bad
 input or a failed run, 130 Ctrl-C.
 
+Packing (`--pack=auto`, the default): runs that differ only in their LR policy, schedule arguments, momentum
+or seed (same model, optimizer, batch size, data, steps) train together in one compiled step
+(`clrlab.packed_run`), each still writing its own ordinary run folder; `--pack=N` packs at most N runs,
+`--pack=off` trains every run alone. A grid that cannot be packed trains unpacked, with one line saying why.
+The packs' shared checkpoints live in `<study_dir>/packs/`.
+
 Evaluation resolution: iterations-to-target uses clrlab's per-epoch evaluation on the held-out split
 (history.json `epochs`), e.g. every 40 steps for MNIST-1D at batch 100. A finer resolution costs one
 evaluation pass per extra point; clrlab's trainers evaluate only at epoch ends.
@@ -60,10 +66,13 @@ def define_study_flags() -> None:
     flags.DEFINE_string("baseline", None, "The baseline group, as flag=value[,flag=value] of the varying grid "
                         "flags (default: policy=constant when the grid has it, else the first point).")
     flags.DEFINE_boolean("retry_failed", False, "Run the failed runs again (default: keep their failure).")
+    flags.DEFINE_string("pack", "auto", "auto: train the runs that differ only in policy, schedule arguments, "
+                        "momentum or seed together in one compiled step (each still writes its own run folder); "
+                        "N: at most N runs per pack; off: every run alone.")
 
 
 STUDY_FLAGS = ("grid", "seeds", "study_dir", "parallel", "backend", "ray_address", "target_accuracy", "baseline",
-               "retry_failed")
+               "retry_failed", "pack")
 
 
 def reset_flags() -> None:
@@ -85,6 +94,7 @@ class Options:
     target_accuracy: float | None
     baseline: str | None
     retry_failed: bool
+    pack: int | None = None  # 0: off, None: auto, N: at most N members per pack (study_grid.parse_pack)
 
 
 def read_options() -> Options:
@@ -95,8 +105,9 @@ def read_options() -> Options:
     target = FLAGS.target_accuracy
     if target is not None and not (math.isfinite(target) and 0.0 < target <= 1.0):
         raise UserError(f"--target_accuracy must be a fraction in (0, 1]. Received: {target}.")
+    pack = study_grid.parse_pack(FLAGS.pack)
     return Options(tuple(FLAGS.grid), FLAGS.seeds, os.path.abspath(FLAGS.study_dir), FLAGS.parallel,
-                   FLAGS.backend, FLAGS.ray_address, FLAGS.target_accuracy, FLAGS.baseline, FLAGS.retry_failed)
+                   FLAGS.backend, FLAGS.ray_address, FLAGS.target_accuracy, FLAGS.baseline, FLAGS.retry_failed, pack)
 
 
 def baseline_label(plan: study_grid.Plan, spec: str | None) -> str:
@@ -163,20 +174,38 @@ def run_study(options: Options, plan: study_grid.Plan) -> int:
     records = {r.name: study_workers.read_result(r.config.logdir) for r in plan.runs}
     todo = [(r.name, r.point, r.config) for r in plan.runs
             if records[r.name] is None or (options.retry_failed and records[r.name]["status"] == "failed")]
-    parallel = options.parallel or default_parallel(len(todo))
+    tasks, note = pack_tasks(options, plan, todo, records)
+    parallel = options.parallel or default_parallel(len(tasks))
     threads = max(1, (os.cpu_count() or 1) // parallel)
     progress = study_workers.Progress(total=len(plan.runs))
     progress.done = len(plan.runs) - len(todo)
     progress.failed = sum(1 for r in records.values() if r and r["status"] == "failed") if not options.retry_failed \
         else 0
+    packed = [t for t in tasks if isinstance(t, study_workers.PackJob)]
     print(f"study: {len(plan.runs)} runs ({len(plan.runs) - len(todo)} already done) in {options.study_dir}; "
           f"backend {options.backend}" + (f", {parallel} workers x {threads} threads" if options.backend == "local"
-                                          else ""), file=sys.stderr, flush=True)
+                                          else "")
+          + (f"; {len(packed)} packed job{'s' if len(packed) > 1 else ''} of "
+             f"{', '.join(str(len(t.members)) for t in packed)} members" if packed else ""),
+          file=sys.stderr, flush=True)
+    if note:
+        print(f"study: {note}", file=sys.stderr, flush=True)
     executed = []
+    # A packed job's members start together: one progress line once the last of them started.
+    last_start = {t.todo[-1] for t in packed}
+    packed_names = {n for t in packed for n in t.todo}
 
     def on_event(kind: str, name: str, payload: Any) -> None:
+        if kind == "pack_start":
+            progress.packs[name] = payload
+            return
+        if kind == "pack_done":
+            progress.packs.pop(name, None)
+            return
         if kind == "start":
             progress.running += 1
+            if name in packed_names and name not in last_start:
+                return
         else:
             progress.running -= 1
             if payload["status"] in ("finished", "failed"):
@@ -193,9 +222,9 @@ def run_study(options: Options, plan: study_grid.Plan) -> int:
     received = None
     if todo:
         if options.backend == "ray":
-            received = study_workers.run_ray(todo, on_event, options.ray_address, threads=1)
+            received = study_workers.run_ray(tasks, on_event, options.ray_address, threads=1)
         else:
-            received = study_workers.run_local(todo, parallel, on_event, threads)
+            received = study_workers.run_local(tasks, parallel, on_event, threads)
     wall = time.monotonic() - start
     throughput = {}
     if executed and received is None and options.backend == "local":
@@ -210,6 +239,32 @@ def run_study(options: Options, plan: study_grid.Plan) -> int:
         return 1
     lock.close()
     return 1 if any(r["status"] == "failed" for r in records.values()) else 0
+
+
+def pack_tasks(options: Options, plan: study_grid.Plan, todo: list, records: dict) -> tuple[list, str | None]:
+    """The tasks of this invocation: a `study_workers.PackJob` per pack of `study_grid.plan_packs` with a
+    member left to do, then the other runs of `todo` alone; and the line saying what could not be packed.
+
+    A pack is resumed whole from its checkpoint; it is not used when its folder has no checkpoint but one
+    of its runs has its own (that run was started unpacked: it resumes alone), and a failed run retried with
+    --retry_failed trains alone."""
+    from clrlab import run_dir
+
+    packs, note = study_grid.plan_packs(plan.runs, options.pack, options.study_dir)
+    left = {name for name, _, _ in todo}
+    tasks, packed = [], set()
+    for pack in packs:
+        names = [r.name for r in pack.runs if r.name in left and records[r.name] is None]
+        if not names:
+            continue
+        started = bool(run_dir.checkpoint_steps(os.path.join(pack.pack_dir, "checkpoints")))
+        if not started and any(run_dir.checkpoint_steps(os.path.join(r.config.logdir, "checkpoints"))
+                               for r in pack.runs if r.name in names):
+            continue
+        tasks.append(study_workers.PackJob(pack.name, pack.pack_dir,
+                                           tuple((r.name, r.point, r.config) for r in pack.runs), tuple(names)))
+        packed.update(names)
+    return tasks + [t for t in todo if t[0] not in packed], note
 
 
 def _report(options, plan, records, baseline, identity, throughput) -> None:

@@ -10,6 +10,7 @@ last point's values afterwards: callers read their own flags first.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import os
 import re
@@ -175,3 +176,73 @@ def make_plan(grid_specs: Sequence[str], seeds: int, common: Sequence[str], stud
         raise UserError("--grid: two points give the same run folder name; use values that differ in letters, "
                         "digits or ._=+:-")
     return Plan(grid=grid, seeds=seeds, common=tuple(common), runs=tuple(runs))
+
+
+PACKS_DIR = "packs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pack:
+    """Runs of the study trained together (`clrlab.packed_run`): its name, folder and members (plan order)."""
+
+    name: str
+    pack_dir: str
+    runs: tuple[RunSpec, ...]
+
+
+def _pack_key(config: TrainConfig) -> tuple:
+    from clrlab import packed_run  # deferred: it imports TensorFlow (through clrlab.packed_models)
+
+    return tuple((f.name, repr(getattr(config, f.name))) for f in dataclasses.fields(TrainConfig)
+                 if f.name not in packed_run.MEMBER_FIELDS)
+
+
+def parse_pack(value: str) -> int | None:
+    """`--pack` -> 0 (off), None (auto: every packable group in one pack) or N (packs of at most N members).
+    Raises UserError (one line) for anything else."""
+    text = str(value).strip().lower()
+    if text == "off":
+        return 0
+    if text == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UserError(f"--pack must be auto, off or a number of members >= 1. Received: {value}.")
+    return n
+
+
+def plan_packs(runs: Sequence[RunSpec], limit: int | None, study_dir: str) -> tuple[list[Pack], str | None]:
+    """The packs of a study: runs that `clrlab.packed_run.packing_refusal` lets share a pack, grouped in plan
+    order, at most `limit` members each (None: all of a group; 0: no packs). Built from the WHOLE plan (not
+    only the runs left to do) so that a rerun finds the same packs and resumes them. Returns the packs (of 2
+    or more members) and one line saying what could not be packed and why (None when everything packs)."""
+    from clrlab import packed_run  # deferred: see _pack_key
+
+    if limit == 0 or len(runs) < 2:
+        return [], None
+    reason = packed_run.packing_refusal([r.config for r in runs])
+    groups: dict[tuple, list[RunSpec]] = {}
+    for r in runs:
+        groups.setdefault(_pack_key(r.config) if reason else (), []).append(r)
+    packs, refused = [], []
+    for members in groups.values():
+        why = packed_run.packing_refusal([r.config for r in members])
+        if why is not None or len(members) < 2:
+            refused.append(why or "a single run")
+            continue
+        size = len(members) if limit is None else limit
+        for i in range(0, len(members), size):
+            chunk = tuple(members[i:i + size])
+            if len(chunk) < 2:
+                continue
+            name = "pack-" + hashlib.sha1("\n".join(r.name for r in chunk).encode()).hexdigest()[:10]
+            packs.append(Pack(name, os.path.join(os.path.abspath(study_dir), PACKS_DIR, name), chunk))
+    if reason is None:
+        return packs, None
+    if not packs:
+        return packs, f"not packed: {refused[0] if len(groups) == 1 else reason}; the runs train unpacked."
+    return packs, (f"not packed together: {reason}; packed in {len(packs)} packs of runs that share the rest"
+                   + (f" ({len(refused)} group(s) unpacked: {refused[0]})" if refused else "") + ".")

@@ -7,6 +7,11 @@ its presence is what makes a rerun of the study skip the run. An interrupted run
 worker) has none, so the next invocation runs the same config in the same folder and clrlab resumes it
 from its last checkpoint.
 
+A packed job (`PackJob`, from `clrlab.study_grid.plan_packs`) is one task too: `execute_pack` trains its
+members together with `clrlab.packed_run.run_packed` (console output in `<pack_dir>/study_run.log`) and
+writes each member's study_result.json as `execute` would; members that cannot be packed after all (a
+layer or optimizer setting only the built job shows) fall back to `execute`, one by one, with one line.
+
 Local workers are started with multiprocessing's 'spawn' and run several runs each, so the TensorFlow
 import and runtime start-up are paid once per worker. Each sets TensorFlow's intra-/inter-op thread pools
 to its share of the cores before the runtime starts, runs in its own process group (a Ctrl-C in the
@@ -170,6 +175,95 @@ def execute(name: str, point: dict[str, str], config) -> dict[str, Any]:
     return record
 
 
+@dataclasses.dataclass(frozen=True)
+class PackJob:
+    """A packed task: `members` [(name, point, config)] of the pack in plan order (all of them: a pack is
+    resumed whole), `todo` the names of the members this invocation must record (the others finished)."""
+
+    name: str
+    pack_dir: str
+    members: tuple
+    todo: tuple[str, ...]
+
+
+def _member_record(name: str, config, result, wall: float) -> dict[str, Any]:
+    """A member's study record from its `clrlab.packed_run.MemberResult` (the fields of `execute`'s)."""
+    epochs = result.history.epochs if result.history is not None else _saved_epochs(config.logdir)
+    status = {"completed": "finished", "already_complete": "finished", "failed": "failed"}.get(result.status,
+                                                                                            "interrupted")
+    return {"name": name, "status": status, "step": result.step, "error": result.error,
+            "test_accuracy": _test_accuracy(result.test_metrics, epochs) if status == "finished" else None,
+            "best_val_accuracy": max(epochs["val_accuracy"]) if epochs.get("val_accuracy") else None,
+            "train_seconds": _seconds_since(epochs, result.resumed_from), "loop_seconds": result.loop_seconds,
+            "resumed_from": result.resumed_from, "wall_seconds": wall}
+
+
+def execute_pack(job: PackJob) -> list[dict[str, Any]]:
+    """Runs (or resumes) a packed job in this process; returns the records of `job.todo`'s members (as
+    `execute`'s) and writes their study_result.json unless interrupted. Times are each member's share of the
+    pack's (seconds / members), so a study's sums stay the machine time spent."""
+    from clrlab import packed_run
+
+    os.makedirs(job.pack_dir, exist_ok=True)
+    todo = [(n, p, c) for n, p, c in job.members if n in job.todo]
+    start = time.monotonic()
+    results, error, refused = None, None, None
+    with _output_to(os.path.join(job.pack_dir, LOG_FILE)):
+        try:
+            results = packed_run.run_packed([c for _, _, c in job.members], pack_dir=job.pack_dir, progress="log")
+        except packed_run.PackingRefused as e:
+            refused = " ".join(str(e).split())
+        except UserError as e:
+            error = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        except Exception as e:  # noqa: BLE001 - a bug in one pack must not stop the study; its log has the trace
+            import traceback
+
+            traceback.print_exc()
+            error = f"{type(e).__name__}: {' '.join(str(e).split())}"
+    if refused is not None:
+        print(f"study: {job.name} not packed: {refused}; its {len(todo)} runs train unpacked.", file=sys.stderr,
+              flush=True)
+        return [execute(n, p, c) for n, p, c in todo]
+    wall = (time.monotonic() - start) / len(job.members)
+    by_name = dict(zip((n for n, _, _ in job.members), results or [None] * len(job.members)))
+    records = []
+    for name, point, config in todo:
+        result = by_name[name]
+        if result is None:
+            record = {"name": name, "status": "failed", "step": None, "error": error, "test_accuracy": None,
+                      "best_val_accuracy": None, "train_seconds": None, "loop_seconds": None, "resumed_from": None,
+                      "wall_seconds": wall}
+        else:
+            record = _member_record(name, config, result, wall)
+        os.makedirs(config.logdir, exist_ok=True)
+        with open(os.path.join(config.logdir, LOG_FILE), "a", encoding="utf-8") as fh:
+            fh.write(f"trained in the pack {job.pack_dir} ({len(job.members)} members); its console output: "
+                     f"{os.path.join(job.pack_dir, LOG_FILE)}\n")
+        if record["status"] != "interrupted":
+            _write_hparams(config, point, record)
+            files.write_json(os.path.join(config.logdir, RESULT_FILE), record)
+        records.append(record)
+    return records
+
+
+def _run_task(task, results) -> bool:
+    """Runs one task (a run or a `PackJob`) in a worker, reporting on `results`; False when interrupted."""
+    if isinstance(task, PackJob):
+        results.put(("pack_start", task.name, len(task.members)))
+        for name in task.todo:
+            results.put(("start", name, os.getpid()))
+        records = execute_pack(task)
+    else:
+        name, point, config = task
+        results.put(("start", name, os.getpid()))
+        records = [execute(name, point, config)]
+    for record in records:
+        results.put(("done", record["name"], record))
+    if isinstance(task, PackJob):
+        results.put(("pack_done", task.name, len(task.members)))
+    return all(r["status"] != "interrupted" for r in records)
+
+
 def _set_threads(threads: int) -> None:
     import tensorflow as tf
 
@@ -203,13 +297,7 @@ def _worker_main(tasks, results, threads: int, parent: int) -> None:
             _set_threads(threads)
         while True:
             task = tasks.get()
-            if task is None:
-                break
-            name, point, config = task
-            results.put(("start", name, os.getpid()))
-            record = execute(name, point, config)
-            results.put(("done", name, record))
-            if record["status"] == "interrupted":
+            if task is None or not _run_task(task, results):
                 break
     except _Stop:
         pass
@@ -233,6 +321,7 @@ class Progress:
     running: int = 0
     started: float = dataclasses.field(default_factory=time.monotonic)
     completed_now: int = 0
+    packs: dict[str, int] = dataclasses.field(default_factory=dict)  # running packed jobs: name -> members
 
     def line(self) -> str:
         left = self.total - self.done - self.running
@@ -241,7 +330,11 @@ class Progress:
             seconds = (time.monotonic() - self.started) / self.completed_now * (left + self.running)
             eta = f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
         failed = f" ({self.failed} failed)" if self.failed else ""
-        return f"study: {self.done} done{failed} / {self.running} running / {left} left, ETA {eta}"
+        packed = ""
+        if self.packs:
+            sizes = ", ".join(str(n) for n in self.packs.values())
+            packed = f" (packed: {len(self.packs)} job{'s' if len(self.packs) > 1 else ''} of {sizes} members)"
+        return f"study: {self.done} done{failed} / {self.running} running{packed} / {left} left, ETA {eta}"
 
 
 class StopSignal:
@@ -272,9 +365,10 @@ class StopSignal:
 
 def run_local(todo: Sequence, parallel: int, on_event: Callable[[str, str, Any], None],
               threads: int) -> int | None:
-    """Runs `todo` ([(name, point, config)]) on `parallel` spawned worker processes with `threads` TensorFlow
-    threads each. Calls on_event("start"|"done", name, record). Returns the signal number that stopped the
-    study, or None."""
+    """Runs `todo` ([(name, point, config)] or `PackJob`s) on `parallel` spawned worker processes with
+    `threads` TensorFlow threads each. Calls on_event("start"|"done", name, record) per run and
+    on_event("pack_start"|"pack_done", pack name, members) per packed job. Returns the signal number that
+    stopped the study, or None."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -305,7 +399,7 @@ def run_local(todo: Sequence, parallel: int, on_event: Callable[[str, str, Any],
                 continue
             if kind == "start":
                 running[name] = payload
-            else:
+            elif kind == "done":
                 running.pop(name, None)
             on_event(kind, name, payload)
         for w in workers:
@@ -317,8 +411,8 @@ def run_local(todo: Sequence, parallel: int, on_event: Callable[[str, str, Any],
 
 def run_ray(todo: Sequence, on_event: Callable[[str, str, Any], None], address: str | None,
             threads: int) -> int | None:
-    """Runs `todo` as Ray tasks (one CPU each) on the cluster at `address` (None: the Ray already
-    initialised in this process, else a new local one). Same result records and files as `run_local`;
+    """Runs `todo` as Ray tasks (one CPU each; a `PackJob` is one task) on the cluster at `address` (None: the
+    Ray already initialised in this process, else a new local one). Same result records and files as `run_local`;
     SIGINT/SIGTERM cancels the tasks (Ray raises KeyboardInterrupt in them; a run resumes from its last
     checkpoint on the next invocation)."""
     try:
@@ -328,10 +422,18 @@ def run_ray(todo: Sequence, on_event: Callable[[str, str, Any], None], address: 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     remote = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
+    remote_pack = ray.remote(num_cpus=1, max_retries=0)(_ray_pack_task)
     refs = {}
-    for name, point, config in todo:
-        refs[remote.remote(name, point, config, threads)] = name
-        on_event("start", name, None)
+    for task in todo:
+        if isinstance(task, PackJob):
+            refs[remote_pack.remote(task, threads)] = task
+            on_event("pack_start", task.name, len(task.members))
+            for name in task.todo:
+                on_event("start", name, None)
+        else:
+            name, point, config = task
+            refs[remote.remote(name, point, config, threads)] = name
+            on_event("start", name, None)
 
     def cancel(signum: int) -> None:  # noqa: ARG001
         for ref in refs:
@@ -343,13 +445,25 @@ def run_ray(todo: Sequence, on_event: Callable[[str, str, Any], None], address: 
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
             for ref in ready:
-                name = refs[ref]
+                task = refs[ref]
+                names = task.todo if isinstance(task, PackJob) else (task,)
                 try:
-                    record = ray.get(ref)
+                    records = ray.get(ref)
+                    records = records if isinstance(task, PackJob) else [records]
                 except Exception as e:  # noqa: BLE001 - cancelled or crashed: it resumes next time
-                    record = {"name": name, "status": "interrupted", "error": type(e).__name__}
-                on_event("done", name, record)
+                    records = [{"name": n, "status": "interrupted", "error": type(e).__name__} for n in names]
+                for record in records:
+                    on_event("done", record["name"], record)
+                if isinstance(task, PackJob):
+                    on_event("pack_done", task.name, len(task.members))
     return stop.received
+
+
+def _ray_pack_task(job: PackJob, threads: int) -> list[dict[str, Any]]:
+    """A packed job inside a Ray worker process (see `_ray_task`)."""
+    with contextlib.suppress(RuntimeError):
+        _set_threads(threads)
+    return execute_pack(job)
 
 
 def _ray_task(name: str, point: dict[str, str], config, threads: int) -> dict[str, Any]:

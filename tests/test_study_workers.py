@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -53,6 +54,9 @@ def test_ray_backend_runs_each_run_as_a_task_with_the_same_resume(tmp_path, monk
         assert manifest["runs"]["base_lr=1e12,seed=0"]["error"].startswith("NonFiniteLossError: ")
         finished = tmp_path / "base_lr=0.01,seed=0"
         assert json.loads((finished / "history.json").read_text())["epochs"]["step"][-1] == 8
+        (pack,) = (tmp_path / "packs").iterdir()  # --pack=auto: the two runs were one packed Ray task
+        assert json.loads((pack / "pack.json").read_text())["members"] == [
+            str(tmp_path / "base_lr=0.01,seed=0"), str(tmp_path / "base_lr=1e12,seed=0")]
         before = (finished / "study_result.json").read_bytes()
         capsys.readouterr()
         cli.FLAGS.unparse_flags()
@@ -63,3 +67,23 @@ def test_ray_backend_runs_each_run_as_a_task_with_the_same_resume(tmp_path, monk
     finally:
         ray.shutdown()
         study.reset_flags()
+
+
+def test_a_pack_refused_once_built_trains_its_runs_alone(tmp_path, monkeypatch, capfd):
+    from clrlab import packed_models
+    from clrlab.config import TrainConfig
+
+    monkeypatch.setattr(packed_models, "refusal", lambda model: "layer d (Dropout) has no packed form")
+    base = TrainConfig(dataset="mnist1d:num_samples=300", normalization="none", model="mnist1d_mlp", batch_size=50,
+                       optimizer="sgd", weight_decay=0.0, policy="constant", steps=4, checkpoint_every=2)
+    members = tuple((f"seed={s}", {}, dataclasses.replace(base, seed=s, logdir=str(tmp_path / f"seed={s}")))
+                    for s in range(2))
+    job = study_workers.PackJob("pack-x", str(tmp_path / "packs" / "pack-x"), members, ("seed=0", "seed=1"))
+    records = study_workers.execute_pack(job)
+    assert [(r["name"], r["status"], r["step"]) for r in records] == [("seed=0", "finished", 4),
+                                                                      ("seed=1", "finished", 4)]
+    assert "study: pack-x not packed: layer d (Dropout) has no packed form; its 2 runs train unpacked." in \
+        capfd.readouterr().err.splitlines()
+    for name in ("seed=0", "seed=1"):  # ordinary unpacked runs: their own checkpoints
+        assert (tmp_path / name / "checkpoints").is_dir()
+        assert json.loads((tmp_path / name / study_workers.RESULT_FILE).read_text())["status"] == "finished"

@@ -185,3 +185,18 @@ def eval_dataset(splits: Splits, batch_size: int) -> tf.data.Dataset:
     ds = ds.map(lambda i: (tf.gather(x_all, i), tf.gather(y_all, i)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def epoch_order(num_examples: int, seed: int, epoch) -> tf.Tensor:
+    """The example order of epoch ``epoch`` in ``train_dataset(..., seed=seed)``: int32 ``[num_examples]``.
+
+    Batch ``b`` of that epoch holds the examples ``order[b * batch_size:(b + 1) * batch_size]`` (the entries
+    past ``steps_per_epoch * batch_size`` are dropped), so a trainer that gathers its batches itself from
+    resident data (e.g. one set of indices per member of a packed run) sees exactly the batches of
+    `train_dataset`. ``epoch`` is the 0-based epoch, a Python int or an int64 scalar tensor; works eagerly
+    and inside ``tf.function`` (the same stateless philox ops as `train_dataset`).
+    """
+    seed_e = tf.random.experimental.stateless_fold_in(_seed_pair(seed, _SHUFFLE_SALT),
+                                                      tf.cast(epoch, tf.int64), alg="philox")
+    return tf.random.experimental.stateless_shuffle(tf.range(int(num_examples), dtype=tf.int32), seed=seed_e,
+                                                    alg="philox")
