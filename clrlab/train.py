@@ -131,7 +131,8 @@ def _run(config: TrainConfig, *, callbacks, progress, run_scope: contextlib.Exit
             job.model, job.optimizer, train_data_fn=job.train_data_fn, eval_dataset=job.eval_dataset(),
             steps_per_epoch=job.steps_per_epoch, total_steps=job.total_steps, strategy=job.strategy,
             lr_callback=lr_callback, steps_per_loop=config.steps_per_loop,
-            checkpoint_every=config.checkpoint_every, summary_every=config.summary_every,
+            checkpoint_every=config.checkpoint_every, checkpoint_secs=config.checkpoint_secs,
+            summary_every=config.summary_every,
             jit_compile=config.jit_compile, summary_writer=train_writer, validation_writer=val_writer,
             checkpoint_dir=checkpoint_dir, history_path=history_path, callbacks=callbacks, progress=progress)
     else:
@@ -144,7 +145,8 @@ def _run(config: TrainConfig, *, callbacks, progress, run_scope: contextlib.Exit
         controller = Controller(trainer, train_data_fn=job.train_data_fn, steps_per_epoch=job.steps_per_epoch,
                                 total_steps=job.total_steps, steps_per_loop=config.steps_per_loop,
                                 eval_dataset=job.eval_dataset(), checkpoint_dir=checkpoint_dir,
-                                checkpoint_every=config.checkpoint_every, history_path=history_path,
+                                checkpoint_every=config.checkpoint_every,
+                                checkpoint_secs=config.checkpoint_secs, history_path=history_path,
                                 validation_writer=val_writer, callbacks=callbacks, progress=progress)
     resumed_from = controller.restore()
     _announce(config, job, logdir, resumed_from)
