@@ -96,10 +96,11 @@ def _saved_epochs(logdir: str) -> dict[str, list]:
         return json.load(fh)["epochs"]
 
 
-def _seconds_since(epochs: dict[str, list], resumed_from: int | None) -> float:
-    """Sum of the per-epoch `seconds` of the epochs that end after step `resumed_from` (all for None)."""
+def _seconds_since(epochs: dict[str, list], resumed_from: int | None, key: str = "seconds") -> float:
+    """Sum of the per-epoch `key` seconds (history.json `seconds`: training; `eval_seconds`: the epoch-end
+    evaluation) of the epochs that end after step `resumed_from` (all for None); nulls count 0."""
     start = -1 if resumed_from is None else resumed_from
-    return float(sum(s for step, s in zip(epochs.get("step", []), epochs.get("seconds", [])) if step > start))
+    return float(sum(s or 0.0 for step, s in zip(epochs.get("step", []), epochs.get(key, [])) if step > start))
 
 
 def _test_accuracy(test_metrics: dict[str, float] | None, epochs: dict[str, list]) -> float | None:
@@ -133,15 +134,16 @@ def execute(name: str, point: dict[str, str], config) -> dict[str, Any]:
 
     Times (seconds), of this call (a resumed run's earlier part is not counted): wall_seconds = the whole
     `clrlab.train.run` call; loop_seconds = its training loop (steps, evaluations, checkpoints);
-    train_seconds = the sum of history.json's per-epoch `seconds` (the training steps alone) of the epochs
-    trained in this call."""
+    train_seconds = the sum of history.json's per-epoch `seconds` (the compiled training calls, without the
+    checkpoint and history writes) and eval_seconds = of its per-epoch `eval_seconds` (the held-out
+    evaluations), over the epochs trained in this call."""
     from clrlab import train
     from trainers.custom_loop import NonFiniteLossError
 
     os.makedirs(config.logdir, exist_ok=True)
     record: dict[str, Any] = {"name": name, "status": None, "step": None, "error": None, "test_accuracy": None,
-                              "best_val_accuracy": None, "train_seconds": None, "loop_seconds": None,
-                              "resumed_from": None}
+                              "best_val_accuracy": None, "train_seconds": None, "eval_seconds": None,
+                              "loop_seconds": None, "resumed_from": None}
     timer = _loop_timer()
     start = time.monotonic()
     with _output_to(os.path.join(config.logdir, LOG_FILE)):
@@ -160,7 +162,8 @@ def execute(name: str, point: dict[str, str], config) -> dict[str, Any]:
                           step=result.step, resumed_from=result.resumed_from,
                           test_accuracy=_test_accuracy(result.test_metrics, epochs),
                           best_val_accuracy=max(epochs["val_accuracy"]) if epochs.get("val_accuracy") else None,
-                          train_seconds=_seconds_since(epochs, result.resumed_from))
+                          train_seconds=_seconds_since(epochs, result.resumed_from),
+                          eval_seconds=_seconds_since(epochs, result.resumed_from, "eval_seconds"))
     record["wall_seconds"] = time.monotonic() - start
     if timer.begin is not None and timer.end is not None:
         record["loop_seconds"] = timer.end - timer.begin

@@ -25,6 +25,8 @@ def test_train_seconds_count_only_the_epochs_trained_in_this_call():
     epochs = {"step": [40, 80, 120], "seconds": [1.0, 2.0, 4.0]}
     assert study_workers._seconds_since(epochs, None) == 7.0
     assert study_workers._seconds_since(epochs, 80) == 4.0  # resumed at the end of epoch 2
+    evals = {"step": [40, 80, 120], "eval_seconds": [None, 0.5, 0.25]}  # null: an epoch from before the column
+    assert study_workers._seconds_since(evals, None, "eval_seconds") == 0.75
 
 
 def test_final_accuracy_of_a_run_found_complete_is_its_last_evaluation():
