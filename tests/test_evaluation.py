@@ -50,6 +50,8 @@ def test_the_batches_of_a_dataset_are_read_once_and_give_the_same_metrics():
     kept = Evaluator(model, tf.distribute.get_strategy(), loss_fn)
     first = kept.evaluate(data)
     assert kept.evaluate(data) == first and data.passes == 1  # the second pass used the kept batches
+    np.testing.assert_array_equal(kept.predict_classes(data), model(x).numpy().argmax(-1))
+    assert data.passes == 1  # predictions from the kept batches too
     model.layers[0].kernel.assign(model.layers[0].kernel * 2.0)  # new weights: new metrics from the kept batches
     moved = kept.evaluate(data)
     fresh = Evaluator(model, tf.distribute.get_strategy(), loss_fn, cache_bytes=0)

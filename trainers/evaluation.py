@@ -92,9 +92,11 @@ class Evaluator:
         """Argmax class per example of a finite dataset of (x, y) or x batches, as int32 numpy."""
         if self._predict_fn is None:
             self._predict_fn = tf.function(
-                lambda x: tf.argmax(self.model(x, training=False), axis=-1, output_type=tf.int32))
+                lambda x: tf.argmax(self.model(x, training=False), axis=-1, output_type=tf.int32),
+                reduce_retracing=True)
         out = []
-        for batch in dataset:
+        kept = self._kept[1] if self._kept is not None and self._kept[0] is dataset else None
+        for batch in kept if kept is not None else dataset:  # the kept batches of an evaluated dataset
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             out.append(self._predict_fn(x).numpy())
         return np.concatenate(out) if out else np.zeros([0], np.int32)
