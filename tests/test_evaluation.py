@@ -61,3 +61,17 @@ def test_the_batches_of_a_dataset_are_read_once_and_give_the_same_metrics():
     small.evaluate(data)
     small.evaluate(data)
     assert data.passes == 5
+
+
+def test_one_trace_serves_every_batch_size_of_a_dataset():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    x = np.random.default_rng(2).normal(size=(10, 2)).astype(np.float32)
+    y = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0], np.int32)
+    evaluator = Evaluator(model, tf.distribute.get_strategy(),
+                          keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None))
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)  # batches of 4, 4, 2
+    evaluator.evaluate(dataset)
+    evaluator.predict_classes(dataset)
+    fns = evaluator._compiled_fns.values()
+    assert len(fns) == 2 and all(f.experimental_get_tracing_count() == 1 for f in fns)

@@ -39,9 +39,8 @@ class Evaluator:
             self.loss = keras.metrics.Mean(name="val_loss")
             self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="val_accuracy")
         self._eval_fn = None
-        self._batch_fn = None
+        self._compiled_fns: dict[tuple[str, str], Callable] = {}
         self._kept: tuple[tf.data.Dataset, list] | None = None  # (dataset, its batches); holds the dataset
-        self._predict_fn = None
 
     def _step(self, x, y):
         logits = self.model(x, training=False)
@@ -58,18 +57,29 @@ class Evaluator:
             self._evaluate_batches(dataset)
         return {"loss": float(self.loss.result()), "accuracy": float(self.accuracy.result())}
 
+    def _compiled(self, name: str, fn: Callable, specs) -> Callable:
+        """`fn` as a tf.function traced once for the batch specs `specs` (a dataset's element_spec, batch
+        dimension unknown, so the last partial batch reuses the trace); without TensorSpecs, once per shape."""
+        key = (name, repr(specs))
+        if key not in self._compiled_fns:
+            specs = list(specs) if isinstance(specs, tuple) else [specs]
+            if all(isinstance(s, tf.TensorSpec) for s in specs):
+                self._compiled_fns[key] = tf.function(fn, input_signature=specs)
+            else:
+                self._compiled_fns[key] = tf.function(fn, reduce_retracing=True)
+        return self._compiled_fns[key]
+
     def _evaluate_batches(self, dataset: tf.data.Dataset) -> None:
-        if self._batch_fn is None:  # one trace per batch shape; the last partial batch generalises the shape
-            self._batch_fn = tf.function(lambda x, y: self.strategy.run(self._step, args=(x, y)),
-                                         reduce_retracing=True)
+        batch_fn = self._compiled("evaluate", lambda x, y: self.strategy.run(self._step, args=(x, y)),
+                                  getattr(dataset, "element_spec", None))
         if self._kept is not None and self._kept[0] is dataset:
             for x, y in self._kept[1]:
-                self._batch_fn(x, y)
+                batch_fn(x, y)
             return
         self._kept = None
         kept, size = [], 0
         for x, y in dataset:
-            self._batch_fn(x, y)
+            batch_fn(x, y)
             if kept is not None:
                 size += sum(t.shape.num_elements() * t.dtype.size for t in (x, y))
                 if size <= self.cache_bytes:
@@ -90,13 +100,13 @@ class Evaluator:
 
     def predict_classes(self, dataset: tf.data.Dataset) -> np.ndarray:
         """Argmax class per example of a finite dataset of (x, y) or x batches, as int32 numpy."""
-        if self._predict_fn is None:
-            self._predict_fn = tf.function(
-                lambda x: tf.argmax(self.model(x, training=False), axis=-1, output_type=tf.int32),
-                reduce_retracing=True)
+        spec = getattr(dataset, "element_spec", None)
+        predict_fn = self._compiled(
+            "predict", lambda x: tf.argmax(self.model(x, training=False), axis=-1, output_type=tf.int32),
+            spec[0] if isinstance(spec, tuple) else spec)
         out = []
         kept = self._kept[1] if self._kept is not None and self._kept[0] is dataset else None
         for batch in kept if kept is not None else dataset:  # the kept batches of an evaluated dataset
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            out.append(self._predict_fn(x).numpy())
+            out.append(predict_fn(x).numpy())
         return np.concatenate(out) if out else np.zeros([0], np.int32)
