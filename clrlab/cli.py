@@ -188,8 +188,8 @@ def _define_train_config_flags() -> None:
                         "Rerunning with the same --logdir resumes. Default: runs/<timestamp>.")
     flags.DEFINE_integer("summary_every", 1, "Write per-step TensorBoard scalars every N steps.",
                          lower_bound=1)
-    flags.DEFINE_integer("checkpoint_every", 1000,
-                         "Also checkpoint every N steps (0: off).", lower_bound=0)
+    flags.DEFINE_integer("checkpoint_every", 0,
+                         "Also checkpoint every N steps (0: off; --checkpoint_secs sets the cadence).", lower_bound=0)
     flags.DEFINE_float("checkpoint_secs", config.DEFAULT_CHECKPOINT_SECS,
                        "Seconds (wall clock) between checkpoints: one is saved at the end of the first compiled "
                        "call (--steps_per_loop steps, cut at epoch ends) at least this long after the previous "

@@ -105,7 +105,7 @@ class TrainConfig:
     deterministic: bool = False
     logdir: str = ""
     summary_every: int = 1
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 0  # also checkpoint every N steps (0: off)
     checkpoint_secs: float = DEFAULT_CHECKPOINT_SECS  # wall-clock seconds between checkpoints (0: every epoch end)
     trainer: str = "custom_loop"
     lr_control: str = "schedule"

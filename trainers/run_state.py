@@ -142,12 +142,13 @@ def check_folders(folders: Iterable[str], files: Iterable[str] = ()) -> None:
 
 
 @contextlib.contextmanager
-def _writing(writer, what: str):
-    """Around writes to a `tf.summary` writer, flushed at the end; a failed write (disk full, ...) is a
-    one-line `UserError`."""
+def _writing(writer, what: str, flush: bool = True):
+    """Around writes to a `tf.summary` writer, flushed at the end (unless `flush` is False: the writer's own
+    queue and every save flush it); a failed write (disk full, ...) is a one-line `UserError`."""
     try:
         yield
-        writer.flush()
+        if flush:
+            writer.flush()
     except (OSError, tf.errors.OpError) as e:
         raise write_error("the run's TensorBoard folder", what, e) from None
 
@@ -586,16 +587,20 @@ class RunState:
         return {k: v for k, v in logs.items() if v is not None}
 
     def _write_epoch_scalars(self, record: dict[str, Any]) -> None:
+        """The epoch's scalars, not flushed here (a save flushes both writers before its checkpoint, so after a
+        kill the events still reach at least the checkpoint's step; a resume purges and replays the rest)."""
         if not self.writes_outputs:
             return
         step = record["step"]
         if self.summary_writer is not None:
-            with _writing(self.summary_writer, "the training events in"), self.summary_writer.as_default():
+            with _writing(self.summary_writer, "the training events in", flush=False), \
+                    self.summary_writer.as_default():
                 for name in ("loss", "accuracy"):
                     if record[name] is not None:
                         tf.summary.scalar(f"epoch_{name}", record[name], step=step)
         if self.validation_writer is not None and record["val_loss"] is not None:
-            with _writing(self.validation_writer, "the validation events in"), self.validation_writer.as_default():
+            with _writing(self.validation_writer, "the validation events in", flush=False), \
+                    self.validation_writer.as_default():
                 tf.summary.scalar("loss", record["val_loss"], step=step)
                 tf.summary.scalar("accuracy", record["val_accuracy"], step=step)
 
