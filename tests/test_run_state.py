@@ -539,3 +539,15 @@ def test_a_history_written_before_a_column_existed_gets_nulls_for_it():
 def test_bad_cadence_arguments_are_value_errors(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_state(tmp_path, **kwargs)
+
+
+def test_a_lockstep_strategy_saves_at_epoch_ends_whatever_the_clock(tmp_path, monkeypatch):
+    # Multi-worker: every worker must save at the same steps, which separate clocks cannot promise. (A real
+    # MultiWorkerMirroredStrategy must exist before any TF op of the process: the default strategy stands in.)
+    monkeypatch.setattr(run_state, "LOCKSTEP_STRATEGIES", (type(tf.distribute.get_strategy()),))
+    clock = FakeClock()
+    state = make_state(tmp_path, checkpoint_secs=10, clock=clock)
+    assert state.checkpoint_secs == 0.0
+    assert state.save_due(4, epoch_end=True) and not state.save_due(5, epoch_end=False)
+    clock.now += 100
+    assert not state.save_due(5, epoch_end=False)

@@ -64,6 +64,9 @@ from clrlab.errors import UserError
 # Callbacks whose whole purpose is to set the LR: they would fight the trainer's policy.
 LR_CALLBACK_TYPES = (keras.callbacks.ReduceLROnPlateau, keras.callbacks.LearningRateScheduler)
 PROGRESS_MODES = ("auto", "bar", "log")
+# Strategies whose workers must all save at the same steps (a checkpoint of distributed variables is written by
+# every worker together); their own clocks cannot agree on a time cadence, so they save at epoch ends instead.
+LOCKSTEP_STRATEGIES = (tf.distribute.MultiWorkerMirroredStrategy,)
 
 
 class LearningRateConflictError(ValueError):
@@ -332,7 +335,8 @@ class RunState:
       max_to_keep: checkpoints kept.
       checkpoint_every: also save every N global steps (0: off); the drivers end their chunks there.
       checkpoint_secs: save at the first chunk end at least this many seconds (wall clock) after the
-        previous save in this process (0: at every epoch end instead). See `save_due`.
+        previous save in this process (0: at every epoch end instead). See `save_due`. Under a
+        `LOCKSTEP_STRATEGIES` strategy (multi-worker), every epoch end instead: all workers save together.
       clock: the seconds clock of the cadence and of the epoch timings (`time.monotonic`; tests pass a fake).
     """
 
@@ -349,10 +353,11 @@ class RunState:
                                  ("checkpoint_every", checkpoint_every, 0), ("checkpoint_secs", checkpoint_secs, 0)):
             if not value >= low:  # also NaN
                 raise ValueError(f"{name} must be >= {low}. Received: {name}={value}.")
-        self.checkpoint_every, self.checkpoint_secs = int(checkpoint_every), float(checkpoint_secs)
         self._clock = clock
         self.model, self.optimizer = model, optimizer
         self.strategy = strategy or tf.distribute.get_strategy()
+        lockstep = isinstance(self.strategy, LOCKSTEP_STRATEGIES)
+        self.checkpoint_every, self.checkpoint_secs = int(checkpoint_every), 0.0 if lockstep else float(checkpoint_secs)
         self.steps_per_epoch, self.total_steps = int(steps_per_epoch), int(total_steps)
         self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.history_path = history_path
