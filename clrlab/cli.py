@@ -188,8 +188,16 @@ def _define_train_config_flags() -> None:
                         "Rerunning with the same --logdir resumes. Default: runs/<timestamp>.")
     flags.DEFINE_integer("summary_every", 1, "Write per-step TensorBoard scalars every N steps.",
                          lower_bound=1)
-    flags.DEFINE_integer("checkpoint_every", 1000,
-                         "Also checkpoint every N steps (0: only at epoch ends).", lower_bound=0)
+    flags.DEFINE_integer("checkpoint_every", 0,
+                         "Also checkpoint every N steps (0: off; --checkpoint_secs sets the cadence).", lower_bound=0)
+    flags.DEFINE_float("checkpoint_secs", config.DEFAULT_CHECKPOINT_SECS,
+                       "Seconds (wall clock) between checkpoints: one is saved at the end of the first compiled "
+                       "call (--steps_per_loop steps, cut at epoch ends) at least this long after the previous "
+                       "save; 0: at every epoch end. Also saved: after the last step, every --checkpoint_every "
+                       "steps, on Ctrl-C/SIGTERM. Each save rewrites history.json and costs about as much as a few "
+                       "dozen steps of a small model; a kill -9 loses the steps since the last save (rerun the "
+                       "command: it resumes there, exactly).", lower_bound=0.0)
+    flags.register_validator("checkpoint_secs", lambda v: _finite("checkpoint_secs", v) or True)
     flags.DEFINE_enum("trainer", "custom_loop", list(config.TRAINERS),
                       "custom_loop: the compiled GradientTape loop; keras_fit: the same job via model.fit.")
     flags.DEFINE_enum("lr_control", "schedule", list(config.LR_CONTROLS),

@@ -51,6 +51,9 @@ DEFAULT_MOMENTUM_BOUNDS = {"one_cycle": (0.85, 0.95), "triangular": (0.8, 0.9), 
 MOMENTUM_CYCLE_OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 # Default half-cycle length when neither a step size in steps nor in epochs is given (Smith: 2-10x an epoch).
 DEFAULT_STEP_SIZE_EPOCHS = 4.0
+# Wall-clock seconds between checkpoints (--checkpoint_secs): a kill -9 loses at most about this much training,
+# and a short epoch no longer pays a checkpoint (as tf.estimator.RunConfig's save_checkpoints_secs, default 600).
+DEFAULT_CHECKPOINT_SECS = 60.0
 
 
 def default_logdir(prefix: str = "") -> str:
@@ -102,7 +105,8 @@ class TrainConfig:
     deterministic: bool = False
     logdir: str = ""
     summary_every: int = 1
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 0  # also checkpoint every N steps (0: off)
+    checkpoint_secs: float = DEFAULT_CHECKPOINT_SECS  # wall-clock seconds between checkpoints (0: every epoch end)
     trainer: str = "custom_loop"
     lr_control: str = "schedule"
     bounds_from: str | None = None

@@ -228,7 +228,7 @@ def run_study(options: Options, plan: study_grid.Plan) -> int:
     wall = time.monotonic() - start
     throughput = {}
     if executed and received is None and options.backend == "local":
-        throughput = study_report.throughput(executed, wall, parallel)
+        throughput = study_report.throughput(executed, wall, min(parallel, len(todo)))  # the workers started
     _report(options, plan, records, baseline, identity, throughput)
     if received is not None:
         return 130 if received == 2 else 0

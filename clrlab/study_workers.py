@@ -101,10 +101,27 @@ def _saved_epochs(logdir: str) -> dict[str, list]:
         return json.load(fh)["epochs"]
 
 
-def _seconds_since(epochs: dict[str, list], resumed_from: int | None) -> float:
-    """Sum of the per-epoch `seconds` of the epochs that end after step `resumed_from` (all for None)."""
+def _seconds_since(epochs: dict[str, list], resumed_from: int | None, key: str = "seconds") -> float:
+    """Sum of the per-epoch `key` seconds (history.json `seconds`: training; `eval_seconds`: the epoch-end
+    evaluation) of the epochs that end after step `resumed_from` (all for None); nulls count 0."""
     start = -1 if resumed_from is None else resumed_from
-    return float(sum(s for step, s in zip(epochs.get("step", []), epochs.get("seconds", [])) if step > start))
+    return float(sum(s or 0.0 for step, s in zip(epochs.get("step", []), epochs.get(key, [])) if step > start))
+
+
+def _first_call_seconds(epochs: dict[str, list], resumed_from: int | None) -> float:
+    """An estimate of the tracing and graph optimisation inside the first epoch trained in this call: how much
+    longer its training `seconds` and `eval_seconds` took than the median of the later epochs' (the first
+    compiled call of the training loop and of the evaluation trace them); 0 with fewer than 3 epochs."""
+    import statistics
+
+    start = -1 if resumed_from is None else resumed_from
+    rows = [i for i, step in enumerate(epochs.get("step", [])) if step > start]
+    excess = 0.0
+    for key in ("seconds", "eval_seconds"):
+        values = [epochs[key][i] for i in rows] if key in epochs else []
+        if len(values) >= 3 and None not in values:
+            excess += max(0.0, values[0] - statistics.median(values[1:]))
+    return excess
 
 
 def _test_accuracy(test_metrics: dict[str, float] | None, epochs: dict[str, list]) -> float | None:
@@ -138,15 +155,17 @@ def execute(name: str, point: dict[str, str], config) -> dict[str, Any]:
 
     Times (seconds), of this call (a resumed run's earlier part is not counted): wall_seconds = the whole
     `clrlab.train.run` call; loop_seconds = its training loop (steps, evaluations, checkpoints);
-    train_seconds = the sum of history.json's per-epoch `seconds` (the training steps alone) of the epochs
-    trained in this call."""
+    train_seconds = the sum of history.json's per-epoch `seconds` (the compiled training calls, without the
+    checkpoint and history writes) and eval_seconds = of its per-epoch `eval_seconds` (the held-out
+    evaluations), over the epochs trained in this call; trace_seconds = the part of those two that the first
+    epoch took beyond a typical one (`_first_call_seconds`: tracing and graph optimisation)."""
     from clrlab import train
     from trainers.custom_loop import NonFiniteLossError
 
     os.makedirs(config.logdir, exist_ok=True)
     record: dict[str, Any] = {"name": name, "status": None, "step": None, "error": None, "test_accuracy": None,
-                              "best_val_accuracy": None, "train_seconds": None, "loop_seconds": None,
-                              "resumed_from": None}
+                              "best_val_accuracy": None, "train_seconds": None, "eval_seconds": None,
+                              "trace_seconds": None, "loop_seconds": None, "resumed_from": None}
     timer = _loop_timer()
     start = time.monotonic()
     with _output_to(os.path.join(config.logdir, LOG_FILE)):
@@ -165,7 +184,9 @@ def execute(name: str, point: dict[str, str], config) -> dict[str, Any]:
                           step=result.step, resumed_from=result.resumed_from,
                           test_accuracy=_test_accuracy(result.test_metrics, epochs),
                           best_val_accuracy=max(epochs["val_accuracy"]) if epochs.get("val_accuracy") else None,
-                          train_seconds=_seconds_since(epochs, result.resumed_from))
+                          train_seconds=_seconds_since(epochs, result.resumed_from),
+                          eval_seconds=_seconds_since(epochs, result.resumed_from, "eval_seconds"),
+                          trace_seconds=_first_call_seconds(epochs, result.resumed_from))
     record["wall_seconds"] = time.monotonic() - start
     if timer.begin is not None and timer.end is not None:
         record["loop_seconds"] = timer.end - timer.begin

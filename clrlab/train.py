@@ -126,12 +126,14 @@ def _run(config: TrainConfig, *, callbacks, progress, run_scope: contextlib.Exit
                       metrics=["accuracy"])
 
     checkpoint_dir = os.path.join(logdir, "checkpoints")
+    eval_dataset = job.eval_dataset()  # one object: the evaluator keeps its batches for every later pass
     if config.trainer == "keras_fit":  # model.fit, same outputs; it is its own controller (restore/run)
         trainer = controller = KerasFitTrainer(
-            job.model, job.optimizer, train_data_fn=job.train_data_fn, eval_dataset=job.eval_dataset(),
+            job.model, job.optimizer, train_data_fn=job.train_data_fn, eval_dataset=eval_dataset,
             steps_per_epoch=job.steps_per_epoch, total_steps=job.total_steps, strategy=job.strategy,
             lr_callback=lr_callback, steps_per_loop=config.steps_per_loop,
-            checkpoint_every=config.checkpoint_every, summary_every=config.summary_every,
+            checkpoint_every=config.checkpoint_every, checkpoint_secs=config.checkpoint_secs,
+            summary_every=config.summary_every,
             jit_compile=config.jit_compile, summary_writer=train_writer, validation_writer=val_writer,
             checkpoint_dir=checkpoint_dir, history_path=history_path, callbacks=callbacks, progress=progress)
     else:
@@ -143,8 +145,9 @@ def _run(config: TrainConfig, *, callbacks, progress, run_scope: contextlib.Exit
                                     **momentum)
         controller = Controller(trainer, train_data_fn=job.train_data_fn, steps_per_epoch=job.steps_per_epoch,
                                 total_steps=job.total_steps, steps_per_loop=config.steps_per_loop,
-                                eval_dataset=job.eval_dataset(), checkpoint_dir=checkpoint_dir,
-                                checkpoint_every=config.checkpoint_every, history_path=history_path,
+                                eval_dataset=eval_dataset, checkpoint_dir=checkpoint_dir,
+                                checkpoint_every=config.checkpoint_every,
+                                checkpoint_secs=config.checkpoint_secs, history_path=history_path,
                                 validation_writer=val_writer, callbacks=callbacks, progress=progress)
     resumed_from = controller.restore()
     _announce(config, job, logdir, resumed_from)
@@ -153,8 +156,8 @@ def _run(config: TrainConfig, *, callbacks, progress, run_scope: contextlib.Exit
     val_writer.flush()
     test_metrics = None
     if outcome.status != "interrupted":
-        test_metrics = finish(job, logdir, trainer.predict_classes(job.eval_dataset()))
-        test_metrics["loss"] = trainer.evaluate(job.eval_dataset())["loss"]
+        test_metrics = finish(job, logdir, trainer.predict_classes(eval_dataset))
+        test_metrics["loss"] = trainer.evaluate(eval_dataset)["loss"]
         outcome.history.test = test_metrics
         outcome.history.save(history_path)
     steps = outcome.history.steps

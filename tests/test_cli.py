@@ -108,6 +108,11 @@ BAD_FLAGS = {
     "zero epochs": (["--epochs=0"], "epochs"),
     "zero batch": (["--batch_size=0"], "batch_size"),
     "zero steps per loop": (["--steps_per_loop=0"], "steps_per_loop"),
+    "negative checkpoint_secs": (["--checkpoint_secs=-1"], "checkpoint_secs"),
+    "nan checkpoint_secs": (["--checkpoint_secs=nan"], "--checkpoint_secs must be a finite number"),
+    "inf checkpoint_secs": (["--checkpoint_secs=inf"], "--checkpoint_secs must be a finite number"),
+    "text checkpoint_secs": (["--checkpoint_secs=often"], "checkpoint_secs"),
+    "negative checkpoint_every": (["--checkpoint_every=-1"], "checkpoint_every"),
     "pct_start out of range": (["--policy=one_cycle", "--pct_start=1.0"], "--pct_start must be in (0, 1)"),
     "momentum out of range": (["--momentum=1.5"], "--momentum must be in [0, 1)"),
     "unknown optimizer": (["--optimizer=lbfgs"], "optimizer"),
@@ -290,5 +295,17 @@ def test_help_states_units():
     text = " ".join(proc.stdout.split())
     for needle in ("HALF a cycle", "epochs", "--gamma", "per STEP", "--steps_per_loop", "--cycle_momentum",
                    "ON for --policy=one_cycle", "0.85 for one_cycle", "0.95 for one_cycle", "0.8 for the CLR modes",
-                   "0.9 for the CLR modes", "constant SGD/RMSprop momentum"):
+                   "0.9 for the CLR modes", "constant SGD/RMSprop momentum", "Seconds (wall clock) between checkpoints",
+                   "0: at every epoch end"):
         assert needle in text, needle
+
+
+def test_checkpoint_secs_parses_into_the_config_and_its_flag_file(train_flags):
+    from clrlab import config as config_lib
+
+    assert parse_config(train_flags).checkpoint_secs == config_lib.DEFAULT_CHECKPOINT_SECS
+    config = parse_config(train_flags, "--checkpoint_secs=2.5", "--checkpoint_every=0")
+    assert (config.checkpoint_secs, config.checkpoint_every) == (2.5, 0)
+    text = config_lib.flagfile_text(config)
+    assert "--checkpoint_secs=2.5" in text.splitlines() and "--checkpoint_every=0" in text.splitlines()
+    assert parse_config(train_flags, "--checkpoint_secs=0").checkpoint_secs == 0.0

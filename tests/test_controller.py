@@ -3,6 +3,7 @@ data (5 steps per epoch), without the command line."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -28,7 +29,7 @@ def train_data_fn(start: int) -> tf.data.Dataset:
 
 
 def controller(tmp_path, *, total_steps=12, steps_per_loop=2, checkpoint_every=0, callbacks=None,
-               progress="log", name="run", cycle_momentum=False) -> Controller:
+               progress="log", name="run", cycle_momentum=False, **cadence) -> Controller:
     keras.utils.set_random_seed(1)
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
     schedule = schedules.CyclicalLearningRate(0.05, 0.5, 3)
@@ -42,7 +43,7 @@ def controller(tmp_path, *, total_steps=12, steps_per_loop=2, checkpoint_every=0
     return Controller(trainer, train_data_fn=train_data_fn, steps_per_epoch=SPE, total_steps=total_steps,
                       steps_per_loop=steps_per_loop, eval_dataset=tf.data.Dataset.from_tensor_slices((X, Y)).batch(16),
                       checkpoint_dir=str(folder / "ckpt"), checkpoint_every=checkpoint_every,
-                      history_path=str(folder / "history.json"), callbacks=callbacks, progress=progress)
+                      history_path=str(folder / "history.json"), callbacks=callbacks, progress=progress, **cadence)
 
 
 class ChunkLog(keras.callbacks.Callback):
@@ -167,3 +168,94 @@ def test_lr_setting_callbacks_are_refused(tmp_path):
 def test_bad_arguments_are_value_errors(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         controller(tmp_path, **kwargs)
+
+
+# ----------------------------------------------------------------------------- checkpoint cadence
+def checkpoints(folder) -> list[int]:
+    return sorted(int(n[5:-6]) for n in os.listdir(folder) if n.startswith("ckpt-") and n.endswith(".index"))
+
+
+class Clock(keras.callbacks.Callback):
+    """A fake seconds clock that each compiled chunk advances by `per_chunk` (as if it took that long)."""
+
+    def __init__(self, per_chunk):
+        super().__init__()
+        self.now, self.per_chunk = 0.0, per_chunk
+
+    def __call__(self):
+        return self.now
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.now += self.per_chunk
+
+
+class Saves(keras.callbacks.Callback):
+    """The checkpoint steps on disk after every chunk."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder, self.seen = folder, []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen.append(checkpoints(self.folder) if os.path.isdir(self.folder) else [])
+
+
+@pytest.mark.parametrize("secs,expected", [(0, [5, 10, 12]), (1e9, [12]), (10, [7, 12])])
+def test_checkpoint_secs_sets_where_the_run_saves(tmp_path, secs, expected):
+    # Chunks of 2 steps, cut at the epoch ends (5 steps): they end at steps 2, 4, 5, 7, 9, 10, 12, each 3 fake
+    # seconds. 0: every epoch end; 10 s: the first chunk end >= 10 s after the previous save (step 7 at 12 s,
+    # skipping the epoch end at step 5; the next is due at 22 s, after step 12, the end, which always saves);
+    # huge: only the last step.
+    clock = Clock(3.0)
+    saves = Saves(tmp_path / "run" / "ckpt")
+    outcome = controller(tmp_path, callbacks=[clock, saves], checkpoint_secs=secs, clock=clock).run()
+    assert outcome.status == "completed" and checkpoints(tmp_path / "run" / "ckpt") == expected
+    assert outcome.history.epochs["step"] == [5, 10, 12]  # every epoch is recorded whatever the cadence
+    with open(tmp_path / "run" / "history.json", encoding="utf-8") as fh:
+        assert json.load(fh)["epochs"]["step"] == [5, 10, 12]
+
+
+def test_a_stop_always_saves_whatever_the_cadence(tmp_path):
+    stopped = controller(tmp_path, callbacks=[Stopper(4, "stop")], checkpoint_secs=1e9, name="stop").run()
+    assert (stopped.status, stopped.step) == ("stopped", 5) and checkpoints(tmp_path / "stop" / "ckpt") == [5]
+    term = controller(tmp_path, callbacks=[Stopper(3, "sigterm")], checkpoint_secs=1e9, name="term").run()
+    assert (term.status, term.step) == ("interrupted", 4) and checkpoints(tmp_path / "term" / "ckpt") == [4]
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAfter(keras.callbacks.Callback):
+    """Dies (an exception nothing catches, like kill -9: no save) at the end of the `chunks`-th chunk."""
+
+    def __init__(self, chunks):
+        super().__init__()
+        self.chunks = chunks
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.chunks -= 1
+        if self.chunks == 0:
+            raise Crash
+
+
+def test_a_crash_between_sparse_checkpoints_resumes_exactly(tmp_path):
+    """checkpoint_every=3 without epoch-end saves: a crash at step 8 leaves the checkpoint and history.json of
+    step 6 (epoch 0 recorded, epoch 1 half done); the resume truncates history to step 6 and ends with the
+    uninterrupted run's steps, epochs and weights."""
+    full_ctl = controller(tmp_path, name="full", checkpoint_every=3, checkpoint_secs=1e9)
+    full = full_ctl.run()
+    with pytest.raises(Crash):  # chunks end at steps 2, 3, 5, 6, 8 (cut at multiples of 3 and the epoch end)
+        controller(tmp_path, name="split", checkpoint_every=3, checkpoint_secs=1e9, callbacks=[CrashAfter(5)]).run()
+    assert checkpoints(tmp_path / "split" / "ckpt") == [3, 6]
+    with open(tmp_path / "split" / "history.json", encoding="utf-8") as fh:
+        on_disk = json.load(fh)
+    assert on_disk["steps"]["step"] == list(range(6)) and on_disk["epochs"]["step"] == [5]
+    second = controller(tmp_path, name="split", checkpoint_every=3, checkpoint_secs=1e9)
+    assert second.restore() == 6
+    resumed = second.run()
+    assert resumed.history.steps == full.history.steps
+    for key in ("epoch", "step", "loss", "accuracy", "val_loss", "val_accuracy", "lr"):
+        assert resumed.history.epochs[key] == full.history.epochs[key], key
+    for a, b in zip(second.trainer.model.weights, full_ctl.trainer.model.weights, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))

@@ -123,10 +123,12 @@ _DRIVER = textwrap.dedent("""
 
 
 def _history(logdir) -> dict:
-    """history.json without the wall-clock `seconds` of each epoch (the only value that may differ)."""
+    """history.json without the wall-clock `seconds` and `eval_seconds` of each epoch (the only values that may
+    differ)."""
     with open(os.path.join(logdir, "history.json"), encoding="utf-8") as fh:
         history = json.load(fh)
     history["epochs"].pop("seconds")
+    history["epochs"].pop("eval_seconds")
     return history
 
 

@@ -244,3 +244,24 @@ def test_keras_fit_splits_the_data_loss_from_the_l2_term_like_the_custom_loop(tm
     assert all(v > 0 for v in steps["l2_loss"])
     np.testing.assert_allclose(np.add(steps["loss"], steps["l2_loss"]), steps["total_loss"], rtol=1e-6)
     np.testing.assert_allclose(hist["fit"]["epochs"]["total_loss"], hist["custom"]["epochs"]["total_loss"], rtol=1e-3)
+
+
+class StopAtEpochEnd(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.stop_training = True
+
+
+@pytest.mark.parametrize("secs,stop,expected", [(0, False, [6, 12, 15]), (1e9, False, [15]), (1e9, True, [6])])
+def test_keras_fit_checkpoints_on_the_cadence_and_at_a_stop(tmp_path, secs, stop, expected):
+    schedule = schedules.CyclicalLearningRate(0.01, 0.1, 4)
+    model, optimizer, data_fn, eval_ds = _toy(schedule)
+    trainer = KerasFitTrainer(model, optimizer, train_data_fn=data_fn, eval_dataset=eval_ds, steps_per_epoch=6,
+                              total_steps=15, steps_per_loop=3, checkpoint_secs=secs, progress="log",
+                              checkpoint_dir=str(tmp_path / "ckpt"), history_path=str(tmp_path / "history.json"),
+                              callbacks=[StopAtEpochEnd()] if stop else None)
+    outcome = trainer.run()
+    assert outcome.status == ("stopped" if stop else "completed")
+    steps = sorted(int(n[5:-6]) for n in os.listdir(tmp_path / "ckpt") if n.endswith(".index"))
+    assert steps == expected
+    with open(tmp_path / "history.json", encoding="utf-8") as fh:
+        assert json.load(fh)["epochs"]["step"] == ([6] if stop else [6, 12, 15])

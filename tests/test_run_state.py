@@ -194,8 +194,10 @@ def test_end_epoch_evaluates_writes_scalars_records_logs_and_checkpoints(tmp_pat
                     "learning_rate": pytest.approx(0.04, rel=1e-6),
                     "val_loss": expected_val["loss"], "val_accuracy": expected_val["accuracy"]}
     epochs = state.history.epochs
-    assert list(epochs) == ["epoch", "step", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
+    assert list(epochs) == ["epoch", "step", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds",
+                            "eval_seconds"]
     assert epochs["epoch"] == [0] and epochs["step"] == [4] and epochs["lr"] == [float(np.float32(0.04))]
+    assert epochs["eval_seconds"][0] >= 0
     assert int(state.epoch.numpy()) == 1 and state.last_checkpoint.endswith("ckpt-4")
     with open(tmp_path / "history.json", encoding="utf-8") as fh:
         assert json.load(fh)["epochs"]["step"] == [4]
@@ -439,3 +441,113 @@ def test_a_history_json_older_than_the_checkpoint_is_said_in_one_warning_line(tm
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert lines == [f"warning: {tmp_path / 'history.json'} ends at step 1 but the checkpoint is at step 6: "
                      "steps 2..5 have no per-step records (the weights and the LR trace are not affected)."]
+
+
+# ----------------------------------------------------------------------------- checkpoint cadence
+class FakeClock:
+    """A seconds clock that moves only when told (the cadence and the epoch timings read it)."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_save_due_follows_the_step_time_and_epoch_cadence(tmp_path):
+    clock = FakeClock()
+    state = make_state(tmp_path, checkpoint_secs=10, checkpoint_every=3, clock=clock)
+    assert not state.save_due(4, epoch_end=True)  # an epoch end, 0 s after the start: not due
+    assert state.save_due(6, epoch_end=False)  # a multiple of checkpoint_every
+    assert state.save_due(10, epoch_end=False)  # the last step (total_steps)
+    clock.now += 9.9
+    assert not state.save_due(5, epoch_end=False)
+    clock.now += 0.1
+    assert state.save_due(5, epoch_end=False) and state.save_due(4, epoch_end=True)  # 10 s since the start
+    state.global_step.assign(5)
+    state.save()
+    assert not state.save_due(7, epoch_end=True) and state.saved_step == 5  # the clock restarts at a save
+    (tmp_path / "b").mkdir()
+    every_epoch = make_state(tmp_path / "b", checkpoint_secs=0, clock=clock)
+    assert every_epoch.save_due(4, epoch_end=True) and not every_epoch.save_due(5, epoch_end=False)
+
+
+def test_end_epoch_saves_checkpoint_and_history_only_when_due(tmp_path):
+    clock = FakeClock()
+    state = make_state(tmp_path, checkpoint_secs=60, clock=clock)
+    state.begin_epoch(0)
+    state.history.add_steps(records(0, 4))
+    state.global_step.assign(4)
+    state.end_epoch(0)  # 0 s: not due
+    assert not os.path.exists(tmp_path / "ckpt") or not os.listdir(tmp_path / "ckpt")
+    assert not os.path.exists(tmp_path / "history.json") and state.last_checkpoint is None
+    state.begin_epoch(1)
+    state.history.add_steps(records(4, 4))
+    state.global_step.assign(8)
+    clock.now += 60
+    state.end_epoch(1)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["checkpoint", "ckpt-8.data-00000-of-00001", "ckpt-8.index"]
+    with open(tmp_path / "history.json", encoding="utf-8") as fh:
+        assert json.load(fh)["epochs"]["step"] == [4, 8]  # written with the checkpoint, both epochs
+
+
+def test_epoch_seconds_leave_out_saves_and_eval_seconds_time_the_evaluation(tmp_path, monkeypatch):
+    clock = FakeClock()
+
+    class SlowEvaluator:
+        def evaluate(self, dataset):
+            clock.now += 2.0
+            return {"loss": 1.0, "accuracy": 0.5}
+
+    state = make_state(tmp_path, clock=clock, evaluator=SlowEvaluator())
+    real_save = state._save
+
+    def slow_save():
+        clock.now += 5.0
+        return real_save()
+
+    monkeypatch.setattr(state, "_save", slow_save)
+    state.begin_epoch(0)
+    state.history.add_steps(records(0, 2))
+    state.global_step.assign(2)
+    clock.now += 3.0  # training
+    state.save()  # mid-epoch: 5 s of bookkeeping
+    state.history.add_steps(records(2, 2))
+    state.global_step.assign(4)
+    clock.now += 1.0  # training
+    state.end_epoch(0)
+    assert state.history.epochs["seconds"] == [4.0] and state.history.epochs["eval_seconds"] == [2.0]
+    (tmp_path / "b").mkdir()
+    no_eval = make_state(tmp_path / "b", eval_dataset=None, clock=clock)
+    no_eval.begin_epoch(0)
+    no_eval.history.add_steps(records(0, 4))
+    no_eval.global_step.assign(4)
+    no_eval.end_epoch(0)
+    assert no_eval.history.epochs["eval_seconds"] == [None]
+
+
+def test_a_history_written_before_a_column_existed_gets_nulls_for_it():
+    old = History.from_json({"steps": {"step": [0, 1], "lr": [0.1, 0.1], "loss": [1.0, 1.0], "accuracy": [0, 0]},
+                             "epochs": {"epoch": [0], "step": [2], "seconds": [1.5]}})
+    old.add_epoch({"epoch": 1, "step": 4, "seconds": 1.0, "eval_seconds": 0.25})
+    assert old.epochs == {"epoch": [0, 1], "step": [2, 4], "seconds": [1.5, 1.0], "eval_seconds": [None, 0.25]}
+
+
+@pytest.mark.parametrize("kwargs,match", [({"checkpoint_secs": -1.0}, "checkpoint_secs must be >= 0"),
+                                          ({"checkpoint_secs": float("nan")}, "checkpoint_secs must be >= 0"),
+                                          ({"checkpoint_every": -2}, "checkpoint_every must be >= 0")])
+def test_bad_cadence_arguments_are_value_errors(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_state(tmp_path, **kwargs)
+
+
+def test_a_lockstep_strategy_saves_at_epoch_ends_whatever_the_clock(tmp_path, monkeypatch):
+    # Multi-worker: every worker must save at the same steps, which separate clocks cannot promise. (A real
+    # MultiWorkerMirroredStrategy must exist before any TF op of the process: the default strategy stands in.)
+    monkeypatch.setattr(run_state, "LOCKSTEP_STRATEGIES", (type(tf.distribute.get_strategy()),))
+    clock = FakeClock()
+    state = make_state(tmp_path, checkpoint_secs=10, clock=clock)
+    assert state.checkpoint_secs == 0.0
+    assert state.save_due(4, epoch_end=True) and not state.save_due(5, epoch_end=False)
+    clock.now += 100
+    assert not state.save_due(5, epoch_end=False)

@@ -80,14 +80,21 @@ def test_markdown_and_plot(runs, tmp_path):
 
 
 def test_throughput_compares_wall_time_with_the_runs_own_time_per_worker():
-    records = [{"loop_seconds": 30.0, "train_seconds": 20.0, "wall_seconds": 40.0}] * 4
+    records = [{"loop_seconds": 30.0, "train_seconds": 20.0, "eval_seconds": 5.0, "trace_seconds": 2.5,
+                "wall_seconds": 40.0}] * 4
     t = study_report.throughput(records, wall=75.0, parallel=2)
     assert (t["loop_seconds"], t["train_seconds"], t["run_wall_seconds"]) == (120.0, 80.0, 160.0)
+    assert (t["eval_seconds"], t["in_loop_seconds"]) == (20.0, 100.0)
+    assert t["wall_vs_in_loop"] == pytest.approx(75.0 / 50.0)  # wall / ((training + evaluation) / P)
+    assert t["wall_vs_in_loop_untraced"] == pytest.approx(75.0 / 45.0)  # tracing counted as overhead
     assert t["wall_vs_loop"] == pytest.approx(75.0 / 60.0)
     assert t["wall_vs_train"] == pytest.approx(75.0 / 40.0)
     md = study_report.markdown({"groups": [], "baseline": "x", "target_accuracy": None, "target_source": "none",
                                 "eval_resolution_steps": 40}, {"grid": [], "seeds": 1, "common": []}, t)
-    assert "training loops (steps + evaluations + checkpoints) 60.0 s (wall / that = 1.25)" in md
+    assert ("in-loop training and evaluation 50.0 s (training 40.0 s, evaluation 10.0 s; history.json "
+            "epochs.seconds and eval_seconds): wall / that = 1.50") in md
+    assert "1.67 with the first compiled calls' tracing (5.0 s) counted as overhead" in md
+    assert "training loops with their bookkeeping 60.0 s (wall / that = 1.25)" in md
     assert study_report.throughput([{"wall_seconds": 1.0}], wall=1.0, parallel=1)["wall_vs_loop"] is None
 
 

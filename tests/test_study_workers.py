@@ -26,6 +26,13 @@ def test_train_seconds_count_only_the_epochs_trained_in_this_call():
     epochs = {"step": [40, 80, 120], "seconds": [1.0, 2.0, 4.0]}
     assert study_workers._seconds_since(epochs, None) == 7.0
     assert study_workers._seconds_since(epochs, 80) == 4.0  # resumed at the end of epoch 2
+    evals = {"step": [40, 80, 120], "eval_seconds": [None, 0.5, 0.25]}  # null: an epoch from before the column
+    assert study_workers._seconds_since(evals, None, "eval_seconds") == 0.75
+    # The first epoch's excess over the later epochs' median: tracing (training 3.0 - 1.0, evaluation 0.5 - 0.25).
+    traced = {"step": [40, 80, 120, 160], "seconds": [3.0, 1.0, 1.2, 0.9], "eval_seconds": [0.5, 0.25, 0.25, 0.3]}
+    assert study_workers._first_call_seconds(traced, None) == pytest.approx(2.25)
+    assert study_workers._first_call_seconds(traced, 40) == 0.0  # resumed: 1.0 is not above median(1.2, 0.9)
+    assert study_workers._first_call_seconds(evals, None) == 0.0  # fewer than 3 full columns
 
 
 def test_final_accuracy_of_a_run_found_complete_is_its_last_evaluation():

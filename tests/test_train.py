@@ -589,3 +589,16 @@ def test_run_with_the_default_logdir_writes_under_runs_not_into_the_current_dire
     assert os.path.dirname(result.logdir) == str(tmp_path / "runs")
     assert os.path.isfile(os.path.join(result.logdir, "history.json"))
     assert sorted(os.listdir(tmp_path)) == ["runs"]
+
+
+@pytest.mark.parametrize("trainer", ["custom_loop", "keras_fit"])
+def test_checkpoint_secs_reaches_both_trainers_and_history_records_the_evaluation_seconds(tmp_path, trainer):
+    # 30 steps, epochs ending at steps 22 and 30; a day between checkpoints: only the last step saves (the
+    # epoch-end cadence of --checkpoint_secs=0: test_controller.py, test_keras_fit.py).
+    config = tiny(tmp_path, model="mlp", steps=30, steps_per_loop=2, trainer=trainer, checkpoint_secs=86400.0)
+    result = train_mod.run(config, progress="log")
+    assert result.status == "completed"
+    names = os.listdir(os.path.join(result.logdir, "checkpoints"))
+    assert sorted(int(n[5:-6]) for n in names if n.endswith(".index")) == [30]
+    epochs = load_history(result.logdir)["epochs"]
+    assert epochs["step"] == [22, 30] and all(s > 0 for s in epochs["eval_seconds"])

@@ -22,6 +22,7 @@ the step) continues unchanged.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -49,7 +50,10 @@ class Controller:
       steps_per_loop: steps per compiled call (K).
       eval_dataset: finite validation/test dataset evaluated at every epoch end, or None.
       checkpoint_dir: folder for `tf.train.CheckpointManager` (None: no checkpoints).
-      checkpoint_every: also checkpoint every N steps (0: epoch ends only).
+      checkpoint_every: also checkpoint every N steps (0: off).
+      checkpoint_secs: checkpoint at the first chunk end at least this many seconds after the previous
+        save (0: at every epoch end); see `trainers.run_state.RunState.save_due`. The last step and a stop
+        (signal, `stop_training`) always save.
       history_path: where `history.json` is (re)written at every checkpoint and at the end.
       validation_writer: `tf.summary` writer for per-epoch validation scalars.
       callbacks: Keras callbacks, driven as described in the module docstring.
@@ -62,7 +66,7 @@ class Controller:
                  eval_dataset: tf.data.Dataset | None = None, checkpoint_dir: str | None = None,
                  checkpoint_every: int = 0, history_path: str | None = None, validation_writer: Any = None,
                  callbacks: Iterable[keras.callbacks.Callback] | None = None, progress: str = "auto",
-                 max_to_keep: int = 3):
+                 max_to_keep: int = 3, checkpoint_secs: float = 0.0, clock=time.monotonic):
         for name, value, low in (("steps_per_loop", steps_per_loop, 1), ("checkpoint_every", checkpoint_every, 0)):
             if value < low:
                 raise ValueError(f"{name} must be >= {low}. Received: {name}={value}.")
@@ -77,7 +81,8 @@ class Controller:
                               global_step=trainer.global_step, checkpoint_dir=checkpoint_dir,
                               history_path=history_path, summary_writer=trainer.summary_writer,
                               validation_writer=validation_writer, evaluator=trainer.evaluator,
-                              eval_dataset=eval_dataset, progress=progress, max_to_keep=max_to_keep)
+                              eval_dataset=eval_dataset, progress=progress, max_to_keep=max_to_keep,
+                              checkpoint_every=checkpoint_every, checkpoint_secs=checkpoint_secs, clock=clock)
 
     def restore(self) -> int | None:
         """Restores the latest checkpoint, if any, and the history saved with it. Returns its step."""
@@ -132,22 +137,23 @@ class Controller:
                 if self.state.progress == "bar" and not epoch_done:
                     progbar.update(in_epoch + chunk, bar_values)
                 if epoch_done:
-                    epoch_logs = state.end_epoch(epoch)  # evaluates, records, saves
+                    epoch_logs = state.end_epoch(epoch)  # evaluates, records, saves when due
                     if state.progress == "bar":  # the epoch's last line shows validation too, like fit
                         progbar.update(epoch_len, bar_values + [(k, epoch_logs[k]) for k in ("val_loss", "val_accuracy")
                                                                 if k in epoch_logs])
                     callbacks.on_epoch_end(epoch, epoch_logs)
                     self._check_lr_untouched(logs["learning_rate"], "on_epoch_end")
                     progbar = None
-                elif self.checkpoint_every and step % self.checkpoint_every == 0:
+                elif state.save_due(step, epoch_end=False):
                     state.save()
                 if stops.received is not None:
                     status, received = "interrupted", stops.name
-                    state.save()
+                    if state.saved_step != step:
+                        state.save()
                     break
                 if model.stop_training:
                     status = "stopped"
-                    if not epoch_done:
+                    if state.saved_step != step:
                         state.save()
                     break
         callbacks.on_train_end({"learning_rate": trainer.learning_rate})

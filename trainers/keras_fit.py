@@ -18,7 +18,8 @@ compared file by file: `history.json` (`trainers.run_state.History`), TensorBoar
 regularisation losses: Keras' own `loss` is the total, split with a data-loss metric] (every
 `summary_every` steps) and `epoch_loss`/`epoch_accuracy`,
 `validation/` `loss`/`accuracy` per epoch, and `checkpoints/` (`trainers.run_state.RunState`: model,
-optimizer, global step, epoch) at every epoch end and every `checkpoint_every` steps.
+optimizer, global step, epoch) on the cadence of `RunState.save_due` (the last step, every `checkpoint_every`
+steps, and every `checkpoint_secs` seconds, or at every epoch end when that is 0) and on a stop.
 
 Differences that come from `model.fit` itself, documented rather than hidden:
 
@@ -45,6 +46,7 @@ Everything here is eager, between compiled `fit` calls.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -90,7 +92,9 @@ class KerasFitTrainer:
       strategy: the `tf.distribute.Strategy` (default: the current one).
       lr_callback: a `clrlab.callbacks.CyclicLR` that sets the LR before every batch, or None.
       steps_per_loop: the most steps per compiled call (see the module docstring).
-      checkpoint_every: also checkpoint every N steps (0: epoch ends only).
+      checkpoint_every: also checkpoint every N steps (0: off).
+      checkpoint_secs: checkpoint at the first chunk end at least this many seconds after the previous
+        save (0: at every epoch end); see `trainers.run_state.RunState.save_due`.
       summary_every: write the per-step scalars every N steps.
       jit_compile: compile the train step with XLA.
       summary_writer: `tf.summary` writer for per-step and per-epoch training scalars (None: none).
@@ -114,7 +118,7 @@ class KerasFitTrainer:
                  summary_every: int = 1, jit_compile: bool = False, summary_writer: Any = None,
                  validation_writer: Any = None, checkpoint_dir: str | None = None, history_path: str | None = None,
                  callbacks: Iterable[keras.callbacks.Callback] | None = None, progress: str = "auto",
-                 max_to_keep: int = 3):
+                 max_to_keep: int = 3, checkpoint_secs: float = 0.0, clock=time.monotonic):
         for name, value, low in (("steps_per_loop", steps_per_loop, 1), ("checkpoint_every", checkpoint_every, 0),
                                  ("summary_every", summary_every, 1)):
             if value < low:
@@ -142,7 +146,8 @@ class KerasFitTrainer:
                               total_steps=total_steps, checkpoint_dir=checkpoint_dir, history_path=history_path,
                               summary_writer=summary_writer, validation_writer=validation_writer,
                               evaluator=self.evaluator, eval_dataset=eval_dataset, progress=progress,
-                              max_to_keep=max_to_keep)
+                              max_to_keep=max_to_keep, checkpoint_every=checkpoint_every,
+                              checkpoint_secs=checkpoint_secs, clock=clock)
         self.global_step = self.state.global_step
 
     @property
@@ -216,6 +221,8 @@ class KerasFitTrainer:
         status = driver.status
         if status == "running":
             status = "completed" if step >= total else "stopped"
+        if status == "stopped" and state.saved_step != step:  # e.g. stopped at an epoch end the cadence skipped
+            state.save()
         state.save_history()
         return Outcome(status=status, step=step, history=state.history, signal=driver.signal,
                        checkpoint=state.last_checkpoint)
@@ -263,7 +270,6 @@ class _Driver(keras.callbacks.Callback):
             raise NonFiniteLossError(steps[-1], records.lr[-1], checked[-1], records)
         state.history.add_steps(records)
         step = int(steps[-1]) + 1
-        previous = state.step
         state.global_step.assign(step)
         if step >= state.total_steps:
             self.model.stop_training = True
@@ -273,9 +279,8 @@ class _Driver(keras.callbacks.Callback):
             self.model.stop_training = True
             state.save()
             return
-        every = self.trainer.checkpoint_every
         epoch_end = step % state.steps_per_epoch == 0 or step >= state.total_steps
-        if every and step // every > previous // every and not epoch_end:
+        if not epoch_end and state.save_due(step, epoch_end=False):  # an epoch end saves in on_epoch_end
             state.save()
 
     def on_epoch_end(self, epoch, logs=None):

@@ -12,6 +12,13 @@ is handed its global step and `tf.train.CheckpointManager`, the state owns:
 * `checkpoint_manager`: a `tf.train.CheckpointManager` over model, optimizer, global step and epoch,
   numbered by the global step.
 * `history`: the per-step and per-epoch records (`History`, written as `history.json`).
+* the checkpoint cadence (`save_due`): a checkpoint (with history.json written just before it) after the
+  last step, every `checkpoint_every` steps, and at the first chunk end at least `checkpoint_secs` seconds
+  after the previous save (0: at every epoch end instead), plus on a stop request. Following Orbit's
+  `checkpoint_interval` (steps) and TensorFlow's `save_checkpoints_secs` (tf.estimator.RunConfig): a
+  checkpoint of a small model costs about as much as a few dozen training steps, so saving at every
+  short epoch end spends much of a run on bookkeeping. A kill -9 loses at most the steps since the last
+  save; the resume restores that checkpoint and truncates history.json to it, so it stays exact.
 
 All of it is eager, called between compiled calls. Units: steps are global steps (batches), epochs are
 0-based indices; `seconds` are wall-clock seconds.
@@ -57,6 +64,9 @@ from clrlab.errors import UserError
 # Callbacks whose whole purpose is to set the LR: they would fight the trainer's policy.
 LR_CALLBACK_TYPES = (keras.callbacks.ReduceLROnPlateau, keras.callbacks.LearningRateScheduler)
 PROGRESS_MODES = ("auto", "bar", "log")
+# Strategies whose workers must all save at the same steps (a checkpoint of distributed variables is written by
+# every worker together); their own clocks cannot agree on a time cadence, so they save at epoch ends instead.
+LOCKSTEP_STRATEGIES = (tf.distribute.MultiWorkerMirroredStrategy,)
 
 
 class LearningRateConflictError(ValueError):
@@ -135,12 +145,13 @@ def check_folders(folders: Iterable[str], files: Iterable[str] = ()) -> None:
 
 
 @contextlib.contextmanager
-def _writing(writer, what: str):
-    """Around writes to a `tf.summary` writer, flushed at the end; a failed write (disk full, ...) is a
-    one-line `UserError`."""
+def _writing(writer, what: str, flush: bool = True):
+    """Around writes to a `tf.summary` writer, flushed at the end (unless `flush` is False: the writer's own
+    queue and every save flush it); a failed write (disk full, ...) is a one-line `UserError`."""
     try:
         yield
-        writer.flush()
+        if flush:
+            writer.flush()
     except (OSError, tf.errors.OpError) as e:
         raise write_error("the run's TensorBoard folder", what, e) from None
 
@@ -190,7 +201,10 @@ class History:
             records carry it)]; non-finite values are null
     epochs: epoch (0-based: `epoch_base` in history.json; the console prints epoch + 1), step (global step
             at the epoch's end), loss, accuracy (`epoch_mean` of the per-step values), val_loss,
-            val_accuracy, lr (last LR of the epoch), seconds [, l2_loss, total_loss (epoch means)]
+            val_accuracy, lr (last LR of the epoch), seconds (wall seconds of the epoch's training: its
+            compiled calls and the callbacks between them, without checkpoint and history writes),
+            eval_seconds (wall seconds of the epoch-end evaluation; null without one; absent from epochs
+            recorded before this column existed: null) [, l2_loss, total_loss (epoch means)]
     test:   the final test metrics ({"accuracy", "loss"}) once the run completed, else None
     """
 
@@ -215,8 +229,11 @@ class History:
             self.steps.setdefault("momentum", []).extend(_json_float(v) for v in records.momentum)
 
     def add_epoch(self, record: dict[str, Any]) -> None:
+        """Appends one epoch's record; a column new to this history (e.g. after a resume of a history.json
+        written before the column existed) is null for the earlier epochs, so the columns stay aligned."""
+        done = len(self.epochs.get("epoch", []))
         for key, value in record.items():
-            self.epochs.setdefault(key, []).append(value)
+            self.epochs.setdefault(key, [None] * done).append(value)
 
     def truncate(self, step: int, epoch: int) -> None:
         """Drops records from global step `step` and epoch index `epoch` on (used on resume)."""
@@ -316,6 +333,11 @@ class RunState:
       eval_dataset: finite dataset evaluated at every epoch end (None: no validation).
       progress: 'bar', 'log' (the epoch line is printed) or 'auto' (bar on a terminal).
       max_to_keep: checkpoints kept.
+      checkpoint_every: also save every N global steps (0: off); the drivers end their chunks there.
+      checkpoint_secs: save at the first chunk end at least this many seconds (wall clock) after the
+        previous save in this process (0: at every epoch end instead). See `save_due`. Under a
+        `LOCKSTEP_STRATEGIES` strategy (multi-worker), every epoch end instead: all workers save together.
+      clock: the seconds clock of the cadence and of the epoch timings (`time.monotonic`; tests pass a fake).
     """
 
     writes_outputs = True  # the one switch for chief-only outputs (see the module docstring)
@@ -325,12 +347,17 @@ class RunState:
                  global_step: tf.Variable | None = None, checkpoint_dir: str | None = None,
                  history_path: str | None = None, summary_writer: Any = None, validation_writer: Any = None,
                  evaluator=None, eval_dataset: tf.data.Dataset | None = None, progress: str = "auto",
-                 max_to_keep: int = 3):
-        for name, value in (("steps_per_epoch", steps_per_epoch), ("total_steps", total_steps)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1. Received: {name}={value}.")
+                 max_to_keep: int = 3, checkpoint_every: int = 0, checkpoint_secs: float = 0.0,
+                 clock=time.monotonic):
+        for name, value, low in (("steps_per_epoch", steps_per_epoch, 1), ("total_steps", total_steps, 1),
+                                 ("checkpoint_every", checkpoint_every, 0), ("checkpoint_secs", checkpoint_secs, 0)):
+            if not value >= low:  # also NaN
+                raise ValueError(f"{name} must be >= {low}. Received: {name}={value}.")
+        self._clock = clock
         self.model, self.optimizer = model, optimizer
         self.strategy = strategy or tf.distribute.get_strategy()
+        lockstep = isinstance(self.strategy, LOCKSTEP_STRATEGIES)
+        self.checkpoint_every, self.checkpoint_secs = int(checkpoint_every), 0.0 if lockstep else float(checkpoint_secs)
         self.steps_per_epoch, self.total_steps = int(steps_per_epoch), int(total_steps)
         self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.history_path = history_path
@@ -344,7 +371,9 @@ class RunState:
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.history = History()
         self.last_checkpoint: str | None = None
-        self._epoch_start = time.time()
+        self.saved_step: int | None = None  # the global step of this process's last save
+        self._last_save = self._epoch_start = clock()
+        self._epoch_bookkeeping = 0.0  # seconds of saves since the epoch began (not training time)
         self.checkpoint_manager = None
         self.checkpoint_dir, self.max_to_keep = checkpoint_dir, max_to_keep
         if checkpoint_dir is not None:
@@ -481,10 +510,31 @@ class RunState:
         if self.writes_outputs and self.history_path:
             self.history.save(self.history_path)
 
+    def save_due(self, step: int, epoch_end: bool) -> bool:
+        """Whether the chunk that ended at global step `step` ends at a checkpoint (eager, host clock): the
+        last step (`total_steps`), a multiple of `checkpoint_every`, or, with `checkpoint_secs` > 0, at least
+        that many seconds since the previous save (or since this process began the run); with
+        `checkpoint_secs` = 0, every epoch end (`epoch_end`). A stop request always saves (the drivers)."""
+        if step >= self.total_steps or (self.checkpoint_every and step % self.checkpoint_every == 0):
+            return True
+        if not self.checkpoint_secs:
+            return epoch_end
+        return self._clock() - self._last_save >= self.checkpoint_secs
+
     def save(self) -> str | None:
         """Flushes the TensorBoard writers and writes history.json, then a checkpoint at the global step (so
         events and history >= checkpoint after a kill between them: a resume purges and replays the rest).
-        Returns the checkpoint path (None without checkpoints)."""
+        Returns the checkpoint path (None without checkpoints). Its seconds count as bookkeeping, not as the
+        current epoch's training `seconds`."""
+        began = self._clock()
+        try:
+            return self._save()
+        finally:
+            self._last_save = self._clock()
+            self._epoch_bookkeeping += self._last_save - began
+
+    def _save(self) -> str | None:
+        self.saved_step = self.step
         if self.writes_outputs:
             for writer, what in ((self.summary_writer, "the training events in"),
                                  (self.validation_writer, "the validation events in")):
@@ -503,7 +553,8 @@ class RunState:
     # ----------------------------------------------------------------------------- epochs
     def begin_epoch(self, epoch: int) -> None:
         self.epoch.assign(epoch)
-        self._epoch_start = time.time()
+        self._epoch_start = self._clock()
+        self._epoch_bookkeeping = 0.0
 
     def running_means(self, epoch: int) -> dict[str, float | None]:
         """`epoch_mean` of the loss and accuracy recorded so far in `epoch`."""
@@ -512,42 +563,49 @@ class RunState:
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         """Closes a completed `epoch`: evaluates, writes the epoch scalars at the global step, appends the
-        epoch record, logs the epoch line, advances `epoch` and saves. Returns the epoch logs (`loss`,
-        `accuracy`, `learning_rate` and, with an eval dataset, `val_loss`, `val_accuracy`; unknown values
-        are left out) for the callbacks."""
+        epoch record, logs the epoch line, advances `epoch` and saves when `save_due`. Returns the epoch logs
+        (`loss`, `accuracy`, `learning_rate` and, with an eval dataset, `val_loss`, `val_accuracy`; unknown
+        values are left out) for the callbacks."""
         step = self.step
-        seconds = time.time() - self._epoch_start
+        seconds = self._clock() - self._epoch_start - self._epoch_bookkeeping
         means = self.running_means(epoch)
         lrs = self.history.since("lr", epoch * self.steps_per_epoch)
         record = {"epoch": epoch, "step": step, "loss": means["loss"], "accuracy": means["accuracy"],
                   "val_loss": None, "val_accuracy": None, "lr": lrs[-1] if lrs else None,
-                  "seconds": round(seconds, 3)}
+                  "seconds": round(seconds, 3), "eval_seconds": None}
         for key in ("l2_loss", "total_loss"):  # present only for a model with regularisation losses
             if key in self.history.steps:
                 record[key] = epoch_mean(self.history.since(key, epoch * self.steps_per_epoch))
         if self.evaluator is not None and self.eval_dataset is not None:
+            began = self._clock()
             val = self.evaluator.evaluate(self.eval_dataset)
-            record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+            record.update(val_loss=val["loss"], val_accuracy=val["accuracy"],
+                          eval_seconds=round(self._clock() - began, 3))
         self._write_epoch_scalars(record)
         self.history.add_epoch(record)
         self._log_epoch(record, seconds)
         self.epoch.assign(epoch + 1)
-        self.save()
+        if self.save_due(step, epoch_end=True):
+            self.save()
         logs = {"loss": record["loss"], "accuracy": record["accuracy"], "learning_rate": record["lr"],
                 "val_loss": record["val_loss"], "val_accuracy": record["val_accuracy"]}
         return {k: v for k, v in logs.items() if v is not None}
 
     def _write_epoch_scalars(self, record: dict[str, Any]) -> None:
+        """The epoch's scalars, not flushed here (a save flushes both writers before its checkpoint, so after a
+        kill the events still reach at least the checkpoint's step; a resume purges and replays the rest)."""
         if not self.writes_outputs:
             return
         step = record["step"]
         if self.summary_writer is not None:
-            with _writing(self.summary_writer, "the training events in"), self.summary_writer.as_default():
+            with _writing(self.summary_writer, "the training events in", flush=False), \
+                    self.summary_writer.as_default():
                 for name in ("loss", "accuracy"):
                     if record[name] is not None:
                         tf.summary.scalar(f"epoch_{name}", record[name], step=step)
         if self.validation_writer is not None and record["val_loss"] is not None:
-            with _writing(self.validation_writer, "the validation events in"), self.validation_writer.as_default():
+            with _writing(self.validation_writer, "the validation events in", flush=False), \
+                    self.validation_writer.as_default():
                 tf.summary.scalar("loss", record["val_loss"], step=step)
                 tf.summary.scalar("accuracy", record["val_accuracy"], step=step)
 
