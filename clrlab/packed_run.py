@@ -18,7 +18,8 @@ study's runs stay the machine time they took.
 The shared state lives in `pack_dir`: pack.json (the members and their settings: a rerun with other
 members or settings is refused), checkpoints/ (a `tf.train.CheckpointManager` over the stacked weights,
 the optimizer slots, the global step, the epoch and the members' active mask) and failures.json. The pack
-is checkpointed every `checkpoint_every` steps (at epoch ends when it is 0) and at the end, each member's
+is checkpointed as an ordinary run (`checkpoint_every` steps, `checkpoint_secs` wall seconds, or every epoch end
+when both are 0) and at the end, each member's
 history.json just before, so a rerun after kill -9 resumes exactly: the same batches (a function of the
 global step and the seed), the same LR and momentum traces (functions of the global step) and, with
 `--deterministic`, the same final weights as an uninterrupted packed run. TensorBoard replays are purged
@@ -150,11 +151,16 @@ def _member_state_class():
         def save(self):
             return None  # the pack checkpoints: `_Pack.save`
 
-        def end_member_epoch(self, epoch: int, val: dict[str, float], seconds: float) -> dict[str, float]:
-            """RunState.end_epoch with these held-out metrics and `seconds` as the epoch's time."""
+        def end_member_epoch(self, epoch: int, val: dict[str, float], seconds: float,
+                             eval_seconds: float) -> dict[str, float]:
+            """RunState.end_epoch with these held-out metrics, `seconds` as the epoch's training time and
+            `eval_seconds` as its evaluation time (the member's shares of the pack's)."""
             self._val = val
-            self._epoch_start = time.time() - seconds
-            return self.end_epoch(epoch)
+            self._epoch_start = self._clock() - seconds
+            self._epoch_bookkeeping = 0.0
+            logs = self.end_epoch(epoch)
+            self.history.epochs["eval_seconds"][-1] = round(eval_seconds, 3)
+            return logs
 
     return MemberState
 
@@ -340,6 +346,17 @@ class _Pack:
         """The states of the members this call trains or finishes (not those already complete)."""
         return [s for s, done in zip(self.states, self.complete) if not done]
 
+    def _save_due(self, step: int, epoch_done: bool) -> bool:
+        """As `RunState.save_due`: at the last step, every `checkpoint_every` steps, and with `checkpoint_secs`
+        at the first chunk end at least that many wall seconds after the last save; with neither, every
+        epoch end."""
+        first = self.configs[0]
+        if step == self.total_steps or (first.checkpoint_every and step % first.checkpoint_every == 0):
+            return True
+        if first.checkpoint_secs:
+            return time.monotonic() - self._last_save >= first.checkpoint_secs
+        return not first.checkpoint_every and epoch_done
+
     def save(self) -> None:
         """Each active member's events and history, then the pack's checkpoint at the global step."""
         import tensorflow as tf
@@ -356,6 +373,7 @@ class _Pack:
             self.manager.save(checkpoint_number=self.trainer.global_step)
         except (OSError, tf.errors.OpError) as e:
             raise write_error(os.path.join(self.pack_dir, "checkpoints"), "a checkpoint in", e) from None
+        self._last_save = time.monotonic()
 
     def run(self) -> list[MemberResult]:
         from trainers.run_state import StopRequests
@@ -377,7 +395,7 @@ class _Pack:
         step = self.trainer.step
         status, received = "completed", None
         epoch_started = None
-        loop_start = time.monotonic()
+        loop_start = self._last_save = time.monotonic()
         with StopRequests() as stops:
             while step < total and len(self.failures) < self.members:
                 epoch, in_epoch = divmod(step, spe)
@@ -407,8 +425,7 @@ class _Pack:
                 if epoch_done:
                     self._end_epoch(epoch, time.monotonic() - epoch_started)
                     epoch_started = None
-                if (first.checkpoint_every and step % first.checkpoint_every == 0) or step == total or \
-                        (not first.checkpoint_every and epoch_done):
+                if self._save_due(step, epoch_done):
                     self.save()
                 if stops.received is not None:
                     status, received = "interrupted", stops.name
@@ -422,13 +439,16 @@ class _Pack:
         return results
 
     def _end_epoch(self, epoch: int, seconds: float) -> None:
+        began = time.monotonic()
         val = self.trainer.evaluate(self.eval_dataset)
+        eval_share = (time.monotonic() - began) / self.members
         share = seconds / self.members
         accuracies = []
         for m, s in enumerate(self.states):
             if m in self.failures or self.complete[m]:
                 continue
-            s.end_member_epoch(epoch, {"loss": float(val["loss"][m]), "accuracy": float(val["accuracy"][m])}, share)
+            s.end_member_epoch(epoch, {"loss": float(val["loss"][m]), "accuracy": float(val["accuracy"][m])}, share,
+                               eval_share)
             accuracies.append(float(val["accuracy"][m]))
         if self.progress == "log":
             print(f"pack epoch {epoch + 1}/{self.states[0].total_epochs} step {self.trainer.step}: "

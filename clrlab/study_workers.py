@@ -215,7 +215,9 @@ def _member_record(name: str, config, result, wall: float) -> dict[str, Any]:
     return {"name": name, "status": status, "step": result.step, "error": result.error,
             "test_accuracy": _test_accuracy(result.test_metrics, epochs) if status == "finished" else None,
             "best_val_accuracy": max(epochs["val_accuracy"]) if epochs.get("val_accuracy") else None,
-            "train_seconds": _seconds_since(epochs, result.resumed_from), "loop_seconds": result.loop_seconds,
+            "train_seconds": _seconds_since(epochs, result.resumed_from),
+            "eval_seconds": _seconds_since(epochs, result.resumed_from, "eval_seconds"),
+            "trace_seconds": _first_call_seconds(epochs, result.resumed_from), "loop_seconds": result.loop_seconds,
             "resumed_from": result.resumed_from, "wall_seconds": wall}
 
 
@@ -252,8 +254,8 @@ def execute_pack(job: PackJob) -> list[dict[str, Any]]:
         result = by_name[name]
         if result is None:
             record = {"name": name, "status": "failed", "step": None, "error": error, "test_accuracy": None,
-                      "best_val_accuracy": None, "train_seconds": None, "loop_seconds": None, "resumed_from": None,
-                      "wall_seconds": wall}
+                      "best_val_accuracy": None, "train_seconds": None, "eval_seconds": None, "loop_seconds": None,
+                      "resumed_from": None, "wall_seconds": wall}
         else:
             record = _member_record(name, config, result, wall)
         os.makedirs(config.logdir, exist_ok=True)

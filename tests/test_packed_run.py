@@ -10,11 +10,12 @@ import json
 import os
 import re
 import signal
+import time
 
 import numpy as np
 import pytest
 
-from clrlab import packed_run, train
+from clrlab import packed_run, run_dir, train
 from clrlab.config import TrainConfig
 from clrlab.errors import UserError
 from conftest import read_scalars
@@ -104,7 +105,9 @@ def _layout(value):
 def test_member_folders_are_ordinary_run_folders(tmp_path):
     points = (dict(policy="constant", base_lr=1e-2), dict(policy="one_cycle", seed=1))
     members = _members(tmp_path, *points)
+    began = time.monotonic()
     results = packed_run.run_packed(members, pack_dir=str(tmp_path / "pack"))
+    wall = time.monotonic() - began
     assert [r.status for r in results] == ["completed", "completed"]
     for i, (config, result) in enumerate(zip(members, results)):
         alone = train.run(dataclasses.replace(config, logdir=str(tmp_path / f"alone{i}")), progress="log")
@@ -115,6 +118,8 @@ def test_member_folders_are_ordinary_run_folders(tmp_path):
         packed_history = json.load(open(os.path.join(packed_dir, "history.json")))
         alone_history = json.load(open(os.path.join(alone_dir, "history.json")))
         assert _layout(packed_history) == _layout(alone_history)
+        for key in ("seconds", "eval_seconds"):  # the member's shares of the pack's training and evaluation time
+            assert all(v is not None and 0 <= v <= wall for v in packed_history["epochs"][key]), key
         assert packed_history["steps"]["lr"] == alone_history["steps"]["lr"]  # bit for bit (JSON floats)
         assert packed_history["steps"].get("momentum") == alone_history["steps"].get("momentum")
         np.testing.assert_allclose(packed_history["steps"]["loss"], alone_history["steps"]["loss"], rtol=1e-4)
@@ -200,3 +205,20 @@ def test_a_pack_folder_with_other_members_is_refused(tmp_path, monkeypatch):
     other = [members[0], dataclasses.replace(members[1], policy="exp_range")]
     with pytest.raises(UserError, match="holds a pack with other members or settings"):
         packed_run.run_packed(other, pack_dir=str(tmp_path / "pack"))
+
+
+@pytest.mark.slow
+def test_the_pack_checkpoints_on_the_run_cadence(tmp_path):
+    """As an ordinary run: with --checkpoint_secs only at the end (for a short pack), with neither cadence at
+    every epoch end."""
+    by_time = _members(tmp_path / "secs", dict(policy="triangular"), dict(policy="triangular", seed=1))
+    by_time = [dataclasses.replace(c, checkpoint_every=0, checkpoint_secs=3600.0) for c in by_time]
+    packed_run.run_packed(by_time, pack_dir=str(tmp_path / "secs" / "pack"))
+    assert run_dir.checkpoint_steps(str(tmp_path / "secs" / "pack" / "checkpoints")) == [TINY.steps]
+
+    by_epoch = [dataclasses.replace(c, logdir=c.logdir.replace("secs", "epochs"), checkpoint_secs=0.0)
+                for c in by_time]
+    packed_run.run_packed(by_epoch, pack_dir=str(tmp_path / "epochs" / "pack"))
+    epoch_ends = json.load(open(os.path.join(by_epoch[0].logdir, "history.json")))["epochs"]["step"]
+    saved = run_dir.checkpoint_steps(str(tmp_path / "epochs" / "pack" / "checkpoints"))
+    assert len(saved) > 1 and saved == epoch_ends[-len(saved):]
