@@ -44,7 +44,7 @@ HELP_GROUPS = (
                             "repeats")),
     ("run", ("preset", "epochs", "steps", "seed", "deterministic", "trainer", "lr_control", "mixed_precision",
              "jit_compile", "fused_updates", "steps_per_loop", "distribute", "cpu_devices")),
-    ("output", ("logdir", "summary_every", "checkpoint_every")),
+    ("output", ("logdir", "summary_every", "checkpoint_every", "checkpoint_secs")),
 )
 
 HELP_ARGS = ("-h", "--help", "--helpshort", "-?")

@@ -14,6 +14,7 @@ over every generator argument and the package version, and read back on the next
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -91,9 +92,16 @@ def parse_options(text: str) -> dict:
     return options
 
 
+@functools.cache
+def _generator_version() -> str:
+    """The installed mnist1d package's version (part of the cache key). Read once per process: the package
+    metadata lookup scans sys.path, about a second on a loaded machine, and a study runs many runs per process."""
+    return importlib.metadata.version("mnist1d")
+
+
 def cache_path(options: dict, data_dir: str | None) -> str:
     """Where the arrays generated with ``options`` (all of `OPTIONS`) are cached."""
-    key = dict(sorted(options.items()), mnist1d_version=importlib.metadata.version("mnist1d"))
+    key = dict(sorted(options.items()), mnist1d_version=_generator_version())
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     root = os.path.expanduser(data_dir) if data_dir is not None else keras_datasets_dir()
     return os.path.join(root, "mnist1d", f"mnist1d-{digest}.npz")
