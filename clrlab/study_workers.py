@@ -316,6 +316,9 @@ def _worker_main(tasks, results, threads: int, parent: int) -> None:
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     try:
+        from clrlab import console
+
+        console.quiet_tensorflow([])  # no TensorFlow start-up lines, as in train (CLRLAB_VERBOSE=1 keeps them)
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
             _set_threads(threads)
         while True:

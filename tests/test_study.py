@@ -170,6 +170,7 @@ def test_a_diverging_run_is_recorded_failed_and_hparams_are_found(tmp_path, pack
     done = _study(study_dir, "--grid=base_lr=0.01,1e12", "--policy=constant", "--steps=8", "--parallel=1",
                   f"--pack={pack}")
     assert ("1 packed job of 2 members" in done.stderr) == (pack == "auto")
+    assert "I0000" not in done.stderr  # the workers' TensorFlow start-up lines are filtered, as in train
     assert done.returncode == 1  # a failed run: the study finished, but not every run did
     ok, bad = study_dir / "base_lr=0.01,seed=0", study_dir / "base_lr=1e12,seed=0"
     assert json.loads((ok / "study_result.json").read_text())["status"] == "finished"
