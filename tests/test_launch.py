@@ -138,7 +138,9 @@ def test_two_workers_train_like_one_mirrored_process(tmp_path):
 
 
 def test_sigterm_saves_on_every_worker_sigkill_is_named_and_reruns_resume(tmp_path):
-    steps, logdir = 400, tmp_path / "mw"
+    # The signals land near steps 15 (SIGTERM after the step-10 checkpoint) and 20-25 (SIGKILL after the next
+    # checkpoint): 120 steps keep both mid-run (~100 steps, seconds, to spare) and make the final rerun cheap.
+    steps, logdir = 120, tmp_path / "mw"
     args = [f"--steps={steps}", "--steps_per_loop=5", "--checkpoint_every=10", "--summary_every=1"]
     # SIGTERM to the launcher mid-run: every worker stops at the same step, saves, exits 0.
     launcher = Launcher(tmp_path, logdir, *args)

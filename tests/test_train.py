@@ -182,9 +182,15 @@ def test_mixed_precision_trains_on_cpu(tmp_path, precision):
 
 
 # ----------------------------------------------------------------------------- kill, resume
+# The signal tests' runs: 5 epochs of 44 steps. A kill lands at most ~1 s after the first checkpoint (step 6);
+# the ~200 steps after it (>= ~2 s on an idle machine) keep it mid-run, and fewer epochs make each run cheaper.
+EPOCHS = 5
+TOTAL_STEPS = EPOCHS * (1437 // 32)
+
+
 def _start(logdir, *extra):
     args = [sys.executable, "-m", "clrlab.train", "--dataset=digits", "--model=small_cnn", "--batch_size=32",
-            "--policy=triangular", "--base_lr=0.01", "--max_lr=0.1", "--step_size=30", "--epochs=8",
+            "--policy=triangular", "--base_lr=0.01", "--max_lr=0.1", "--step_size=30", f"--epochs={EPOCHS}",
             "--steps_per_loop=2", "--checkpoint_every=6", "--deterministic", f"--logdir={logdir}", *extra]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=subprocess_env(), cwd=ROOT)
@@ -219,7 +225,7 @@ def test_sigkill_at_an_arbitrary_step_then_rerun_gives_the_same_lr_trace_and_wei
     victim.communicate()
     assert victim.returncode == -signal.SIGKILL
     killed_at = load_history(killed_dir)["steps"]["step"][-1] + 1
-    assert killed_at < 8 * (1437 // 32), "the run finished before it was killed: slow it down"
+    assert killed_at < TOTAL_STEPS, "the run finished before it was killed: slow it down"
     out, err = full.communicate(timeout=300)
     assert full.returncode == 0, err[-3000:]
     resumed = _start(killed_dir)
@@ -253,7 +259,7 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_exits_cleanly_and_resumes(tmp_path
     out, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err[-2000:]
     assert f"Resuming from the checkpoint at step {stopped_at}" in out
-    assert load_history(logdir)["steps"]["step"] == list(range(8 * (1437 // 32)))
+    assert load_history(logdir)["steps"]["step"] == list(range(TOTAL_STEPS))
 
 
 @pytest.mark.slow
@@ -407,7 +413,7 @@ def test_sigkill_mid_cycle_then_rerun_gives_the_same_momentum_lr_and_weights(tmp
     victim.communicate()
     assert victim.returncode == -signal.SIGKILL
     killed_at = load_history(killed_dir)["steps"]["step"][-1] + 1
-    assert killed_at < 8 * (1437 // 32), "the run finished before it was killed: slow it down"
+    assert killed_at < TOTAL_STEPS, "the run finished before it was killed: slow it down"
     out, err = full.communicate(timeout=300)
     assert full.returncode == 0, err[-3000:]
     resumed = _start(killed_dir, *extra)
