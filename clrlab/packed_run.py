@@ -46,6 +46,7 @@ from clrlab import config as config_lib
 from clrlab import files, run_dir
 from clrlab.config import TrainConfig
 from clrlab.errors import UserError
+from clrlab.train import RunResult
 
 PACK_FILE = "pack.json"
 FAILURES_FILE = "failures.json"
@@ -70,21 +71,12 @@ class PackingRefused(UserError):
 
 
 @dataclasses.dataclass(frozen=True)
-class MemberResult:
-    """One member's outcome, with `clrlab.train.RunResult`'s fields plus `error` (the one-line reason of a
-    failed member). `status`: completed, failed, interrupted or already_complete. `seconds` and
+class MemberResult(RunResult):
+    """One member's outcome: `clrlab.train.RunResult` plus `error` (the one-line reason of a failed member) and
+    `loop_seconds`. `status`: completed, failed, interrupted or already_complete. `seconds` and
     `loop_seconds` are the member's share (/ members) of the call's wall time and of its training loop (steps,
     evaluations, checkpoints; None when nothing was trained)."""
 
-    status: str
-    step: int
-    logdir: str
-    test_metrics: dict[str, float] | None
-    history: Any
-    resumed_from: int | None
-    signal: str | None = None
-    model: Any = None
-    seconds: float | None = None
     error: str | None = None
     loop_seconds: float | None = None
 
