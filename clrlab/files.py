@@ -27,15 +27,34 @@ def write_atomic(path: str, data: str | bytes) -> None:
     On any error the temp file is removed and `path` keeps its previous content; an OSError (disk full,
     read-only folder, `path` being a folder) becomes a one-line `UserError` naming the path and what to do.
     """
+    try:
+        replace_file(path, data)
+    except OSError as e:
+        raise UserError(f"cannot write {os.fspath(path)}: {e.strerror or e}; {os_error_advice(e)}, then rerun "
+                        "(the previous file, if any, is unchanged).") from e
+
+
+def replace_file(path: str, data: str | bytes) -> None:
+    """`write_atomic` without the wording: an OSError propagates (after the temp file is removed and with
+    `path` unchanged), for callers that word the failure themselves (a run's history.json)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-    try:
-        _replace_with(path, folder, payload)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}; {_what_to_do(e)}, then rerun "
-                        "(the previous file, if any, is unchanged).") from e
+    _replace_with(path, folder, data.encode("utf-8") if isinstance(data, str) else bytes(data))
     _fsync_folder(folder)
+
+
+_ADVICE = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some space (disk quota exceeded)",
+           errno.EACCES: "fix the folder's permissions", errno.EPERM: "fix the folder's permissions",
+           errno.EROFS: "make it writable (the file system is read-only)",
+           errno.EISDIR: "a folder stands where a file is written: remove or rename it",
+           errno.ENOTDIR: "a file stands where a folder is needed: move it away",
+           errno.EEXIST: "a file stands where a folder is needed: move it away",
+           errno.ENOENT: "check that the folder exists (a dangling symlink?)"}
+
+
+def os_error_advice(error: OSError, default: str = "remove what is in the way or fix the path") -> str:
+    """What the user should do about a failed write, by errno ("free some disk space", ...)."""
+    return _ADVICE.get(error.errno, default)
 
 
 def _replace_with(path: str, folder: str, payload: bytes) -> None:
@@ -104,16 +123,6 @@ def read_json(path: str, what: str, *, fix: str | None = None, missing_ok: bool 
             return None
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{path} ({what}) is damaged ({reason}); {fix or 'delete it and rerun'}.") from None
-
-
-def _what_to_do(e: OSError) -> str:
-    if e.errno == errno.ENOSPC:
-        return "free some disk space"
-    if e.errno == errno.EDQUOT:
-        return "free some space (disk quota exceeded)"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "fix the folder's permissions"
-    return "remove what is in the way or fix the path"
 
 
 def _read_umask() -> int:

@@ -213,8 +213,10 @@ _FAULTS = textwrap.dedent("""
         if name == "disk_full_checkpoint":
             tf.train.CheckpointManager.save = enospc
         elif name == "disk_full_history":
-            real = open
-            run_state.open = lambda path, *a, **k: enospc() if "history.json" in str(path) else real(path, *a, **k)
+            from clrlab import files
+
+            real_file = files.replace_file
+            files.replace_file = lambda path, *a: enospc() if "history.json" in str(path) else real_file(path, *a)
         elif name == "disk_full_events":
             def flush(self):
                 raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
@@ -284,8 +286,6 @@ ERRORS = {
                         "train: it is a file, not a folder"),
     "history_json_is_a_folder": (lambda d: os.mkdir(os.path.join(d, "history.json")), None, [],
                                  "history.json: it is a folder"),
-    "history_json_tmp_is_a_folder": (lambda d: os.mkdir(os.path.join(d, "history.json.tmp")), None, [],
-                                     "history.json.tmp: it is a folder"),
     "no_checkpoint_restores": ("ran", _damage_all, ["--steps=12"], "can be restored"),
     "disk_full_checkpoint": (None, "disk_full_checkpoint", [], "No space left on device; free some disk space"),
     "disk_full_history": (None, "disk_full_history", [], "history.json: No space left on device; free"),

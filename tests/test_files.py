@@ -107,7 +107,9 @@ def test_make_unique_dir_gives_concurrent_callers_distinct_folders(tmp_path):
 
 def test_a_folder_in_the_way_is_one_line_naming_the_path(tmp_path):
     (tmp_path / "flags.txt").mkdir()
-    with pytest.raises(UserError, match=r"cannot write .*flags.txt: Is a directory; remove what is in the way"):
+    with pytest.raises(UserError, match=r"cannot write .*flags.txt: Is a directory; "
+                                        r"a folder stands where a file is written: "
+                                        r"remove or rename it"):
         files.write_atomic(tmp_path / "flags.txt", "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flags.txt"]
 
@@ -119,3 +121,15 @@ def test_a_read_only_folder_says_fix_the_permissions(tmp_path, monkeypatch):
     monkeypatch.setattr(files.tempfile, "mkstemp", refused)
     with pytest.raises(UserError, match=r"Permission denied; fix the folder's permissions, then rerun"):
         files.write_atomic(tmp_path / "flags.txt", "x")
+
+
+def test_replace_file_leaves_the_wording_to_the_caller_and_the_old_file_in_place(tmp_path, monkeypatch):
+    path = tmp_path / "history.json"
+    files.replace_file(path, "old")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+    with pytest.raises(OSError) as info:
+        files.replace_file(path, b"new")
+    assert info.value.errno == errno.ENOSPC and not isinstance(info.value, UserError)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["history.json"]
+    assert files.os_error_advice(info.value) == "free some disk space"
+    assert files.os_error_advice(OSError(errno.EIO, "I/O"), "check the disk") == "check the disk"

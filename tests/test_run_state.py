@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from clrlab import files
 from clrlab.callbacks import CyclicLR
 from clrlab.errors import UserError
 from conftest import read_scalars, subprocess_env, user_lines
@@ -345,7 +346,7 @@ def test_disk_full_at_history_or_checkpoint_is_one_line_naming_the_path_and_the_
     state.history.add_steps(records(0, 2))
     state.global_step.assign(2)
     with monkeypatch.context() as m:
-        m.setattr(run_state, "open", enospc, raising=False)
+        m.setattr(files, "replace_file", enospc)
         with pytest.raises(UserError, match=r"cannot write the file .*history.json: No space left on device; "
                                             r"free some disk space, then rerun the same command \(a run "
                                             r"resumes from its last checkpoint\)"):
@@ -371,7 +372,6 @@ def test_disk_full_in_the_events_writer_is_one_line(tmp_path, monkeypatch):
 @pytest.mark.parametrize("fault, match", [
     ("checkpoints is a file", r"cannot write the folder .*ckpt: it is a file, not a folder; a file stands"),
     ("history.json is a folder", r"cannot write the file .*history.json: it is a folder; a folder stands"),
-    ("history.json.tmp is a folder", r"cannot write the file .*history.json.tmp: it is a folder"),
     ("read-only checkpoints", r"cannot write the folder .*ckpt.*: Read-only file system; make it writable"),
 ])
 def test_unwritable_outputs_are_refused_before_training_in_one_line(tmp_path, monkeypatch, fault, match):

@@ -58,7 +58,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from clrlab import keras_internals
+from clrlab import files, keras_internals
 from clrlab.errors import UserError
 
 # Callbacks whose whole purpose is to set the LR: they would fight the trainer's policy.
@@ -93,13 +93,6 @@ def resolve_progress(progress: str) -> str:
     return progress
 
 
-_ADVICE = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some space (disk quota exceeded)",
-           errno.EACCES: "fix its permissions", errno.EPERM: "fix its permissions",
-           errno.EROFS: "make it writable (the file system is read-only)",
-           errno.EISDIR: "a folder stands where a file is written: remove or rename it",
-           errno.ENOTDIR: "a file stands where a folder is needed: move it away",
-           errno.EEXIST: "a file stands where a folder is needed: move it away",
-           errno.ENOENT: "check that the folder exists (a dangling symlink?)"}
 _TF_ADVICE = ((tf.errors.ResourceExhaustedError, "free some disk space"),
               (tf.errors.PermissionDeniedError, "fix its permissions"))
 
@@ -109,7 +102,7 @@ def write_error(path: str, what: str, error: Exception) -> UserError:
     `OpError`, e.g. disk full, read-only, a file where a folder belongs): names the path and what to do."""
     if isinstance(error, OSError):
         reason = error.strerror or str(error)
-        advice = _ADVICE.get(error.errno, "check that it is writable")
+        advice = files.os_error_advice(error, "check that it is writable")
     else:
         reason = getattr(error, "message", None) or str(error)
         advice = next((a for t, a in _TF_ADVICE if isinstance(error, t)), "check that it is writable")
@@ -122,9 +115,8 @@ def check_folders(folders: Iterable[str], files: Iterable[str] = ()) -> None:
     """Before training: creates each of `folders` (and their parents) and checks that it takes a file;
     checks that none of `files` is a folder. Raises a one-line `UserError` naming the path and the fix."""
     for path in files:
-        for candidate in (path, f"{path}.tmp"):
-            if os.path.isdir(candidate):
-                raise write_error(candidate, "the file", OSError(errno.EISDIR, "it is a folder"))
+        if os.path.isdir(path):
+            raise write_error(path, "the file", OSError(errno.EISDIR, "it is a folder"))
     for folder in folders:
         link = os.path.abspath(folder)
         while not os.path.lexists(link) and os.path.dirname(link) != link:  # the nearest existing ancestor
@@ -157,13 +149,10 @@ def _writing(writer, what: str, flush: bool = True):
 
 
 def write_text(path: str, text: str) -> None:
-    """Writes `text` to `path` atomically (temp file + rename): a kill mid-write leaves the old file.
-    A failed write (disk full, read-only, a folder in the way) is a one-line `UserError`."""
-    tmp = f"{path}.tmp"
+    """Writes `text` to `path` atomically (`clrlab.files.replace_file`): a kill mid-write leaves the old
+    file. A failed write (disk full, read-only, a folder in the way) is a one-line `UserError`."""
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        files.replace_file(path, text)
     except OSError as e:
         raise write_error(path, "the file", e) from None
 
