@@ -1,12 +1,14 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   creates .venv, installs clrlab, trains on the embedded default dataset (no network)
-#   make test    creates .venv, installs clrlab with its test extra, runs the test suite
+#   make test    creates .venv, installs clrlab with its test extra, runs the test suite (all but the `slow`
+#                end-to-end tests: kill -9 / multi-process / long command-line runs; `make test-slow` runs those,
+#                `.ci/run` runs both)
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv train test bench range-test lint clean
+.PHONY: venv train test test-slow bench range-test lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -23,7 +25,10 @@ range-test: $(STAMP)
 	$(PY) -m clrlab.range_finder $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q $(ARGS)
+	$(PY) -m pytest -n 2 -q -m "not slow" $(ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m slow $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

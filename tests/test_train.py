@@ -167,9 +167,12 @@ def test_nonfinite_loss_stops_with_the_step_and_lr_and_keeps_the_last_good_check
             assert np.all(np.isfinite(value)), name
 
 
-@pytest.mark.parametrize("precision", [pytest.param("mixed_float16", marks=pytest.mark.slow), "mixed_bfloat16"])
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_trains_on_cpu(tmp_path, precision):
-    result = train_mod.run(tiny(tmp_path, mixed_precision=precision, epochs=1), progress="log")
+    # float16 convolutions are emulated on CPU (slow): the loss-scaling run trains the MLP for 10 steps; one
+    # training step of a float16 convolutional model is in test_models.
+    extra = dict(model="mlp", steps=10) if precision == "mixed_float16" else {}
+    result = train_mod.run(tiny(tmp_path, mixed_precision=precision, epochs=1, **extra), progress="log")
     history = load_history(result.logdir)
     assert result.status == "completed" and np.isfinite(history["epochs"]["loss"]).all()
     if precision == "mixed_float16":
@@ -212,33 +215,6 @@ def _final_weights(logdir):
     reader = tf.train.load_checkpoint(os.path.join(logdir, "checkpoints"))
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
             if name.startswith("model/")}
-
-
-@pytest.mark.slow
-def test_sigkill_at_an_arbitrary_step_then_rerun_gives_the_same_lr_trace_and_weights(tmp_path):
-    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
-    full = _start(full_dir)
-    victim = _start(killed_dir)
-    _wait_for_checkpoint(str(killed_dir), victim)
-    time.sleep(random.uniform(0.0, 1.0))
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate()
-    assert victim.returncode == -signal.SIGKILL
-    killed_at = load_history(killed_dir)["steps"]["step"][-1] + 1
-    assert killed_at < TOTAL_STEPS, "the run finished before it was killed: slow it down"
-    out, err = full.communicate(timeout=300)
-    assert full.returncode == 0, err[-3000:]
-    resumed = _start(killed_dir)
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err[-3000:]
-    assert "Resuming from the checkpoint at step" in out
-    a, b = load_history(full_dir), load_history(killed_dir)
-    assert a["steps"]["step"] == b["steps"]["step"]
-    assert a["steps"]["lr"] == b["steps"]["lr"]
-    wa, wb = _final_weights(full_dir), _final_weights(killed_dir)
-    assert wa.keys() == wb.keys() and wa
-    for name in wa:
-        np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)
 
 
 @pytest.mark.slow
@@ -403,6 +379,8 @@ def test_one_cycle_run_records_the_cyclical_momentum_every_step(tmp_path, optimi
 
 @pytest.mark.slow
 def test_sigkill_mid_cycle_then_rerun_gives_the_same_momentum_lr_and_weights(tmp_path):
+    # SIGKILL at an arbitrary step (up to 1 s after the first checkpoint) of a 1cycle run, whose LR and
+    # momentum both change every step: the rerun resumes and ends with the uninterrupted run's traces and weights.
     full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
     extra = ("--policy=one_cycle", "--base_lr=0.004")
     full = _start(full_dir, *extra)
