@@ -55,6 +55,7 @@ import tensorflow as tf
 from clrlab import keras_internals
 from clrlab.data.pipelines import epoch_order, steps_per_epoch
 from trainers.custom_loop import NonFiniteLossError, StepRecords, exactly_vectorizable
+from trainers.evaluation import CACHE_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +186,8 @@ class PackedTrainer:
         self._columns = ["lr", "loss", "accuracy"] + (["l2_loss", "total_loss"] if self.regularized else []) \
             + (["momentum"] if any(self.cycling) else [])
         self._loop_fn = tf.function(self._loop, reduce_retracing=True)
-        self._eval_fn = None
+        self._eval_fns: dict[str, Any] = {}  # compiled per-batch evaluation, by the dataset's element_spec
+        self._kept: tuple[tf.data.Dataset, list] | None = None  # the last evaluated dataset and its batches
 
     def checkpoint_objects(self) -> dict[str, Any]:
         """What a `tf.train.Checkpoint` of the pack holds: stacked weights, optimizer slots, global step and
@@ -315,22 +317,43 @@ class PackedTrainer:
         """Every member's mean loss (no regularisation term) and accuracy over a finite dataset of shared
         (x [B, ...], y [B]) batches: {"loss": [M], "accuracy": [M]} float numpy (eager entry point).
         Accumulated as the unpacked `trainers.evaluation.Evaluator`'s Keras metrics: float32 totals of
-        per-batch sums, divided by the example count."""
-        if self._eval_fn is None:
-            @tf.function
-            def eval_fn(ds):
-                loss_total = tf.zeros([self.members], tf.float32)
-                correct = tf.zeros([self.members], tf.float32)
-                count = tf.constant(0.0, tf.float32)
-                for x, y in ds:
-                    xs = tf.broadcast_to(x[None], tf.concat([[self.members], tf.shape(x)], 0))
-                    ys = tf.broadcast_to(tf.cast(y, tf.int32)[None], [self.members, tf.shape(y)[0]])
-                    logits = tf.cast(self.model(xs, training=False), tf.float32)
-                    loss_total += tf.reduce_sum(tf.cast(self.loss_fn(ys, logits), tf.float32), axis=1)
-                    hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), ys)
-                    correct += tf.reduce_sum(tf.cast(hits, tf.float32), axis=1)
-                    count += tf.cast(tf.shape(y)[0], tf.float32)
-                return tf.math.divide_no_nan(loss_total, count), tf.math.divide_no_nan(correct, count)
-            self._eval_fn = eval_fn
-        loss, accuracy = self._eval_fn(dataset)
+        per-batch sums, divided by the example count. As the Evaluator does, each batch is one compiled call
+        and the batches of the last dataset evaluated are kept (up to `trainers.evaluation.CACHE_BYTES`), so a
+        later pass over the same dataset object starts no `tf.data` iterator (the held-out split is fixed)."""
+        spec = getattr(dataset, "element_spec", None)
+        eval_fn = self._eval_fns.get(repr(spec))
+        if eval_fn is None:
+            def eval_batch(x, y, loss_total, correct, count):
+                xs = tf.broadcast_to(x[None], tf.concat([[self.members], tf.shape(x)], 0))
+                ys = tf.broadcast_to(tf.cast(y, tf.int32)[None], [self.members, tf.shape(y)[0]])
+                logits = tf.cast(self.model(xs, training=False), tf.float32)
+                loss_total += tf.reduce_sum(tf.cast(self.loss_fn(ys, logits), tf.float32), axis=1)
+                hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), ys)
+                correct += tf.reduce_sum(tf.cast(hits, tf.float32), axis=1)
+                count += tf.cast(tf.shape(y)[0], tf.float32)
+                return loss_total, correct, count
+
+            totals = [tf.TensorSpec([self.members], tf.float32)] * 2 + [tf.TensorSpec([], tf.float32)]
+            if isinstance(spec, tuple) and all(isinstance(t, tf.TensorSpec) for t in spec):  # one trace
+                eval_fn = tf.function(eval_batch, input_signature=[*spec, *totals])
+            else:
+                eval_fn = tf.function(eval_batch, reduce_retracing=True)
+            self._eval_fns[repr(spec)] = eval_fn
+        state = (tf.zeros([self.members], tf.float32), tf.zeros([self.members], tf.float32),
+                 tf.constant(0.0, tf.float32))
+        if self._kept is not None and self._kept[0] is dataset:
+            for x, y in self._kept[1]:
+                state = eval_fn(x, y, *state)
+        else:
+            self._kept = None
+            kept, size = [], 0
+            for x, y in dataset:
+                state = eval_fn(x, y, *state)
+                if kept is not None:
+                    size += sum(t.shape.num_elements() * t.dtype.size for t in (x, y))
+                    kept = kept + [(x, y)] if size <= CACHE_BYTES else None
+            if kept is not None:
+                self._kept = (dataset, kept)
+        loss_total, correct, count = state
+        loss, accuracy = tf.math.divide_no_nan(loss_total, count), tf.math.divide_no_nan(correct, count)
         return {"loss": loss.numpy().astype(np.float64), "accuracy": accuracy.numpy().astype(np.float64)}
