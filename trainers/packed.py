@@ -35,10 +35,9 @@ Its slice is still computed (and may hold NaN), which cannot reach the other mem
 members apart (a NaN upstream gradient only flows into the failed member's own slice).
 
 `train_steps` and `evaluate` are eager entry points over compiled functions (one host sync per call); the
-`_loop` / `_train_one_step` / `_write_summaries` methods are graph code inside one `tf.function` (traced once per
-pattern of members that write summaries). Steps are
-global steps (batches); a call never crosses an epoch end (the caller chunks by epoch). Shapes: M members,
-B examples per member per step, C classes.
+`_loop` / `_train_one_step` / `_write_summaries` methods are graph code inside one `tf.function` (traced once
+per pattern of members that write summaries). Steps are global steps (batches); a call never crosses an epoch
+end (the caller chunks by epoch). Shapes: M members, B examples per member per step, C classes.
 """
 
 from __future__ import annotations
@@ -351,7 +350,10 @@ class PackedTrainer:
                 state = eval_fn(x, y, *state)
                 if kept is not None:
                     size += sum(t.shape.num_elements() * t.dtype.size for t in (x, y))
-                    kept = kept + [(x, y)] if size <= CACHE_BYTES else None
+                    if size <= CACHE_BYTES:
+                        kept.append((x, y))
+                    else:
+                        kept = None
             if kept is not None:
                 self._kept = (dataset, kept)
         loss_total, correct, count = state
