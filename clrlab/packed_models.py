@@ -21,10 +21,15 @@ Member-stacked ops (x: ``[M, B, ...]``; w: the stacked weights):
 
 - Dense: one batched matmul ``[M, B, I] x [M, I, O]`` (``tf.linalg.matmul``, BatchMatMulV2; an input
   with more axes is reshaped to ``[M, rows, I]`` and back), plus the bias and the activation.
-- Conv1D: ``"grouped"`` (the default): the members folded into channels, ``[B, L, M * C]`` (member m's
-  channels at ``m * C ... m * C + C - 1``), and one grouped ``tf.nn.conv1d`` with ``M`` groups (oneDNN runs
-  grouped convolutions on CPU) plus a BiasAdd. Consecutive convolutions, paddings and activations stay
-  folded; the value is unfolded (one transpose) where a member-first op (Flatten, Dense, ...) reads it.
+- Conv1D: ``"grouped"`` (the default): the members folded into channels, ``[B, 1, L, M * C]`` (member m's
+  channels at ``m * C ... m * C + C - 1``), and one grouped ``tf.nn.conv2d`` with ``M`` groups (oneDNN runs
+  grouped convolutions on CPU), BiasAdd and the activation as adjacent 4-D ops (Grappler's remapper fuses
+  them into one oneDNN convolution forward, and the filter and bias gradients into one backward op). A
+  ZeroPadding1D before a convolution is taken into it: trimmed to the positions an output reads, then
+  ``"SAME"`` when that is TF's SAME split, else one ``tf.pad``. Consecutive convolutions, paddings and
+  activations stay folded; the value is unfolded (one transpose) where a member-first op (Flatten, Dense,
+  ...) reads it. On the MNIST-1D CNN (25 members) the 4-D form with the padding taken in removed the
+  BiasAddGrad, Relu and two of the three Pad ops (and their Slice gradients) of the 3-D ``tf.nn.conv1d`` form.
   Or ``"im2col"``: the ``K`` shifted, strided slices of the (padded) input concatenated into
   ``[M, B * L_out, K * C]`` patches and one batched matmul with the kernel reshaped to ``[M, K * C, O]``.
   On the MNIST-1D CNN (batch 100, 2 CPU cores, 25 members) the grouped form's training step was 3x or more
@@ -339,57 +344,68 @@ class PackedModel(tf.Module):
             dims = ", ".join(map(str, self.input_shape))
             raise ValueError(f"PackedModel expects inputs [M={self.members}, B, {dims}]. "
                              f"Received: shape={tuple(x.shape)}")
-        # Each value is (tensor, folded): member-first [M, B, ...], or, between grouped convolutions, a
-        # sequence folded as [B, L, M * C] (member m's channels at m * C ... m * C + C - 1).
-        values = {0: (x, False)}
+        # Each value is (tensor, folded, pad): member-first [M, B, ...], or, between grouped convolutions, a
+        # sequence folded as [B, 1, L, M * C] (member m's channels at m * C ... m * C + C - 1; 4-D so that
+        # Conv2D, BiasAdd and the activation are adjacent ops that Grappler's remapper fuses on CPU), and
+        # `pad` a (left, right) zero padding of the length axis not applied yet: a ZeroPadding1D is applied
+        # by the next op that reads it, or taken into the next grouped convolution (`_grouped_conv1d`).
+        values = {0: (x, False, (0, 0))}
         w = self.variables_by_member_order
         for node in self._plan.nodes:
             args = [values[i] for i in node.inputs]
             values[node.output] = self._apply(node.op, args, [w[i] for i in node.weights])
-        return self._member_first(*values[self._plan.output_slot])
+        return self._member_first(*self._padded(*values[self._plan.output_slot]))
+
+    def _padded(self, x, folded, pad):
+        """Applies a pending length padding: (tensor, folded) with ``pad`` applied."""
+        if pad == (0, 0):
+            return x, folded
+        paddings = [[0, 0]] * x.shape.rank
+        paddings[2] = list(pad)  # the length axis: [B, 1, L, M * C] folded, [M, B, L, C] member-first
+        return tf.pad(x, paddings), folded
 
     def _member_first(self, x, folded):
-        """[B, L, M * C] -> [M, B, L, C] (member-first values pass through)."""
+        """[B, 1, L, M * C] -> [M, B, L, C] (member-first values pass through)."""
         if not folded:
             return x
         shape = tf.shape(x)
-        return tf.transpose(tf.reshape(x, [shape[0], x.shape[1], self.members, x.shape[2] // self.members]),
+        return tf.transpose(tf.reshape(x, [shape[0], x.shape[2], self.members, x.shape[3] // self.members]),
                             [2, 0, 1, 3])
 
     def _folded(self, x, folded):
-        """[M, B, L, C] -> [B, L, M * C] (folded values pass through)."""
+        """[M, B, L, C] -> [B, 1, L, M * C] (folded values pass through)."""
         if folded:
             return x
-        return tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [tf.shape(x)[1], x.shape[2], self.members * x.shape[3]])
+        return tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [tf.shape(x)[1], 1, x.shape[2], self.members * x.shape[3]])
 
     def _apply(self, op: _Op, args, weights):
-        """One node: (tensor, folded) values in, a (tensor, folded) value out."""
+        """One node: (tensor, folded, pad) values in, a (tensor, folded, pad) value out."""
         kind, cfg = op.kind, op.config
+        if kind == "pad1d":  # pending: summed with any pending padding, applied by the reader
+            x, folded, (left, right) = args[0]
+            return x, folded, (left + cfg[0], right + cfg[1])
+        if kind == "conv1d" and self.conv1d == "grouped":
+            x, folded, pad = args[0]
+            return self._grouped_conv1d(self._folded(x, folded), pad, weights, *cfg), True, (0, 0)
+        args = [self._padded(*a) for a in args]
         x, folded = args[0]
         if kind in ("relu", "leaky_relu", "activation"):  # elementwise: either layout
             if kind == "relu":
                 negative_slope, max_value, threshold = cfg
                 return keras.activations.relu(x, negative_slope=negative_slope, max_value=max_value,
-                                              threshold=threshold), folded
+                                              threshold=threshold), folded, (0, 0)
             if kind == "leaky_relu":
-                return keras.activations.leaky_relu(x, negative_slope=cfg[0]), folded
-            return _ACTIVATION_FNS[cfg[0]](x), folded
-        if kind == "pad1d":
-            axis = 1 if folded else 2
-            paddings = [[0, 0]] * x.shape.rank
-            paddings[axis] = list(cfg)
-            return tf.pad(x, paddings), folded
+                return keras.activations.leaky_relu(x, negative_slope=cfg[0]), folded, (0, 0)
+            return _ACTIVATION_FNS[cfg[0]](x), folded, (0, 0)
         if kind == "conv1d":
-            if self.conv1d == "grouped":
-                return self._grouped_conv1d(self._folded(x, folded), weights, *cfg), True
-            return self._im2col_conv1d(self._member_first(x, folded), weights, *cfg), False
+            return self._im2col_conv1d(self._member_first(x, folded), weights, *cfg), False, (0, 0)
         if kind == "add":
             if not all(f for _, f in args):
                 args = [(self._member_first(*a), False) for a in args]
             y = args[0][0]
             for other, _ in args[1:]:
                 y = y + other
-            return y, args[0][1]
+            return y, args[0][1], (0, 0)
         x = self._member_first(x, folded)
         if kind == "dense":
             activation, use_bias = cfg
@@ -403,13 +419,13 @@ class PackedModel(tf.Module):
                 y = tf.reshape(y, tf.concat([shape[:-1], [units]], 0))
             if use_bias:
                 y = y + tf.reshape(weights[1], [self.members] + [1] * (y.shape.rank - 2) + [units])
-            return _ACTIVATION_FNS[activation](y), False
+            return _ACTIVATION_FNS[activation](y), False, (0, 0)
         if kind == "flatten":
-            return tf.reshape(x, [self.members, -1, math.prod(x.shape[2:])]), False
+            return tf.reshape(x, [self.members, -1, math.prod(x.shape[2:])]), False, (0, 0)
         if kind == "reshape":
             if -1 in cfg:  # the batch axis must stay explicit when the target shape has its own -1
-                return tf.reshape(x, [self.members, tf.shape(x)[1], *cfg]), False
-            return tf.reshape(x, [self.members, -1, *cfg]), False
+                return tf.reshape(x, [self.members, tf.shape(x)[1], *cfg]), False, (0, 0)
+            return tf.reshape(x, [self.members, -1, *cfg]), False, (0, 0)
         raise AssertionError(f"unknown packed op {kind}")
 
     @staticmethod
@@ -441,16 +457,32 @@ class PackedModel(tf.Module):
             y = y + weights[1][:, None, :]
         return _ACTIVATION_FNS[activation](tf.reshape(y, [self.members, batch, out_len, filters]))
 
-    def _grouped_conv1d(self, x, weights, activation, use_bias, kernel_size, stride, dilation, padding):
-        """x [B, L, M * C] -> [B, L_out, M * O]: one convolution with M groups (members folded into channels)."""
+    def _grouped_conv1d(self, x, pad, weights, activation, use_bias, kernel_size, stride, dilation, padding):
+        """x [B, 1, L, M * C] (with a pending zero padding ``pad`` of L) -> [B, 1, L_out, M * O]: one
+        convolution with M groups (members folded into channels), then BiasAdd and the activation.
+
+        The explicit padding (``pad`` plus the layer's own) is trimmed on the right to the positions an
+        output reads, then given to the convolution as ``"SAME"`` when it is TF's SAME split (no Pad op and
+        no Pad gradient), else applied by one ``tf.pad`` before a ``"VALID"`` convolution (oneDNN's grouped
+        backward pass has no explicit-padding form on CPU). Zeros are zeros either way: same values.
+        """
         kernel = weights[0]  # [M, K, C, O]
         channels, filters = kernel.shape[2], kernel.shape[3]
-        left, right = self._conv1d_padding(x.shape[1], kernel_size, stride, dilation, padding)
-        if left or right:
-            x = tf.pad(x, [[0, 0], [left, right], [0, 0]])
-        filt = tf.reshape(tf.transpose(kernel, [1, 2, 0, 3]), [kernel_size, channels, self.members * filters])
-        y = tf.nn.conv1d(x, filt, stride=stride, padding="VALID", dilations=dilation)
-        if use_bias:  # BiasAdd (not a broadcast add): Grappler fuses Conv + BiasAdd (+ ReLU) on CPU
+        length = x.shape[2]
+        left, right = self._conv1d_padding(length + pad[0] + pad[1], kernel_size, stride, dilation, padding)
+        left, right = left + pad[0], right + pad[1]
+        span = (kernel_size - 1) * dilation + 1
+        out_len = (length + left + right - span) // stride + 1
+        right = max(0, min(right, (out_len - 1) * stride + span - length - left))  # unread positions dropped
+        same = self._conv1d_padding(length, kernel_size, stride, dilation, "same")
+        conv_padding = "VALID"
+        if (left, right) == same and -(-length // stride) == out_len:
+            conv_padding = "SAME"
+        elif left or right:
+            x = tf.pad(x, [[0, 0], [0, 0], [left, right], [0, 0]])
+        filt = tf.reshape(tf.transpose(kernel, [1, 2, 0, 3]), [1, kernel_size, channels, self.members * filters])
+        y = tf.nn.conv2d(x, filt, strides=[1, 1, stride, 1], padding=conv_padding, dilations=[1, 1, dilation, 1])
+        if use_bias:  # BiasAdd (not a broadcast add): Grappler fuses Conv2D + BiasAdd (+ ReLU) on CPU
             y = tf.nn.bias_add(y, tf.reshape(weights[1], [self.members * filters]))
         return _ACTIVATION_FNS[activation](y)
 

@@ -116,16 +116,42 @@ def test_packed_evaluation_matches_the_unpacked_evaluator(splits):
         assert packed["loss"][m] == pytest.approx(alone["loss"], rel=LOSS_RTOL)
 
 
-def test_a_diverging_member_fails_alone_and_the_others_are_untouched(splits):
+def test_packed_evaluation_keeps_the_batches_of_the_last_dataset(splits):
+    trainer, _ = _packed(splits, [dataclasses.replace(BASE, **m) for m in MEMBERS[:2]])
+    passes = []
+    x, y = splits.x_test[:70], splits.y_test[:70].astype(np.int32)
+
+    def batches():
+        passes.append(1)
+        for i in range(0, 70, 32):
+            yield x[i:i + 32], y[i:i + 32]
+
+    spec = (tf.TensorSpec([None, *x.shape[1:]], tf.float32), tf.TensorSpec([None], tf.int32))
+    ds = tf.data.Dataset.from_generator(batches, output_signature=spec)
+    first, second = trainer.evaluate(ds), trainer.evaluate(ds)
+    assert len(passes) == 1  # the second pass read the kept batches
+    for key in ("loss", "accuracy"):
+        np.testing.assert_array_equal(first[key], second[key])
+    other = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    np.testing.assert_array_equal(trainer.evaluate(other)["accuracy"], first["accuracy"])  # a new dataset: read
+
+
+def test_a_diverging_member_fails_alone_and_the_others_are_untouched(splits, tmp_path):
     good = [dataclasses.replace(BASE, **m) for m in MEMBERS[:2]]
     sane = dataclasses.replace(BASE, policy="constant", base_lr=1e-3, seed=5)
     bad = dataclasses.replace(sane, base_lr=1e12)
     reference, _ = _packed(splits, good + [sane])
-    trainer, _ = _packed(splits, good + [bad])
+    writers = [tf.summary.create_file_writer(str(tmp_path / str(m))) for m in range(3)]
+    trainer, _ = _packed(splits, good + [bad], summary_writers=writers)
     ref_runs = _train_packed(reference, 20, chunk=4)
     runs = _train_packed(trainer, 20, chunk=4)
     failed = [(i, f) for i, (_, f) in enumerate(runs) if f]
     assert len(failed) == 1 and list(failed[0][1]) == [2]  # reported once, in the call where it diverged
+    for w in writers:
+        w.flush()
+    # The failed member's scalars stop after the call it failed in; the others write every step.
+    assert sorted(read_scalars(str(tmp_path / "2"), "loss")) == list(range(4 * failed[0][0] + 4))
+    assert sorted(read_scalars(str(tmp_path / "1"), "loss")) == list(range(20))
     error = failed[0][1][2]
     assert str(error).startswith(f"loss became {error.loss} at step {error.step} (learning rate 1e+12)")
     assert trainer.active.numpy().tolist() == [True, True, False]

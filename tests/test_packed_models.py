@@ -107,6 +107,42 @@ def test_conv1d_formulations_agree_on_padding_strides_dilation_and_residuals():
             np.testing.assert_allclose(out[i], model(x[i]).numpy(), rtol=RTOL, atol=ATOL)
 
 
+def _padded_stack(seed):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 2))
+    x = keras.layers.ZeroPadding1D((2, 1))(inputs)  # taken into the convolution (trimmed to what it reads)
+    x = keras.layers.Conv1D(3, 3, strides=2, activation="relu")(x)
+    x = keras.layers.ZeroPadding1D(1)(x)
+    x = keras.layers.ZeroPadding1D((0, 2))(x)  # two pending paddings, read by Flatten (applied, not trimmed)
+    outputs = keras.layers.Dense(2)(keras.layers.Flatten()(x))
+    return keras.Model(inputs, outputs)
+
+
+def test_zero_padding_is_taken_into_convolutions_or_applied_where_another_layer_reads_it():
+    members = [_padded_stack(seed) for seed in range(2)]
+    x = _inputs(2, (8, 2), batch=3)
+    for conv1d in CONV1D_FORMULATIONS:
+        out = pack(members, conv1d=conv1d)(x).numpy()
+        for i, model in enumerate(members):
+            np.testing.assert_allclose(out[i], model(x[i]).numpy(), rtol=RTOL, atol=ATOL)
+
+
+def test_grouped_cnn_graph_has_the_fusable_conv_bias_relu_chains_and_no_pad_where_same_fits():
+    """The traced forward pass of the packed MNIST-1D CNN (before Grappler): three 4-D Conv2D -> BiasAdd -> Relu
+    chains (what the remapper fuses into one oneDNN convolution, and the gradients into one filter + bias op);
+    conv2's padding (1, 1) on 19 steps is TF's SAME split (no Pad op), conv1's and conv3's are trimmed to (1, 0)."""
+    packed = pack(_members("mnist1d_cnn", count=2))
+    graph = tf.function(packed.__call__).get_concrete_function(tf.TensorSpec([2, None, 40, 1])).graph
+    convs = [op for op in graph.get_operations() if op.type == "Conv2D"]
+    assert [op.get_attr("padding") for op in convs] == [b"VALID", b"SAME", b"VALID"]
+    for conv in convs:
+        (bias,) = [c for c in conv.outputs[0].consumers()]
+        assert bias.type == "BiasAdd" and [c.type for c in bias.outputs[0].consumers()] == ["Relu"]
+    pads = [op for op in graph.get_operations() if op.type == "Pad"]
+    assert len(pads) == 2
+    assert all(tf.get_static_value(p.inputs[1]).tolist()[2] == [1, 0] for p in pads)
+
+
 def test_pack_copies_weights_exactly_and_unpack_into_round_trips():
     members = _members("mnist1d_cnn")
     packed = pack(members)

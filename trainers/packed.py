@@ -35,9 +35,9 @@ Its slice is still computed (and may hold NaN), which cannot reach the other mem
 members apart (a NaN upstream gradient only flows into the failed member's own slice).
 
 `train_steps` and `evaluate` are eager entry points over compiled functions (one host sync per call); the
-`_loop` / `_train_one_step` / `_write_summaries` methods are graph code inside one `tf.function`. Steps are
-global steps (batches); a call never crosses an epoch end (the caller chunks by epoch). Shapes: M members,
-B examples per member per step, C classes.
+`_loop` / `_train_one_step` / `_write_summaries` methods are graph code inside one `tf.function` (traced once
+per pattern of members that write summaries). Steps are global steps (batches); a call never crosses an epoch
+end (the caller chunks by epoch). Shapes: M members, B examples per member per step, C classes.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ import tensorflow as tf
 from clrlab import keras_internals
 from clrlab.data.pipelines import epoch_order, steps_per_epoch
 from trainers.custom_loop import NonFiniteLossError, StepRecords, exactly_vectorizable
+from trainers.evaluation import CACHE_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +185,8 @@ class PackedTrainer:
         self._columns = ["lr", "loss", "accuracy"] + (["l2_loss", "total_loss"] if self.regularized else []) \
             + (["momentum"] if any(self.cycling) else [])
         self._loop_fn = tf.function(self._loop, reduce_retracing=True)
-        self._eval_fn = None
+        self._eval_fns: dict[str, Any] = {}  # compiled per-batch evaluation, by the dataset's element_spec
+        self._kept: tuple[tf.data.Dataset, list] | None = None  # the last evaluated dataset and its batches
 
     def checkpoint_objects(self) -> dict[str, Any]:
         """What a `tf.train.Checkpoint` of the pack holds: stacked weights, optimizer slots, global step and
@@ -197,15 +199,15 @@ class PackedTrainer:
         return int(self.global_step.numpy())
 
     # ----------------------------------------------------------------------------------- graph code
-    def _loop(self, num_steps: tf.Tensor):
-        """`num_steps` steps inside one tf.function, all within the epoch of the first one."""
+    def _loop(self, num_steps: tf.Tensor, writing: tuple[bool, ...]):
+        """`num_steps` steps inside one tf.function, all within the epoch of the first one; `writing[m]`
+        (a Python bool, traced in: one trace per pattern) says whether member m writes per-step scalars."""
         first = self.global_step.read_value()
         spe = self.steps_per_epoch
         epoch = first // spe
         orders = tf.stack([epoch_order(self.num_examples, s, epoch) for s in self.seeds])  # [M, N]
         lr_tables = self._lr.tables(first, num_steps)
         momentum_tables = self._momentum.tables(first, num_steps)
-        active = self.active.read_value()  # members failed before this call write no summaries
         records = tf.TensorArray(tf.float32, size=num_steps, element_shape=[self.members, len(self._columns)])
         for i in tf.range(num_steps):
             with tf.name_scope(""):
@@ -216,7 +218,7 @@ class PackedTrainer:
                 indices = tf.slice(orders, tf.stack([0, start]), [self.members, self.batch_size])  # [M, B]
                 records = records.write(i, self._train_one_step(indices, lr, momentum))
         records = records.stack()  # [K, M, columns]
-        self._write_summaries(first, records, active)
+        self._write_summaries(first, records, writing)
         return {"first_step": first, "records": records}
 
     def _train_one_step(self, indices: tf.Tensor, lr: tf.Tensor, momentum: tf.Tensor) -> tf.Tensor:
@@ -245,36 +247,35 @@ class PackedTrainer:
         self.global_step.assign_add(1)
         return tf.stack(row, axis=1)  # [M, columns]
 
-    def _write_summaries(self, first: tf.Tensor, records: tf.Tensor, active: tf.Tensor) -> None:
-        """Each member's per-step scalars (the custom loop's tags) into its own writer, after the steps."""
+    def _write_summaries(self, first: tf.Tensor, records: tf.Tensor, writing: Sequence[bool]) -> None:
+        """Each writing member's per-step scalars (the custom loop's tags) into its own writer, after the
+        steps: one loop over the K steps whose body unstacks the step's [M, columns] row (2 + M ops) and
+        writes every member's scalars (one WriteSummary each), instead of a loop and a cond per member."""
         col = {name: j for j, name in enumerate(self._columns)}
         tags = [("learning_rate", "lr")] + ([("momentum", "momentum")] if any(self.cycling) else []) \
             + [("loss", "loss"), ("accuracy", "accuracy")] \
             + ([("l2_loss", "l2_loss"), ("total_loss", "total_loss")] if self.regularized else [])
-        n = tf.shape(records)[0]
-        for m, writer in enumerate(self.summary_writers):
-            if writer is None:
-                continue
-            member_tags = [(t, c) for t, c in tags if t != "momentum" or self.cycling[m]]
+        members = [(m, w, [(t, c) for t, c in tags if t != "momentum" or self.cycling[m]])
+                   for m, w in enumerate(self.summary_writers) if w is not None and writing[m]]
+        if not members:
+            return
+        for i in tf.range(tf.shape(records)[0]):
+            step = first + tf.cast(i, tf.int64)
 
-            def write(m=m, writer=writer, member_tags=member_tags):
-                with writer.as_default():
-                    for i in tf.range(n):
-                        step = first + tf.cast(i, tf.int64)
-
-                        def scalars(i=i, step=step):
-                            with tf.name_scope(""), tf.summary.record_if(True):
-                                for tag, column in member_tags:
-                                    tf.summary.scalar(tag, records[i, m, col[column]], step=step)
-                            return tf.constant(True)
-
-                        if self.summary_every == 1:
-                            scalars()
-                        else:
-                            tf.cond(tf.equal(step % self.summary_every, 0), scalars, lambda: tf.constant(False))
+            def scalars(i=i, step=step):
+                rows = tf.unstack(records[i], num=self.members)  # [columns] per member
+                with tf.name_scope(""), tf.summary.record_if(True):
+                    for m, writer, member_tags in members:
+                        values = tf.unstack(rows[m], num=len(self._columns))
+                        with writer.as_default():
+                            for tag, column in member_tags:
+                                tf.summary.scalar(tag, values[col[column]], step=step)
                 return tf.constant(True)
 
-            tf.cond(active[m], write, lambda: tf.constant(False))
+            if self.summary_every == 1:
+                scalars()
+            else:
+                tf.cond(tf.equal(step % self.summary_every, 0), scalars, lambda: tf.constant(False))
 
     # ----------------------------------------------------------------------------------- eager API
     def train_steps(self, num_steps: int) -> tuple[PackedRecords, dict[int, NonFiniteLossError]]:
@@ -290,7 +291,8 @@ class PackedTrainer:
         if first % self.steps_per_epoch + num_steps > self.steps_per_epoch:
             raise ValueError(f"steps {first}..{first + num_steps - 1} cross an epoch end (every "
                              f"{self.steps_per_epoch} steps): a call trains within one epoch.")
-        out = self._loop_fn(tf.constant(num_steps, tf.int32))
+        # Members failed before this call write no summaries (a new pattern traces once more).
+        out = self._loop_fn(tf.constant(num_steps, tf.int32), tuple(bool(a) for a in self.active.numpy()))
         rows = out["records"].numpy()  # [K, M, columns]
         columns = {name: np.ascontiguousarray(rows[:, :, j]) for j, name in enumerate(self._columns)}
         step = np.arange(first, first + num_steps, dtype=np.int64)
@@ -314,22 +316,46 @@ class PackedTrainer:
         """Every member's mean loss (no regularisation term) and accuracy over a finite dataset of shared
         (x [B, ...], y [B]) batches: {"loss": [M], "accuracy": [M]} float numpy (eager entry point).
         Accumulated as the unpacked `trainers.evaluation.Evaluator`'s Keras metrics: float32 totals of
-        per-batch sums, divided by the example count."""
-        if self._eval_fn is None:
-            @tf.function
-            def eval_fn(ds):
-                loss_total = tf.zeros([self.members], tf.float32)
-                correct = tf.zeros([self.members], tf.float32)
-                count = tf.constant(0.0, tf.float32)
-                for x, y in ds:
-                    xs = tf.broadcast_to(x[None], tf.concat([[self.members], tf.shape(x)], 0))
-                    ys = tf.broadcast_to(tf.cast(y, tf.int32)[None], [self.members, tf.shape(y)[0]])
-                    logits = tf.cast(self.model(xs, training=False), tf.float32)
-                    loss_total += tf.reduce_sum(tf.cast(self.loss_fn(ys, logits), tf.float32), axis=1)
-                    hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), ys)
-                    correct += tf.reduce_sum(tf.cast(hits, tf.float32), axis=1)
-                    count += tf.cast(tf.shape(y)[0], tf.float32)
-                return tf.math.divide_no_nan(loss_total, count), tf.math.divide_no_nan(correct, count)
-            self._eval_fn = eval_fn
-        loss, accuracy = self._eval_fn(dataset)
+        per-batch sums, divided by the example count. As the Evaluator does, each batch is one compiled call
+        and the batches of the last dataset evaluated are kept (up to `trainers.evaluation.CACHE_BYTES`), so a
+        later pass over the same dataset object starts no `tf.data` iterator (the held-out split is fixed)."""
+        spec = getattr(dataset, "element_spec", None)
+        eval_fn = self._eval_fns.get(repr(spec))
+        if eval_fn is None:
+            def eval_batch(x, y, loss_total, correct, count):
+                xs = tf.broadcast_to(x[None], tf.concat([[self.members], tf.shape(x)], 0))
+                ys = tf.broadcast_to(tf.cast(y, tf.int32)[None], [self.members, tf.shape(y)[0]])
+                logits = tf.cast(self.model(xs, training=False), tf.float32)
+                loss_total += tf.reduce_sum(tf.cast(self.loss_fn(ys, logits), tf.float32), axis=1)
+                hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), ys)
+                correct += tf.reduce_sum(tf.cast(hits, tf.float32), axis=1)
+                count += tf.cast(tf.shape(y)[0], tf.float32)
+                return loss_total, correct, count
+
+            totals = [tf.TensorSpec([self.members], tf.float32)] * 2 + [tf.TensorSpec([], tf.float32)]
+            if isinstance(spec, tuple) and all(isinstance(t, tf.TensorSpec) for t in spec):  # one trace
+                eval_fn = tf.function(eval_batch, input_signature=[*spec, *totals])
+            else:
+                eval_fn = tf.function(eval_batch, reduce_retracing=True)
+            self._eval_fns[repr(spec)] = eval_fn
+        state = (tf.zeros([self.members], tf.float32), tf.zeros([self.members], tf.float32),
+                 tf.constant(0.0, tf.float32))
+        if self._kept is not None and self._kept[0] is dataset:
+            for x, y in self._kept[1]:
+                state = eval_fn(x, y, *state)
+        else:
+            self._kept = None
+            kept, size = [], 0
+            for x, y in dataset:
+                state = eval_fn(x, y, *state)
+                if kept is not None:
+                    size += sum(t.shape.num_elements() * t.dtype.size for t in (x, y))
+                    if size <= CACHE_BYTES:
+                        kept.append((x, y))
+                    else:
+                        kept = None
+            if kept is not None:
+                self._kept = (dataset, kept)
+        loss_total, correct, count = state
+        loss, accuracy = tf.math.divide_no_nan(loss_total, count), tf.math.divide_no_nan(correct, count)
         return {"loss": loss.numpy().astype(np.float64), "accuracy": accuracy.numpy().astype(np.float64)}
