@@ -53,7 +53,7 @@ from typing import Any
 
 from absl import app, flags
 
-from clrlab import cli, lr_suggest
+from clrlab import cli, lr_curves, lr_suggest
 from clrlab import config as config_lib
 from clrlab.config import TrainConfig
 from clrlab.errors import UserError
@@ -200,9 +200,9 @@ def _report(out: dict[str, Any], logdir: str) -> None:
     stop = f"stopped early ({out['reason']} at step {out['stop_index']})" if out["stopped_early"] else "ran to the end"
     print(f"Sweep {stop}. Suggestions: " + ", ".join(
         f"{k}={v:.3g}" for k, v in out["suggestions"].items() if v is not None))
-    for name in lr_suggest.SUGGESTION_HELP:
+    for name in lr_curves.SUGGESTION_HELP:
         if out["suggestions"].get(name) is not None:
-            print("  " + lr_suggest.SUGGESTION_HELP[name])
+            print("  " + lr_curves.SUGGESTION_HELP[name])
     for warning in out.get("warnings", ()):
         print(f"warning: {warning}")
     if out.get("command"):
