@@ -7,18 +7,21 @@ range test (`clrlab.range_finder.run`, seeded with the case's seed), train with 
 to 1) and with the default 0.001-0.006 bounds (`clrlab.train.run` with `clrlab.config.TrainConfig`), and print
 one JSON line per seed plus a Markdown table row.
 
-Each follow-up's accuracy is the mean test accuracy over `--train_seeds` training runs. With the default 0 they
-use the case's seed (one run each: the original check); with N > 0 they use training seeds 1..N for every case,
-so a pair's accuracy estimates its expected accuracy over training seeds (initialisation, batch order), the
-grid and the default are the same for every case of a setup, and the grid's best is no longer the maximum of
-six single-seed values. `--cache=FILE` appends each training run's accuracy as one JSON line and reuses those
-already there (same dataset, model, seed, bounds and epochs), so a check split over several processes (by
-seed, under a time limit) trains each grid pair once. Setups used in BENCHMARKS.md:
+Each follow-up's accuracy is the mean test accuracy over `--train_seeds` training runs (default 5), with
+training seeds 1..N for every case: a pair's accuracy estimates its expected accuracy over training seeds
+(initialisation, batch order), the grid and the default are the same for every case of a setup, and the grid's
+best is not the maximum of six single-seed values. `--train_seeds=0` trains each follow-up once with the case's
+seed (the first version of the check). `--cache=FILE` appends each training run's accuracy as one JSON line and
+reuses those already there (same dataset, model, seed, bounds and epochs), so a check split over several
+processes (by seed, under a time limit) trains each grid pair once. The commands of BENCHMARKS.md (16 epochs,
+the default run length; 5 training seeds), one process each:
 
-    python scripts/range_check.py --setup=digits_mlp_exp   --seeds=1,2,3 --epochs=6 [--train_seeds=5]
-    python scripts/range_check.py --setup=digits_mlp_lin   --seeds=1,2,3 --epochs=6 [--train_seeds=5]
-    python scripts/range_check.py --setup=digits_cnn_exp   --seeds=1,2,3 --epochs=6 [--train_seeds=5]
-    python scripts/range_check.py --setup=mnist1d_cnn_exp  --seeds=1,2,3 --epochs=6 [--train_seeds=5]
+    python scripts/range_check.py --setup=digits_mlp_exp   --seeds=1,2,3 --epochs=16 --train_seeds=5 --cache=C
+    python scripts/range_check.py --setup=digits_mlp_lin   --seeds=1,2,3 --epochs=16 --train_seeds=5 --cache=C
+    python scripts/range_check.py --setup=digits_cnn_exp   --seeds=1,2,3 --epochs=16 --train_seeds=5 --cache=C
+    python scripts/range_check.py --setup=mnist1d_cnn_exp  --seeds=1,2,3 --epochs=16 --train_seeds=5 --cache=C
+
+and the first version: `--epochs=6 --train_seeds=0`.
 
 `--fine` measures instead how much the follow-up accuracy moves between LRs 1.33x apart (the check's noise).
 """
@@ -115,11 +118,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setup", choices=sorted(SETUPS), required=True)
     parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=16, help="follow-up length (the default run's 16)")
     parser.add_argument("--grid", default=",".join(f"{m:g}" for m in GRID_MAX), help="max_lr values of the grid")
-    parser.add_argument("--train_seeds", type=int, default=0,
+    parser.add_argument("--train_seeds", type=int, default=5,
                         help="N > 0: every follow-up is the mean over training seeds 1..N (the range test keeps the "
-                             "case's seed); 0: one follow-up with the case's seed")
+                             "case's seed); 0: one follow-up with the case's seed (the first version of the check)")
     parser.add_argument("--cache", default=None, help="JSON-lines file of follow-up accuracies to reuse and extend")
     parser.add_argument("--curves_dir", default=None, help="copy each case's range_test.json there")
     parser.add_argument("--fine", action="store_true",
@@ -161,7 +164,8 @@ def main() -> int:
         row["within_1pt"] = acc_rec >= acc_grid[best_pair] - 0.01
         row["not_worse_than_default"] = acc_rec >= acc_default
         print(json.dumps(row), flush=True)
-        print(f"| {args.setup} | {seed} | {out['base_lr']:.3g}-{out['max_lr']:.3g} | {out['max_rule']} | "
+        bounds = "none" if out["base_lr"] is None else f"{out['base_lr']:.3g}-{out['max_lr']:.3g}"
+        print(f"| {args.setup} | {seed} | {bounds} | {out['max_rule']} | "
               f"{acc_rec:.4f} | "
               f"{best_pair} | {acc_grid[best_pair]:.4f} | {acc_default:.4f} | "
               f"{'yes' if row['within_1pt'] else 'no'} | {'yes' if row['not_worse_than_default'] else 'no'} |",
