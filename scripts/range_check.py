@@ -53,6 +53,10 @@ GRID_MAX = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # base = max / 3: half-decade st
 DEFAULT = (0.001, 0.006)
 
 
+class _Failed(Exception):
+    """A follow-up training run raised (its accuracy counts as 0; it is not cached)."""
+
+
 def _cache_key(dataset: str, model: str, seed: int, base_lr: float, max_lr: float, epochs: int) -> str:
     return json.dumps([dataset, model, seed, float(f"{base_lr:.6g}"), float(f"{max_lr:.6g}"), epochs])
 
@@ -73,7 +77,11 @@ class FollowUps:
     def accuracy(self, seed: int, base_lr: float, max_lr: float) -> float:
         key = _cache_key(self.dataset, self.model, seed, base_lr, max_lr, self.epochs)
         if key not in self.known:
-            self.known[key] = _train(self.dataset, self.model, seed, base_lr, max_lr, self.epochs, self.root)
+            try:
+                acc = _train(self.dataset, self.model, seed, base_lr, max_lr, self.epochs, self.root)
+            except _Failed:
+                return 0.0
+            self.known[key] = acc
             if self.cache:
                 with open(self.cache, "a") as f:
                     f.write(json.dumps({"key": key, "acc": self.known[key]}) + "\n")
@@ -88,6 +96,7 @@ class FollowUps:
 def _train(dataset: str, model: str, seed: int, base_lr: float, max_lr: float, epochs: int, root: str) -> float:
     from clrlab import train
 
+    base_lr, max_lr = float(base_lr), float(max_lr)  # TrainConfig holds Python floats (numpy scalars break it)
     logdir = tempfile.mkdtemp(dir=root)
     config = TrainConfig(dataset=dataset, model=model, seed=seed, base_lr=base_lr, max_lr=max_lr,
                          policy="triangular", epochs=epochs, step_size_epochs=epochs / 4, logdir=logdir,
@@ -95,9 +104,9 @@ def _train(dataset: str, model: str, seed: int, base_lr: float, max_lr: float, e
     with contextlib.redirect_stdout(io.StringIO()):
         try:
             result = train.run(config, progress="log")
-        except Exception as e:  # a diverging grid pair (NaN loss) counts as chance accuracy
-            print(f"  {base_lr:.3g}-{max_lr:.3g}: {e.__class__.__name__}", file=sys.stderr)
-            return 0.0
+        except Exception as e:  # a run that fails (e.g. a NaN loss) counts as 0 and is not cached
+            print(f"  {base_lr:.3g}-{max_lr:.3g} seed {seed}: {e.__class__.__name__}: {e}", file=sys.stderr)
+            raise _Failed() from e
     return float((result.test_metrics or {}).get("accuracy", 0.0))
 
 
@@ -108,7 +117,10 @@ def _fine(args, dataset: str, model: str) -> int:
         for ratio in (3, 4):
             for k in range(8):
                 max_lr = 0.03 * 10 ** (k / 8)
-                acc = _train(dataset, model, seed, max_lr / ratio, max_lr, args.epochs, root)
+                try:
+                    acc = _train(dataset, model, seed, max_lr / ratio, max_lr, args.epochs, root)
+                except _Failed:
+                    acc = 0.0
                 print(json.dumps({"setup": args.setup, "seed": seed, "ratio": ratio, "max_lr": max_lr, "acc": acc}),
                       flush=True)
     return 0

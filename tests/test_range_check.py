@@ -10,6 +10,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 from conftest import ROOT
 
 _spec = importlib.util.spec_from_file_location("clrlab_range_check_script", os.path.join(ROOT, "scripts",
@@ -53,3 +55,33 @@ def test_cache_is_reused_across_processes_and_keyed_by_setup(monkeypatch, tmp_pa
     range_check.FollowUps("digits", "mlp", 8, str(tmp_path), cache).accuracy(1, 0.01, 0.03)
     again.accuracy(3, 0.01, 0.03)
     assert [c[1:3] + (c[5],) for c in calls[2:]] == [("small_cnn", 1, 6), ("mlp", 1, 8), ("mlp", 3, 6)]
+
+
+def test_a_failed_run_counts_as_zero_and_is_not_cached(monkeypatch, tmp_path):
+    cache = str(tmp_path / "cache.jsonl")
+    calls = []
+
+    def failing(*args):
+        calls.append(args)
+        raise range_check._Failed()
+    monkeypatch.setattr(range_check, "_train", failing)
+    runs = range_check.FollowUps("digits", "mlp", 6, str(tmp_path), cache)
+    assert runs.mean([1, 2], 0.01, 0.03) == (0.0, [0.0, 0.0])
+    runs.accuracy(1, 0.01, 0.03)  # tried again: a failure is not a result
+    assert len(calls) == 3 and not (tmp_path / "cache.jsonl").exists()
+
+
+def test_numpy_scalar_bounds_reach_train_config_as_floats(monkeypatch, tmp_path):
+    # TrainConfig's flagfile writer compares each value with (): a numpy scalar there raises ValueError.
+    import numpy as np
+
+    from clrlab import train
+    seen = {}
+
+    def fake_run(config, progress):
+        seen["bounds"] = (config.base_lr, config.max_lr)
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(train, "run", fake_run)
+    with pytest.raises(range_check._Failed):
+        range_check._train("digits", "mlp", 1, np.float64(0.01), np.float32(0.03), 6, str(tmp_path))
+    assert [type(v) for v in seen["bounds"]] == [float, float]
