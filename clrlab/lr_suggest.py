@@ -338,7 +338,7 @@ def suggest_from_loss(lrs: Any, losses: Any, *, window: int | None = None, skip_
     stretch of ``t`` around ``i_min`` within ``max((1 - plateau) * drop, 2 sigma_t)`` of the bottom's level (the
     median of ``t`` over a window around ``i_min``), the mirror of the accuracy rule's plateau; the sweep's top
     ``i_top`` is where that bottom starts, the largest LR at which the sweep still clearly lowers the loss.
-    Within the bottom the argmin is set by the batch noise: on a bottom 0.6 decades wide it lands anywhere in
+    Within the bottom the argmin is set by the batch noise: on a bottom half a decade wide it lands anywhere in
     it (a recorded MNIST-1D sweep put it 2.3x past the bottom's start, and half of it trained to 0.49 test
     accuracy where the start's half trains to 0.94; BENCHMARKS.md, range-test section). Past the bottom the
     loss "starts to increase" (Smith 2018, arXiv 1803.09820, sec. 4.1 reads the maximum bound there; fastai's
