@@ -13,9 +13,10 @@ losses) and at once on NaN/inf. Afterwards every model weight (batch-norm statis
 optimizer variable (slots, iterations, the LR variable, loss-scale state) and the step counter are
 restored bitwise, so a sweep can run inside a session before training (`run_sweep`).
 
-The analysis is `clrlab.lr_suggest.recommend` (pure numpy): Smith's accuracy rule on a zero-lag,
-noise-aware trend (base where the accuracy starts to rise, max where it stops rising, turns ragged or
-falls), cross-checked by the loss rule (Smith 2018, sec. 4.1); each bound names the rule that produced it
+The analysis is `clrlab.lr_suggest.recommend` (pure numpy) on zero-lag, noise-aware trends: max_lr is half the
+sweep's top, the lower of where the accuracy peaks (Smith's accuracy rule) and where the loss reaches its bottom
+(the loss rule, Smith 2018, sec. 4.1), base_lr max_lr/3 or where the accuracy starts to rise when that lies 3-4x
+below (`clrlab.lr_suggest.choose_bounds`); each bound names the rule that produced it
 (fallbacks say so) and every doubt is a printed `warning:` line (disagreeing rules, a short, flat or at once
 diverging curve, a range under 3x). The other suggestions, printed for reference:
 
