@@ -24,7 +24,8 @@ moving average, so nothing shifts toward higher LR) with the batch noise estimat
 (:func:`batch_noise`); a rise, plateau, raggedness or fall counts only when it exceeds that noise
 (:func:`suggest_from_accuracy`). The loss rule (:func:`suggest_from_loss`) cross-checks it and is the fallback
 without an accuracy rise. Both read the sweep's top, the largest LR at which it still improves (the accuracy
-trend's peak, the loss trend's minimum); :func:`choose_bounds` takes the lower of the two and recommends
+trend's peak; where the loss trend reaches its bottom, the start of the stretch around its minimum that lies
+within the noise of the bottom's level); :func:`choose_bounds` takes the lower of the two and recommends
 ``max_lr = top / 2`` (:data:`TOP_BACKOFF`: "the optimum learning rate is usually within a factor of two of the
 largest one that converges", Smith 2017 sec. 3.3, after Bengio 2012; Smith 2018, arXiv 1803.09820, sec. 4.1,
 reads the maximum bound a bit below where the loss turns up) and ``base_lr = max_lr / 3`` (both papers:
@@ -35,7 +36,8 @@ the former wandered with the batch noise between a decade below the top and the 
 range-test section of BENCHMARKS.md). Each bound names the rule that produced it (``base_rule``/``max_rule``,
 fallbacks say so); doubts are plain ``warnings``. ``max_lr / base_lr`` is never under 3 without a warning.
 
-The fastai suggestions, kept for reference (:data:`SUGGESTION_HELP`, printed by the range test):
+The smoothing, the divergence stop and fastai's suggestions live in :mod:`clrlab.lr_curves` (re-exported
+here). The fastai suggestions, kept for reference (:data:`SUGGESTION_HELP`, printed by the range test):
 
 * steep: the LR where the smoothed loss falls fastest against log(LR).
 * minimum: the LR of the lowest smoothed loss, divided by 10.
@@ -51,13 +53,12 @@ Example:
 >>> rec = recommend(lrs, losses)
 >>> rec.base_rule, rec.max_rule, rec.stopped_early, rec.reason
 ('max_lr/3 (loss rule)', 'loss_minimum/2 (no accuracy recorded)', True, 'diverged')
->>> bool(rec.max_lr == rec.base_lr * 3 and 10 ** -2 < rec.max_lr < 10 ** -0.5)
+>>> bool(round(rec.max_lr / rec.base_lr, 12) == 3 and 10 ** -2.5 < rec.max_lr < 10 ** -1.5)
 True
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import json
 import math
@@ -66,7 +67,21 @@ from typing import Any
 
 import numpy as np
 
+from clrlab._lr_arrays import as_1d as _as_1d
+from clrlab._lr_arrays import check_lrs as _check_lrs
+from clrlab._lr_arrays import curve as _curve
 from clrlab.config import SWEEPS
+from clrlab.lr_curves import (
+    SMOOTHERS,
+    SUGGESTION_HELP,
+    divergence_index,
+    first_nonfinite,
+    smooth,
+    suggest_minimum,
+    suggest_slide,
+    suggest_steep,
+    suggest_valley,
+)
 
 __all__ = [
     "MAX_RATIO",
@@ -97,337 +112,10 @@ __all__ = [
     "trend",
 ]
 
-SMOOTHERS = ("none", "ema_seeded", "ema_debiased")
-"""Loss smoothers accepted by :func:`smooth` and :func:`recommend`."""
-
 MIN_POINTS = 5
 """Fewest finite, non-diverged sweep points :func:`recommend` accepts (and keeps after trimming)."""
 
 _MIN_ACCURACY_POINTS = 10
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation helpers.
-# ----------------------------------------------------------------------------------------------
-
-
-def _as_1d(name: str, values: Any) -> np.ndarray:
-    """Returns ``values`` as a 1-D float64 array (``None`` entries become NaN)."""
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.ndim != 1:
-        raise ValueError(f"`{name}` must be a 1-D sequence. Received: shape={arr.shape}")
-    return arr
-
-
-def _check_lrs(lr: np.ndarray, *, positive: bool) -> None:
-    """Raises ValueError unless ``lr`` is finite, strictly increasing and (optionally) > 0."""
-    bad = first_nonfinite(lr)
-    if bad is not None:
-        raise ValueError(
-            f"Learning rates must all be finite. Received: lrs[{bad}]={float(lr[bad])!r}")
-    if positive and lr.size and lr.min() <= 0:
-        i = int(np.argmin(lr))
-        raise ValueError(
-            "Learning rates must be > 0: the suggestions work on ln(lr). Start a linear sweep at a "
-            f"small positive LR (e.g. lr_hi / 1000) instead of 0. Received: lrs[{i}]={float(lr[i])!r}")
-    if lr.size > 1 and np.any(np.diff(lr) <= 0):
-        i = int(np.flatnonzero(np.diff(lr) <= 0)[0])
-        raise ValueError(
-            "Learning rates must be strictly increasing along the sweep. Received: "
-            f"lrs[{i}]={float(lr[i])!r}, lrs[{i + 1}]={float(lr[i + 1])!r}")
-
-
-def _curve(lrs: Any, values: Any, *, name: str = "losses", min_len: int = 2,
-           positive: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Validates a finite (lrs, values) curve for the suggestion functions."""
-    lr = _as_1d("lrs", lrs)
-    y = _as_1d(name, values)
-    if lr.size != y.size:
-        raise ValueError(
-            f"`lrs` and `{name}` must have the same length. Received: len(lrs)={lr.size}, "
-            f"len({name})={y.size}")
-    if y.size < min_len:
-        raise ValueError(f"Need at least {min_len} points. Received: {y.size}")
-    _check_lrs(lr, positive=positive)
-    bad = first_nonfinite(y)
-    if bad is not None:
-        raise ValueError(
-            f"`{name}` must be finite (truncate at the first NaN/inf, as `recommend` does). "
-            f"Received: {name}[{bad}]={float(y[bad])!r}")
-    return lr, y
-
-
-# ----------------------------------------------------------------------------------------------
-# Smoothing and divergence.
-# ----------------------------------------------------------------------------------------------
-
-
-def smooth(values: Any, method: str = "ema_debiased", beta: float = 0.98) -> np.ndarray:
-    """Smooths a per-step loss series with a causal exponential moving average.
-
-    ``ema_seeded`` (torch-lr-finder, Ignite), with ``f = 1 - beta``::
-
-        s_0 = x_0;  s_t = f * x_t + (1 - f) * s_{t-1}
-
-    ``ema_debiased`` (fastai ``AvgSmoothLoss``, Lightning, ktrain), ``t`` counted from 1::
-
-        a_0 = 0;  a_t = beta * a_{t-1} + (1 - beta) * x_t;  s_t = a_t / (1 - beta**t)
-
-    ``none`` returns a copy. Both EMAs lag the input by about ``beta / (1 - beta)`` steps (49 at
-    0.98), which moves every feature of the curve toward higher LR. A NaN/inf input poisons every
-    later output; truncate first (see :func:`first_nonfinite`).
-
-    Args:
-      values: 1-D per-step values (losses), in sweep order.
-      method: One of :data:`SMOOTHERS`.
-      beta: EMA decay in ``[0, 1)``. torch-lr-finder's ``f = 0.05`` is ``beta = 0.95``.
-
-    Returns:
-      A new float64 array of the same length.
-
-    Raises:
-      ValueError: On an unknown method, a ``beta`` outside ``[0, 1)`` or non-1-D input.
-
-    >>> smooth([1.0, 3.0], "ema_seeded", beta=0.5).tolist()
-    [1.0, 2.0]
-    >>> smooth([4.0, 4.0, 4.0], "ema_debiased", beta=0.5).tolist()  # no pull toward a_0 = 0
-    [4.0, 4.0, 4.0]
-    """
-    x = _as_1d("values", values)
-    if method not in SMOOTHERS:
-        raise ValueError(f"`method` must be one of {SMOOTHERS}. Received: method={method!r}")
-    if not 0.0 <= beta < 1.0:
-        raise ValueError(f"`beta` must be in [0, 1). Received: beta={beta!r}")
-    out = x.copy()
-    if method == "none" or x.size == 0:
-        return out
-    if method == "ema_seeded":
-        s = x[0]
-        for t in range(1, x.size):
-            s = (1.0 - beta) * x[t] + beta * s
-            out[t] = s
-        return out
-    a = 0.0
-    for t in range(x.size):
-        a = beta * a + (1.0 - beta) * x[t]
-        out[t] = a / (1.0 - beta ** (t + 1))
-    return out
-
-
-def first_nonfinite(values: Any) -> int | None:
-    """Returns the index of the first NaN/inf in ``values``, or ``None`` if all are finite.
-
-    >>> first_nonfinite([1.0, float("inf"), float("nan")])
-    1
-    >>> first_nonfinite([1.0, 2.0]) is None
-    True
-    """
-    bad = np.flatnonzero(~np.isfinite(_as_1d("values", values)))
-    return int(bad[0]) if bad.size else None
-
-
-def divergence_index(smoothed: Any, factor: float = 4.0, skip: int = 5,
-                     eps: float = 1e-12) -> int | None:
-    """Returns the sweep index where a (smoothed) loss curve diverges, or ``None``.
-
-    The stop rule, with ``best_t = min(s_0 .. s_t)`` over *all* earlier points (including the
-    skipped ones)::
-
-        stop at the first t >= skip with  s_t - best_t > (factor - 1) * max(|best_t|, eps)
-
-    For ``best_t > 0`` this is the usual ``s_t > factor * best_t`` (fastai and the Keras finders use
-    4, torch-lr-finder and Ignite 5); unlike the ratio test it still works for negative losses
-    (fastai #962), where ``s_t > 4 * best_t`` would fire at once. The first NaN/inf also stops the
-    sweep, at any index (skip does not apply). The returned point is the diverged one; callers keep
-    it (as fastai's ``LRFinder`` records the batch that triggers its stop).
-
-    Args:
-      smoothed: 1-D (smoothed) losses in sweep order.
-      factor: Divergence factor ``k > 1``.
-      skip: Number of leading steps never tested (keras_lr_finder waits 5).
-      eps: Floor on ``|best|`` so a best loss of exactly 0 does not make any rise a divergence.
-
-    Returns:
-      The first diverged (or non-finite) index, or ``None``.
-
-    Raises:
-      ValueError: If ``factor <= 1``, ``skip < 0`` or ``eps <= 0``.
-
-    >>> divergence_index([1.0, 0.5, 0.6, 2.1, 1.0], skip=1)
-    3
-    >>> divergence_index([-10.0, -10.5, -9.0, 25.0], skip=1)  # 25 - (-10.5) > 3 * 10.5
-    3
-    """
-    s = _as_1d("smoothed", smoothed)
-    if not factor > 1.0:
-        raise ValueError(f"`factor` must be > 1. Received: factor={factor!r}")
-    if skip < 0:
-        raise ValueError(f"`skip` must be >= 0. Received: skip={skip!r}")
-    if not eps > 0:
-        raise ValueError(f"`eps` must be > 0. Received: eps={eps!r}")
-    nonfinite = first_nonfinite(s)
-    limit = s.size if nonfinite is None else nonfinite
-    if limit == 0:
-        return nonfinite
-    head = s[:limit]
-    best = np.minimum.accumulate(head)  # best_t includes s_t itself, which cannot trigger the rule.
-    fired = head - best > (factor - 1.0) * np.maximum(np.abs(best), eps)
-    fired[:skip] = False
-    hits = np.flatnonzero(fired)
-    return int(hits[0]) if hits.size else nonfinite
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss-based suggestions (inputs: a trimmed, finite, usually smoothed curve).
-# ----------------------------------------------------------------------------------------------
-
-
-def suggest_steep(lrs: Any, losses: Any) -> float:
-    """Returns the LR of steepest loss descent measured against ``ln(lr)`` (fastai ``steep``).
-
-    ::
-
-        g_i = (l_{i+1} - l_i) / (ln lr_{i+1} - ln lr_i);   return lr[argmin g]
-
-    i.e. the left end of the steepest segment. Differentiating against ``ln lr`` (not the index,
-    as torch-lr-finder's ``np.gradient`` does) makes the answer the same for linear and exponential
-    sweeps of one curve (Lightning #21141).
-
-    Args:
-      lrs: Positive, strictly increasing learning rates.
-      losses: Finite losses, same length (at least 2).
-
-    Returns:
-      A learning rate from ``lrs``.
-
-    Raises:
-      ValueError: On invalid inputs (see :func:`recommend`).
-    """
-    lr, loss = _curve(lrs, losses)
-    grad = np.diff(loss) / np.diff(np.log(lr))
-    return float(lr[int(np.argmin(grad))])
-
-
-def suggest_minimum(lrs: Any, losses: Any, divisor: float = 10.0) -> float:
-    """Returns ``lr[argmin loss] / divisor`` (fastai ``minimum``; divisor 10).
-
-    The division backs off from the minimum, which a lagging smoother also pushes toward higher LR.
-
-    Args:
-      lrs: Positive, strictly increasing learning rates.
-      losses: Finite losses, same length.
-      divisor: Back-off factor, > 0.
-
-    Returns:
-      A learning rate (usually below every LR in the flat-bottom region).
-
-    Raises:
-      ValueError: On invalid inputs or ``divisor <= 0``.
-    """
-    lr, loss = _curve(lrs, losses, min_len=1)
-    if not divisor > 0:
-        raise ValueError(f"`divisor` must be > 0. Received: divisor={divisor!r}")
-    return float(lr[int(np.argmin(loss))] / divisor)
-
-
-def _lds_lengths(losses: np.ndarray) -> np.ndarray:
-    """``L_i`` = length of the longest strictly decreasing subsequence ending at ``i``, O(n log n).
-
-    Patience sorting on ``v = -loss``: ``tails[k]`` is the smallest tail of any strictly increasing
-    subsequence of length ``k + 1`` seen so far; ``bisect_left`` keeps the increase strict, so ties
-    never extend a subsequence.
-    """
-    tails: list[float] = []
-    out = np.empty(len(losses), dtype=np.int64)
-    for i, value in enumerate(losses):
-        v = -float(value)
-        k = bisect.bisect_left(tails, v)
-        if k == len(tails):
-            tails.append(v)
-        else:
-            tails[k] = v
-        out[i] = k + 1
-    return out
-
-
-def _valley_index(lengths: np.ndarray) -> int:
-    """fastai's valley index from the ``L_i``; see :func:`suggest_valley`."""
-    end = int(np.argmax(lengths))  # First index with the maximal length (fastai updates on '<').
-    start = end - int(lengths[end]) if end > 0 else 0
-    sections = (end - start) / 3
-    return max(start + int(sections) + int(sections / 2), 0)
-
-
-def suggest_valley(lrs: Any, losses: Any) -> float:
-    """Returns the LR in the middle of the longest valley (fastai ``valley``, default since #3377).
-
-    1. ``L_i`` = length of the longest strictly decreasing subsequence (not a contiguous run) of
-       losses that ends at ``i``, computed in O(n log n) by patience sorting.
-    2. ``end`` = the first index with the maximal ``L``; ``start = end - L_end`` (both 0 when no
-       index beats index 0).
-    3. With ``w = (end - start) / 3`` return ``lr[start + int(w) + int(w / 2)]``, about half-way.
-
-    One deliberate deviation from fastai: ``start`` can be ``-1`` (a strictly decreasing prefix),
-    and for a two-point valley fastai's index is then ``-1``, i.e. the *last* LR of the sweep; here
-    the index is clamped to 0.
-
-    Args:
-      lrs: Positive, strictly increasing learning rates.
-      losses: Finite losses, same length.
-
-    Returns:
-      A learning rate from ``lrs``.
-
-    Raises:
-      ValueError: On invalid inputs.
-
-    >>> suggest_valley([1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3], [5, 4, 3, 2, 1, 0, 9])
-    0.1
-    """
-    lr, loss = _curve(lrs, losses, min_len=1)
-    return float(lr[_valley_index(_lds_lengths(loss))])
-
-
-def suggest_slide(lrs: Any, losses: Any, *, lr_diff: int = 15, thresh: float = 0.005,
-                  adjust: float = 1.0) -> float:
-    """Returns fastai's ``slide`` suggestion: slide a window left until the gradient stops changing.
-
-    ::
-
-        g = np.gradient(losses)          # central differences over the index
-        r, l, cand = n - 1, n - 1 - lr_diff, lr[n - 1 - lr_diff]
-        while l >= 0 and |g[r] - g[l]| > thresh:
-            cand = lr[l]; r -= 1; l -= 1
-        return cand * adjust
-
-    ``thresh`` is in loss units per step, so the answer depends on the loss scale and the sweep
-    length.
-
-    Args:
-      lrs: Positive, strictly increasing learning rates.
-      losses: Finite losses, same length, more than ``lr_diff`` points.
-      lr_diff: Window width in sweep steps.
-      thresh: Gradient-difference threshold, loss units per step.
-      adjust: Multiplier applied to the result.
-
-    Returns:
-      A learning rate (an element of ``lrs`` times ``adjust``).
-
-    Raises:
-      ValueError: On invalid inputs or ``len(losses) <= lr_diff``.
-    """
-    if lr_diff < 1:
-        raise ValueError(f"`lr_diff` must be >= 1. Received: lr_diff={lr_diff!r}")
-    lr, loss = _curve(lrs, losses, min_len=lr_diff + 1)
-    grad = np.gradient(loss)
-    r = loss.size - 1
-    left = r - lr_diff
-    cand = lr[left]
-    while left >= 0 and abs(grad[r] - grad[left]) > thresh:
-        cand = lr[left]
-        r -= 1
-        left -= 1
-    return float(cand * adjust)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,9 +134,9 @@ MAX_RATIO = 4.0
 
 TOP_BACKOFF = 2.0
 """The recommended ``max_lr`` is the sweep's top divided by this: the top is the largest LR at which the sweep
-still improves (the accuracy trend's peak or the loss trend's minimum, :func:`choose_bounds`), and "the optimum
-learning rate is usually within a factor of two of the largest one that converges" (Smith 2017, CLR paper,
-sec. 3.3, after Bengio 2012, arXiv 1206.5533, sec. 3.1.1). A sweep reads that top after only a few steps at
+still improves (the accuracy trend's peak or the start of the loss trend's bottom, :func:`choose_bounds`), and
+"the optimum learning rate is usually within a factor of two of the largest one that converges" (Smith 2017,
+CLR paper, sec. 3.3, after Bengio 2012, arXiv 1206.5533, sec. 3.1.1). A sweep reads that top after only a few steps at
 each LR; a training run that stays near ``max_lr`` for a whole half cycle needs the margin."""
 
 
@@ -514,7 +202,8 @@ class Bounds:
       base_index, max_index: sweep indices of the bounds when read off the curve, else ``None``.
       warnings: plain-language warnings (each one line).
       top_lr, top_index: the largest LR at which the curve still improves (the accuracy trend's peak, the
-        loss trend's minimum) and its sweep index, or ``None``; :func:`choose_bounds` backs off from it.
+        start of the loss trend's bottom) and its sweep index, or ``None``; :func:`choose_bounds` backs off from
+        it.
       rise_lr: the LR where the accuracy starts to rise (Smith's base reading, before the ratio guard), or
         ``None`` (no rise, or the sweep started mid-rise).
     """
@@ -640,16 +329,23 @@ def suggest_from_accuracy(lrs: Any, accuracies: Any, *, sweep: str = "linear", w
 
 
 def suggest_from_loss(lrs: Any, losses: Any, *, window: int | None = None, skip_start: int = 0,
-                      skip_end: int = 0, min_fall: float = 0.02) -> Bounds:
+                      skip_end: int = 0, min_fall: float = 0.02, plateau: float = 0.98) -> Bounds:
     """The loss rule on a zero-lag, noise-aware loss curve: back off from where the loss stops falling.
 
-    ``t`` = :func:`trend` of the (kept) losses; its minimum ``i_min`` is searched without the first
-    ``skip_start`` and last ``skip_end`` points. ``lr[i_min]`` is the largest LR at which the sweep still
-    lowers the loss (past it the loss "starts to increase": Smith 2018, arXiv 1803.09820, sec. 4.1, reads the
-    maximum bound there; fastai's ``minimum`` divides it by 10). It is the rule's ``top_lr``, and
+    ``t`` = :func:`trend` of the (kept) losses, ``sigma_t`` its noise (as in :func:`suggest_from_accuracy`);
+    its minimum ``i_min`` is searched without the first ``skip_start`` and last ``skip_end`` points, and
+    ``drop`` = the start level (median of the first 5% of ``t``) minus ``t[i_min]``. The loss's bottom is the
+    stretch of ``t`` around ``i_min`` within ``max((1 - plateau) * drop, 2 sigma_t)`` of the bottom's level (the
+    median of ``t`` over a window around ``i_min``), the mirror of the accuracy rule's plateau; the sweep's top
+    ``i_top`` is where that bottom starts, the largest LR at which the sweep still clearly lowers the loss.
+    Within the bottom the argmin is set by the batch noise: on a bottom half a decade wide it lands anywhere in
+    it (a recorded MNIST-1D sweep put it 2.3x past the bottom's start, and half of it trained to 0.49 test
+    accuracy where the start's half trains to 0.94; BENCHMARKS.md, range-test section). Past the bottom the
+    loss "starts to increase" (Smith 2018, arXiv 1803.09820, sec. 4.1 reads the maximum bound there; fastai's
+    ``minimum`` divides ``lr[i_min]`` by 10). ``lr[i_top]`` is the rule's ``top_lr``, and
 
-    * ``max_lr`` = ``lr[i_min] / TOP_BACKOFF`` (``"loss_minimum/2"``, :data:`TOP_BACKOFF`: Smith 2017 sec. 3.3's
-      "within a factor of two of the largest one that converges"), a bit below where the loss turns up;
+    * ``max_lr`` = ``lr[i_top] / TOP_BACKOFF`` (``"loss_minimum/2"``, :data:`TOP_BACKOFF`: Smith 2017 sec. 3.3's
+      "within a factor of two of the largest one that converges");
     * ``base_lr`` = ``max_lr / 3`` (``"max_lr/3 (loss rule)"``, the paper's factor 3-4).
 
     The steepest descent (fastai ``steep``) is not used: on short sweeps it lies a decade or more below
@@ -659,6 +355,8 @@ def suggest_from_loss(lrs: Any, losses: Any, *, window: int | None = None, skip_
     first 10% of the points (``"loss_rises_at_once"``).
     """
     lr, loss = _curve(lrs, losses)
+    if not 0.0 < plateau < 1.0:
+        raise ValueError(f"`plateau` must be in (0, 1). Received: plateau={plateau!r}")
     n = loss.size
     w = _odd_window(default_window(n) if window is None else window, n)
     t = trend(loss, w)
@@ -679,9 +377,14 @@ def suggest_from_loss(lrs: Any, losses: Any, *, window: int | None = None, skip_
     if i_min == hi - 1:
         warnings.append(f"the loss still falls at the end of the sweep (lr={float(lr[i_min]):.3g}): the largest "
                         "LR that trains may lie higher; sweep to a higher end LR")
-    max_lr = float(lr[i_min]) / TOP_BACKOFF
+    bottom = float(np.median(t[max(i_min - w // 2, 0):i_min + w // 2 + 1]))
+    bound = bottom + max((1.0 - plateau) * drop, 2.0 * sigma_t)
+    i_top = i_min
+    while i_top > lo and t[i_top - 1] <= bound:
+        i_top -= 1
+    max_lr = float(lr[i_top]) / TOP_BACKOFF
     return Bounds(max_lr / MIN_RATIO, max_lr, f"max_lr/{MIN_RATIO:g} (loss rule)", f"loss_minimum/{TOP_BACKOFF:g}",
-                  None, None, tuple(warnings), top_lr=float(lr[i_min]), top_index=i_min)
+                  None, None, tuple(warnings), top_lr=float(lr[i_top]), top_index=i_top)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -817,19 +520,12 @@ class Recommendation:
         )
 
 
-SUGGESTION_HELP = {
-    "steep": "steep: the LR where the smoothed loss falls fastest against log(LR) (fastai)",
-    "minimum": "minimum: the LR of the lowest smoothed loss, divided by 10 (fastai)",
-    "valley": "valley: the middle of the longest stretch where the smoothed loss keeps falling (fastai's default)",
-    "slide": "slide: where the loss gradient stops changing, sliding left from the end of the sweep (fastai)",
-}
-"""One line per loss suggestion, printed by the range test and listed here for the docs."""
 
 RULE_HELP = {
     "accuracy_peak": "accuracy_peak/2: half the LR where the smoothed accuracy peaks, the largest LR the sweep still "
                      "trains at (Smith 2017: the optimum is within 2x of it)",
-    "loss_minimum": "loss_minimum/2: half the LR of the lowest smoothed loss, the largest LR the sweep still trains "
-                    "at (Smith 2017: the optimum is within 2x of it)",
+    "loss_minimum": "loss_minimum/2: half the LR where the smoothed loss reaches its lowest level, the largest LR the "
+                    "sweep still trains at (Smith 2017: the optimum is within 2x of it)",
     "accuracy_rise": "accuracy_rise: where the smoothed accuracy starts to rise (Smith 2017's base reading)",
 }
 """One line per rule a recommended bound can come from (its name in ``max_rule``/``base_rule``), printed by the
@@ -862,9 +558,9 @@ def choose_bounds(acc_bounds: Bounds | None, loss_bounds: Bounds, *, n: int, lrs
     Returns ``(base_lr, max_lr, base_rule, max_rule, warnings)``.
 
     1. The top, read by both rules (:attr:`Bounds.top_lr`): where the accuracy trend peaks ("starts to fall",
-       Smith 2017 sec. 3.3, when :func:`suggest_from_accuracy` found a rise) and where the loss trend bottoms
-       out ("starts to increase", Smith 2018 sec. 4.1, :func:`suggest_from_loss`). With both, the LOWER is
-       used (an LR too high diverges, one too low only trains slower); when they differ by more than
+       Smith 2017 sec. 3.3, when :func:`suggest_from_accuracy` found a rise) and where the loss trend reaches its
+       bottom (past which it "starts to increase", Smith 2018 sec. 4.1, :func:`suggest_from_loss`). With both,
+       the LOWER is used (an LR too high diverges, one too low only trains slower); when they differ by more than
        ``disagree_factor`` (half a decade) a warning names both.
     2. ``max_lr = top / TOP_BACKOFF`` (``"accuracy_peak/2"`` or ``"loss_minimum/2"``, :data:`TOP_BACKOFF`):
        "the optimum learning rate is usually within a factor of two of the largest one that converges"

@@ -13,9 +13,10 @@ losses) and at once on NaN/inf. Afterwards every model weight (batch-norm statis
 optimizer variable (slots, iterations, the LR variable, loss-scale state) and the step counter are
 restored bitwise, so a sweep can run inside a session before training (`run_sweep`).
 
-The analysis is `clrlab.lr_suggest.recommend` (pure numpy): Smith's accuracy rule on a zero-lag,
-noise-aware trend (base where the accuracy starts to rise, max where it stops rising, turns ragged or
-falls), cross-checked by the loss rule (Smith 2018, sec. 4.1); each bound names the rule that produced it
+The analysis is `clrlab.lr_suggest.recommend` (pure numpy) on zero-lag, noise-aware trends: max_lr is half the
+sweep's top, the lower of where the accuracy peaks (Smith's accuracy rule) and where the loss reaches its bottom
+(the loss rule, Smith 2018, sec. 4.1), base_lr max_lr/3 or where the accuracy starts to rise when that lies 3-4x
+below (`clrlab.lr_suggest.choose_bounds`); each bound names the rule that produced it
 (fallbacks say so) and every doubt is a printed `warning:` line (disagreeing rules, a short, flat or at once
 diverging curve, a range under 3x). The other suggestions, printed for reference:
 
@@ -53,7 +54,7 @@ from typing import Any
 
 from absl import app, flags
 
-from clrlab import cli, lr_suggest
+from clrlab import cli, lr_curves, lr_suggest
 from clrlab import config as config_lib
 from clrlab.config import TrainConfig
 from clrlab.errors import UserError
@@ -200,9 +201,9 @@ def _report(out: dict[str, Any], logdir: str) -> None:
     stop = f"stopped early ({out['reason']} at step {out['stop_index']})" if out["stopped_early"] else "ran to the end"
     print(f"Sweep {stop}. Suggestions: " + ", ".join(
         f"{k}={v:.3g}" for k, v in out["suggestions"].items() if v is not None))
-    for name in lr_suggest.SUGGESTION_HELP:
+    for name in lr_curves.SUGGESTION_HELP:
         if out["suggestions"].get(name) is not None:
-            print("  " + lr_suggest.SUGGESTION_HELP[name])
+            print("  " + lr_curves.SUGGESTION_HELP[name])
     for warning in out.get("warnings", ()):
         print(f"warning: {warning}")
     if out.get("command"):

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from clrlab import config, lr_suggest
+from clrlab import config, lr_curves, lr_suggest
 
 __all__ = ["RANGE_TEST_TAGS", "SWEEP_DEFAULTS", "RangeTestResult", "StateSnapshot", "SweepOptions", "SweepRecorder",
            "run_sweep", "sweep_schedule", "write_sweep_scalars"]
@@ -77,7 +77,7 @@ class SweepOptions:
       num_steps: sweep length in steps (an integer >= 10).
       eval_every: held-out evaluation every this many steps (0: none). Smith's accuracy rule then uses
         the held-out accuracy instead of the noisier per-batch training accuracy.
-      smoother, beta: the loss smoother of `clrlab.lr_suggest` (`'ema_debiased'`, `'ema_seeded'`,
+      smoother, beta: the loss smoother of `clrlab.lr_curves` (`'ema_debiased'`, `'ema_seeded'`,
         `'none'`) and its decay in [0, 1), for the divergence stop and the suggestions.
       divergence_factor: stop when the smoothed loss exceeds this times its best (> 1; `math.inf`:
         never stop on divergence).
@@ -103,7 +103,7 @@ class SweepOptions:
             "end_lr": _real("end_lr", self.end_lr, f"a finite number > start_lr ({start!r})", lambda v: v > start),
             "num_steps": _int("num_steps", self.num_steps, "an integer >= 10", lambda v: v >= 10),
             "eval_every": _int("eval_every", self.eval_every, "an integer >= 0", lambda v: v >= 0),
-            "smoother": _choice("smoother", self.smoother, lr_suggest.SMOOTHERS),
+            "smoother": _choice("smoother", self.smoother, lr_curves.SMOOTHERS),
             "beta": _real("beta", self.beta, "a number in [0, 1)", lambda v: 0 <= v < 1),
             "divergence_factor": _real("divergence_factor", self.divergence_factor, "a number > 1 (math.inf: never)",
                                        lambda v: v > 1, allow_inf=True),
@@ -153,7 +153,7 @@ class SweepRecorder:
     Per call of `record` (one or more consecutive steps), in this order: the steps are appended; a
     NaN/inf loss among them stops the sweep (`'nonfinite'`, no evaluation after it); when the step
     count is a multiple of `eval_every`, `evaluate()` gives the held-out accuracy at the last step;
-    the sweep stops when the smoothed loss diverges (`clrlab.lr_suggest.divergence_index`:
+    the sweep stops when the smoothed loss diverges (`clrlab.lr_curves.divergence_index`:
     `'diverged'`) or `num_steps` steps are recorded (`'num_steps'`).
 
     Attributes:
@@ -225,8 +225,8 @@ class SweepRecorder:
             self.eval_steps.append(self.steps - 1)
             self.eval_lrs.append(self.lrs[-1])
             self.eval_accuracies.append(accuracy)
-        smoothed = lr_suggest.smooth(self.losses, options.smoother, options.beta)
-        if lr_suggest.divergence_index(smoothed, options.divergence_factor) is not None:
+        smoothed = lr_curves.smooth(self.losses, options.smoother, options.beta)
+        if lr_curves.divergence_index(smoothed, options.divergence_factor) is not None:
             return self.stop("diverged")
         if self.steps >= options.num_steps:
             return self.stop("num_steps")

@@ -12,7 +12,6 @@ import doctest
 import json
 import math
 import pathlib
-from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -39,76 +38,13 @@ def true_minimum(lrs, curve):
     return float(dense[np.argmin(loss_curve(dense, **curve))])
 
 
-def log_step(lrs, lr):
-    """The sweep's spacing in ln(lr) around ``lr``."""
-    i = min(int(np.searchsorted(lrs, lr)), lrs.size - 1)
-    return float(np.log(lrs[i] / lrs[i - 1]))
-
-
 def noisy(values, sigma, seed):
     return values + np.random.default_rng(seed).normal(0.0, sigma, np.shape(values))
 
 
 # ----------------------------------------------------------------------------------------------
-# Smoothing, non-finite values, divergence.
+# Negative losses through recommend (the curve functions: tests/test_lr_curves.py).
 # ----------------------------------------------------------------------------------------------
-
-
-def test_ema_seeded_matches_the_recurrence():
-    x = noisy(np.zeros(50), 1.0, 0)
-    f = 0.05
-    want = [x[0]]
-    for v in x[1:]:
-        want.append(f * v + (1 - f) * want[-1])
-    np.testing.assert_allclose(ls.smooth(x, "ema_seeded", beta=0.95), want, rtol=1e-12)
-
-
-def test_ema_debiased_matches_the_closed_form_and_has_no_zero_pull():
-    x = noisy(np.full(60, 3.0), 0.5, 1)
-    beta = 0.9
-    t = np.arange(x.size)
-    weights = (1 - beta) * beta ** (t[:, None] - t[None, :]) * (t[None, :] <= t[:, None])
-    want = (weights @ x) / (1 - beta ** (t + 1))
-    np.testing.assert_allclose(ls.smooth(x, "ema_debiased", beta=beta), want, rtol=1e-12)
-    np.testing.assert_allclose(ls.smooth(np.full(30, 7.0)), 7.0, rtol=1e-12)
-
-
-def test_smooth_none_copies_and_rejects_bad_arguments():
-    x = np.array([1.0, 2.0, 3.0])
-    out = ls.smooth(x, "none")
-    np.testing.assert_array_equal(out, x)
-    assert out is not x
-    assert ls.SMOOTHERS == ("none", "ema_seeded", "ema_debiased")
-    with pytest.raises(ValueError, match="method"):
-        ls.smooth(x, "gaussian")
-    with pytest.raises(ValueError, match="beta"):
-        ls.smooth(x, beta=1.0)
-
-
-def test_first_nonfinite():
-    assert ls.first_nonfinite([1.0, 2.0]) is None
-    assert ls.first_nonfinite([1.0, np.inf, np.nan]) == 1
-    assert ls.first_nonfinite([np.nan]) == 0
-    assert ls.first_nonfinite([]) is None
-
-
-def test_divergence_ratio_rule_skip_and_nonfinite():
-    s = [1.0, 0.5, 0.6, 1.9, 2.1, 1.0]  # 2.1 > 4 * 0.5 at index 4; 1.9 is not.
-    assert ls.divergence_index(s, skip=1) == 4
-    assert ls.divergence_index(s, factor=5.0, skip=1) is None
-    assert ls.divergence_index([0.5, 9.0, 9.0, 9.0], skip=2) == 2  # Skipped points are not tested...
-    assert ls.divergence_index([9.0, 0.5, 1.0, 3.0], skip=2) == 3  # ...but do count for best.
-    assert ls.divergence_index([1.0, 0.9, np.nan, 100.0], skip=5) == 2  # NaN stops even in skip.
-    assert ls.divergence_index([1.0, 0.9, 0.8]) is None
-
-
-def test_divergence_with_negative_losses_uses_the_gap_rule():
-    s = np.array([-10.0, -10.2, -10.5, -9.0, 0.0, 10.0, 21.0, 25.0, 30.0])
-    # The naive ratio test s > 4 * best fires at the first tested index for negative losses.
-    naive = next(t for t in range(1, s.size) if s[t] > 4 * s[:t + 1].min())
-    assert naive == 1
-    # Gap rule: first t with s_t - best > 3 * |best| = 31.5, i.e. s_t > 21.
-    assert ls.divergence_index(s, skip=1) == 7
 
 
 def test_negative_losses_give_the_same_result_as_the_positive_curve():
@@ -123,139 +59,6 @@ def test_negative_losses_give_the_same_result_as_the_positive_curve():
     assert pos.suggestions == pytest.approx(neg.suggestions, rel=1e-12)
     assert (pos.base_lr, pos.max_lr, pos.rule) == pytest.approx((neg.base_lr, neg.max_lr, neg.rule))
     np.testing.assert_allclose(np.array(neg.loss_smooth) + 10.0, pos.loss_smooth, rtol=1e-12)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss suggestions on curves with known answers.
-# ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("lrs,curve", GRIDS)
-def test_steep_is_the_steepest_point_against_ln_lr(lrs, curve):
-    losses = loss_curve(lrs, **curve)
-    truth = 10 ** curve["x_s"]
-    got = ls.suggest_steep(lrs, losses)
-    # Clean: the left end of the steepest segment, at most two sweep steps from the truth.
-    assert abs(math.log(got / truth)) <= 2 * log_step(lrs, truth) + 1e-12
-    for seed in range(3):  # Noisy (sigma = 0.002, 0.1% of the loss drop): within a factor 1.5.
-        got = ls.suggest_steep(lrs, noisy(losses, 0.002, seed))
-        assert truth / 1.5 < got < truth * 1.5
-
-
-def test_steep_differentiates_against_ln_lr_not_the_index():
-    # On a linear sweep the index-based (np.gradient) answer is ~10% low: outside the tolerance above.
-    losses = loss_curve(LIN_LRS, **LIN_CURVE)
-    truth = 10 ** LIN_CURVE["x_s"]
-    by_index = LIN_LRS[np.argmin(np.diff(losses))]
-    assert abs(math.log(by_index / truth)) > 5 * log_step(LIN_LRS, truth)
-
-
-@pytest.mark.parametrize("lrs,curve", GRIDS)
-def test_minimum_is_a_tenth_of_the_minimum(lrs, curve):
-    losses = loss_curve(lrs, **curve)
-    truth = true_minimum(lrs, curve)
-    got = ls.suggest_minimum(lrs, losses) * 10
-    assert abs(math.log(got / truth)) <= log_step(lrs, truth) + 1e-12
-    for seed in range(3):  # Noisy: the flat bottom blurs the argmin; within a factor 1.5.
-        got = ls.suggest_minimum(lrs, noisy(losses, 0.002, seed)) * 10
-        assert truth / 1.5 < got < truth * 1.5
-    assert ls.suggest_minimum(lrs, losses, divisor=4.0) == pytest.approx(
-        ls.suggest_minimum(lrs, losses) * 10 / 4)
-
-
-@pytest.mark.parametrize("lrs,curve", GRIDS)
-def test_valley(lrs, curve):
-    losses = loss_curve(lrs, **curve)
-    # Clean: the loss falls strictly from index 0 to its minimum m, so L_m = m + 1, start = -1 and the
-    # valley is index -1 + int((m + 1) / 3) + int((m + 1) / 6).
-    m = int(np.argmin(losses))
-    assert np.all(np.diff(losses[:m + 1]) < 0)
-    assert ls.suggest_valley(lrs, losses) == lrs[-1 + int((m + 1) / 3) + int((m + 1) / 6)]
-    # Noisy: the flat start no longer forms a long decreasing run, so the valley moves into the
-    # descent, within two sigmoid widths of its middle.
-    lo, hi = 10 ** (curve["x_s"] - 2 * curve["w"]), 10 ** (curve["x_s"] + 2 * curve["w"])
-    for seed in range(3):
-        assert lo < ls.suggest_valley(lrs, noisy(losses, 0.002, seed)) < hi
-
-
-def test_valley_small_cases():
-    lrs = [1.0, 2.0, 3.0, 4.0, 5.0]
-    assert ls.suggest_valley(lrs, [1, 2, 3, 4, 5]) == 1.0  # Nothing beats index 0.
-    # A two-point valley at the start: fastai's index is -1 (the last LR); we clamp to the first.
-    assert ls.suggest_valley(lrs, [2, 1, 3, 4, 5]) == 1.0
-    assert ls.suggest_valley([1.0], [3.0]) == 1.0
-
-
-def lds_lengths_quadratic(losses: Sequence[float]) -> list[int]:
-    """O(n^2) reference for `lr_suggest._lds_lengths`: the double loop of fastai's `valley`
-    (fastai/callback/schedule.py)."""
-    n = len(losses)
-    lds = [1] * n
-    for i in range(1, n):
-        for j in range(i):
-            if losses[i] < losses[j] and lds[i] < lds[j] + 1:
-                lds[i] = lds[j] + 1
-    return lds
-
-
-def valley_quadratic(lrs: Sequence[float], losses: Sequence[float]) -> float:
-    """O(n^2) reference for `lr_suggest.suggest_valley`: fastai's `valley` loop, plus the clamp to index 0."""
-    n = len(losses)
-    max_start, max_end = 0, 0
-    lds = [1] * n
-    for i in range(1, n):
-        for j in range(i):
-            if losses[i] < losses[j] and lds[i] < lds[j] + 1:
-                lds[i] = lds[j] + 1
-            if lds[max_end] < lds[i]:
-                max_end = i
-                max_start = max_end - lds[max_end]
-    sections = (max_end - max_start) / 3
-    idx = max(max_start + int(sections) + int(sections / 2), 0)
-    return float(lrs[idx])
-
-
-def test_valley_patience_sorting_equals_the_quadratic_oracle():
-    rng = np.random.default_rng(0)
-    cases = []
-    for _ in range(1500):
-        cases.append(rng.normal(size=int(rng.integers(1, 40))))
-    for _ in range(1500):  # Heavy ties: strictness matters.
-        cases.append(rng.integers(0, 4, size=int(rng.integers(1, 40))).astype(float))
-    for _ in range(10):
-        n = 300
-        trend = np.linspace(3, 0, n) + np.where(np.arange(n) > 200, np.linspace(0, 5, n), 0)
-        cases.append(np.round(trend + rng.normal(0, 0.3, n), 1))
-    cases += [np.zeros(7), np.arange(9.0), np.arange(9.0)[::-1]]
-    for losses in cases:
-        lrs = np.geomspace(1e-4, 1.0, losses.size) if losses.size > 1 else np.array([1e-3])
-        assert ls._lds_lengths(losses).tolist() == lds_lengths_quadratic(losses.tolist())
-        assert ls.suggest_valley(lrs, losses) == valley_quadratic(lrs, losses.tolist())
-
-
-def test_slide_finds_where_the_gradient_stops_changing():
-    # Linear descent (gradient -0.01) up to index K, then curving up (gradient +0.004 per step): the
-    # window slides left until r = K + 1, and the candidate is lr[K + 1 - lr_diff + 1].
-    n, k = 120, 70
-    i = np.arange(n, dtype=float)
-    losses = 2.0 - 0.01 * i + 0.002 * np.maximum(i - k, 0) ** 2
-    lrs = np.geomspace(1e-5, 1.0, n)
-    assert ls.suggest_slide(lrs, losses) == lrs[k - 13]
-    assert ls.suggest_slide(lrs, losses, adjust=0.5) == lrs[k - 13] * 0.5
-    with pytest.raises(ValueError, match="at least 16"):
-        ls.suggest_slide(lrs[:15], losses[:15])
-
-
-@pytest.mark.parametrize("fn", [ls.suggest_steep, ls.suggest_minimum, ls.suggest_valley])
-def test_suggestions_reject_invalid_curves(fn):
-    with pytest.raises(ValueError, match="same length"):
-        fn([1e-3, 1e-2], [1.0])
-    with pytest.raises(ValueError, match="> 0"):
-        fn([0.0, 1e-2], [1.0, 0.5])
-    with pytest.raises(ValueError, match="strictly increasing"):
-        fn([1e-2, 1e-3], [1.0, 0.5])
-    with pytest.raises(ValueError, match="finite"):
-        fn([1e-3, 1e-2], [1.0, np.nan])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,15 +185,27 @@ ISSUE_CASES = sorted({k.rsplit("_", 1)[0] for k in ISSUE_CURVES.files})
 
 
 @pytest.mark.parametrize("lrs,curve", GRIDS)
-def test_loss_rule_is_half_the_minimum_with_base_a_third_of_it(lrs, curve):
-    # The rule backs off by TOP_BACKOFF = 2 from the loss minimum (Smith 2017 sec. 3.3's "within a factor of two
-    # of the largest one that converges"); it no longer uses the steepest descent, which on the recorded 200-step
-    # sweeps lay a decade below the LRs a 6-epoch run trains best with (BENCHMARKS.md, range-test section).
-    minimum = true_minimum(lrs, curve)
+def true_bottom_start(lrs, curve, frac=0.02):
+    """The first LR where the noiseless loss comes within ``frac`` of its drop of its minimum (dense grid)."""
+    dense = np.geomspace(lrs[0], lrs[-1], 1_000_001)
+    values = loss_curve(dense, **curve)
+    i_min = int(np.argmin(values))
+    bound = values[i_min] + frac * (values[0] - values[i_min])
+    return float(dense[int(np.flatnonzero(values[:i_min + 1] <= bound)[0])])
+
+
+@pytest.mark.parametrize("lrs,curve", GRIDS)
+def test_loss_rule_is_half_the_start_of_the_bottom_with_base_a_third_of_it(lrs, curve):
+    # The rule backs off by TOP_BACKOFF = 2 (Smith 2017 sec. 3.3's "within a factor of two of the largest one
+    # that converges") from where the loss reaches its bottom (within 2% of its drop, here above the trend's
+    # noise), not from the argmin inside it, which the batch noise moves about; nor from the steepest descent,
+    # which on the recorded 200-step sweeps lay a decade below the LRs a run trains best with (BENCHMARKS.md).
+    start = true_bottom_start(lrs, curve)
+    assert start < true_minimum(lrs, curve) / 1.15  # the two readings differ
     for seed in range(3):
         rec = ls.recommend(lrs, noisy(loss_curve(lrs, **curve), 0.05, seed))
         assert rec.max_rule == "loss_minimum/2 (no accuracy recorded)" and rec.base_rule == "max_lr/3 (loss rule)"
-        assert minimum / 2 / 1.4 < rec.max_lr < minimum / 2 * 1.4  # zero lag: no shift toward higher LR
+        assert start / 2 / 1.4 < rec.max_lr < start / 2 * 1.4  # zero lag: no shift toward higher LR
         assert rec.base_lr == pytest.approx(rec.max_lr / 3)
         assert rec.suggestions["loss_max"] == rec.max_lr and rec.warnings == ()
         got = ls.suggest_from_loss(lrs, noisy(loss_curve(lrs, **curve), 0.05, seed))
@@ -440,7 +255,7 @@ def test_disagreeing_rules_are_named_in_a_warning_and_the_lower_top_is_used():
     assert rec.max_lr == pytest.approx(loss_top / 2) and rec.max_rule == "loss_minimum/2"
     assert any("apart); using the lower, the loss minimum" in w for w in rec.warnings)
     # The other way round: the accuracy's lower top is used.
-    late = noisy(loss_curve(LOG_LRS, x_s=-1.2, w=0.1, x_d=0.5, v=0.2), 0.02, 1)
+    late = noisy(loss_curve(LOG_LRS, x_s=-0.8, w=0.1, x_d=0.5, v=0.2), 0.02, 1)  # its bottom starts near 0.4
     rec = ls.recommend(LOG_LRS, late, acc)
     acc_top = ls.suggest_from_accuracy(rec.lrs, rec.accuracy, sweep="exponential").top_lr
     assert rec.max_lr == pytest.approx(acc_top / 2) and rec.max_rule == "accuracy_peak/2"
@@ -644,7 +459,7 @@ def test_every_loss_suggestion_has_a_one_line_explanation():
 
 def test_docstring_examples():
     result = doctest.testmod(ls, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 10 and result.failed == 0
+    assert result.attempted >= 9 and result.failed == 0  # smooth, divergence, valley: tests/test_lr_curves.py
 
 
 # ----------------------------------------------------------------------------------------------
@@ -707,9 +522,9 @@ CHECK_CASES = sorted({k.rsplit("_", 1)[0] for k in CHECK_CURVES.files})
 
 @pytest.mark.parametrize("case", CHECK_CASES)
 def test_the_recorded_check_sweeps_give_half_the_lower_top(case):
-    # Recorded by `scripts/range_check.py --setup=S --seeds=1,2,3 --epochs=6` (BENCHMARKS.md, range-test section):
-    # digits MLP (exponential and linear sweeps), digits small CNN and MNIST-1D CNN, seeds 1-3. The grid put the
-    # best 6-epoch max_lr at 0.03-0.3, and 0.17 or more trains MNIST-1D to chance: the rule lands in between.
+    # Recorded by `scripts/range_check.py --setup=S --seeds=1,2,3` and `--seeds=4,5,6` (BENCHMARKS.md, range-test
+    # section): digits MLP (exponential and linear sweeps), digits small CNN and MNIST-1D CNN. The grid put the best
+    # max_lr at 0.03-0.3, and 0.17 trains MNIST-1D to 0.49 (seed 6's old reading): the rule lands in between.
     lrs, loss, acc = (CHECK_CURVES[f"{case}_{k}"].astype(np.float64) for k in ("lrs", "loss", "acc"))
     rec = ls.recommend(lrs, loss, acc)
     assert rec.sweep == ("linear" if "_lin_" in case else "exponential")
@@ -721,3 +536,21 @@ def test_the_recorded_check_sweeps_give_half_the_lower_top(case):
     assert rec.max_lr == pytest.approx(min(tops) / 2) and rec.max_rule.split(" ")[0].endswith("/2")
     assert 0.04 < rec.max_lr < 0.17 and rec.max_lr / rec.base_lr == pytest.approx(3)
     assert rec.max_lr <= rec.suggestions["loss_max"] * (1 + 1e-12)
+
+
+def test_a_flat_loss_bottom_is_read_at_its_start_not_at_its_noisy_argmin():
+    # Recorded: `scripts/range_check.py --setup=mnist1d_cnn_exp --seeds=6` (a fresh seed of the check). The loss
+    # trend lies within 0.03 of its bottom from lr 0.1 to 0.35 and its argmin sits at the far end; the accuracy
+    # rise is under the noise, so the loss rule alone sets max_lr. Half the argmin (0.174) trained MNIST-1D to 0.49
+    # test accuracy over 5 seeds; half the bottom's start (0.078) to 0.94, the grid's best being 0.92.
+    lrs, loss, acc = (CHECK_CURVES[f"mnist1d_cnn_exp_6_{k}"].astype(np.float64) for k in ("lrs", "loss", "acc"))
+    rec = ls.recommend(lrs, loss, acc)
+    assert rec.max_rule == "loss_minimum/2 (fallback: accuracy does not rise)"
+    n = len(rec.lrs)
+    t = np.array(rec.loss_trend)
+    i_min = n // 10 + int(np.argmin(t[n // 10:n - 5]))
+    assert rec.lrs[i_min] > 0.3 and 0.06 < rec.max_lr < 0.1
+    top = ls.suggest_from_loss(rec.lrs, rec.loss_raw, skip_start=n // 10, skip_end=5)
+    assert top.top_lr == pytest.approx(2 * rec.max_lr) and top.top_index < i_min
+    assert t[top.top_index] - t[i_min] < 0.03 < 0.15 * (t[0] - t[i_min])  # on the bottom, not above it ...
+    assert t[top.top_index - 1] > t[top.top_index]  # ... where the trend still falls into it
