@@ -26,10 +26,10 @@ def run_python(*parts: str, timeout: float = 120) -> subprocess.CompletedProcess
                           env=subprocess_env())
 
 
-def test_lr_suggest_and_config_import_without_tensorflow():
+def test_lr_suggest_lr_curves_and_config_import_without_tensorflow():
     proc = run_python("""
         import sys
-        import clrlab, clrlab.config, clrlab.lr_suggest
+        import clrlab, clrlab.config, clrlab.lr_curves, clrlab.lr_suggest
         heavy = sorted(m for m in ("tensorflow", "keras", "absl") if m in sys.modules)
         assert not heavy, heavy
         assert "clrlab.schedules" not in sys.modules
