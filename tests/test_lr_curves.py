@@ -2,8 +2,7 @@
 
 The loss model is ``base - drop * sigmoid((x - x_s) / w) + exp((x - x_d) / v)`` with ``x = log10(lr)``:
 its steepest descent against ``ln lr`` is at ``lr = 10**x_s`` (the blow-up term is ~1e-7 there) and its
-minimum is found on a dense analytic grid, independently of the code under test. Noise is seeded. (The
-same curve helpers as tests/test_lr_suggest.py, which tests the bounds read from these curves.)
+minimum is found on a dense analytic grid, independently of the code under test. Noise is seeded.
 """
 
 from __future__ import annotations
@@ -17,35 +16,13 @@ import pytest
 
 from clrlab import lr_curves as lc
 from clrlab import lr_suggest
-
-EXP_LRS = np.geomspace(1e-6, 1.0, 200)  # 6 decades, 0.03 decades per step.
-EXP_CURVE = dict(x_s=-3.0, w=0.25, x_d=-0.5, v=0.15)
-LIN_LRS = np.linspace(1e-3, 0.02, 400)  # Smith-style: about one decade.
-LIN_CURVE = dict(x_s=math.log10(0.005), w=0.1, x_d=math.log10(0.015), v=0.05)
-GRIDS = [
-    pytest.param(EXP_LRS, EXP_CURVE, id="exponential"),
-    pytest.param(LIN_LRS, LIN_CURVE, id="linear"),
-]
-
-
-def loss_curve(lrs, *, x_s, w, x_d, v, drop=2.0, base=2.5):
-    x = np.log10(lrs)
-    return base - drop / (1.0 + np.exp(-(x - x_s) / w)) + np.exp((x - x_d) / v)
-
-
-def true_minimum(lrs, curve):
-    dense = np.geomspace(lrs[0], lrs[-1], 1_000_001)
-    return float(dense[np.argmin(loss_curve(dense, **curve))])
+from helpers_curves import GRIDS, LIN_CURVE, LIN_LRS, loss_curve, noisy, true_minimum
 
 
 def log_step(lrs, lr):
     """The sweep's spacing in ln(lr) around ``lr``."""
     i = min(int(np.searchsorted(lrs, lr)), lrs.size - 1)
     return float(np.log(lrs[i] / lrs[i - 1]))
-
-
-def noisy(values, sigma, seed):
-    return values + np.random.default_rng(seed).normal(0.0, sigma, np.shape(values))
 
 
 # ----------------------------------------------------------------------------------------------
