@@ -98,15 +98,6 @@ def _conv_stack(seed):
     return keras.Model(inputs, outputs)
 
 
-def test_conv1d_formulations_agree_on_padding_strides_dilation_and_residuals():
-    members = [_conv_stack(seed) for seed in range(3)]
-    x = _inputs(3, (17, 3), batch=4)
-    for conv1d in CONV1D_FORMULATIONS:
-        out = pack(members, conv1d=conv1d)(x).numpy()
-        for i, model in enumerate(members):
-            np.testing.assert_allclose(out[i], model(x[i]).numpy(), rtol=RTOL, atol=ATOL)
-
-
 def _padded_stack(seed):
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((8, 2))
@@ -118,12 +109,16 @@ def _padded_stack(seed):
     return keras.Model(inputs, outputs)
 
 
-def test_zero_padding_is_taken_into_convolutions_or_applied_where_another_layer_reads_it():
-    members = [_padded_stack(seed) for seed in range(2)]
-    x = _inputs(2, (8, 2), batch=3)
+@pytest.mark.parametrize("build, input_shape, members, batch", [
+    pytest.param(_conv_stack, (17, 3), 3, 4, id="padding-strides-dilation-residuals"),
+    pytest.param(_padded_stack, (8, 2), 2, 3, id="zero-padding-taken-into-convolutions-or-applied-by-the-reader"),
+])
+def test_conv1d_formulations_agree_with_each_member(build, input_shape, members, batch):
+    models = [build(seed) for seed in range(members)]
+    x = _inputs(members, input_shape, batch=batch)
     for conv1d in CONV1D_FORMULATIONS:
-        out = pack(members, conv1d=conv1d)(x).numpy()
-        for i, model in enumerate(members):
+        out = pack(models, conv1d=conv1d)(x).numpy()
+        for i, model in enumerate(models):
             np.testing.assert_allclose(out[i], model(x[i]).numpy(), rtol=RTOL, atol=ATOL)
 
 
