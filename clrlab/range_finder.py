@@ -41,7 +41,7 @@ once (exit 130); an interrupt before or after the sweep exits 130 without a trac
 
 The command: flags (`clrlab.cli.define_range_test_flags`) -> `TrainConfig` (`cli.config_from_flags`, the
 same conversion as `python -m clrlab.train`) and the sweep settings (`cli.sweep_options_from_flags`) ->
-job (`clrlab.job.build_job`) -> `run_sweep` -> outputs and report.
+job (`clrlab.job.build_job`) -> `trainers.range_sweep.run_sweep` -> outputs and report.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from clrlab import cli, lr_curves, lr_suggest
 from clrlab import config as config_lib
 from clrlab.config import TrainConfig
 from clrlab.errors import UserError
-from clrlab.sweep import SWEEP_DEFAULTS, SweepOptions, run_sweep
+from clrlab.sweep import SWEEP_DEFAULTS, SweepOptions
 
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal number, as a shell reports a process it killed
 
@@ -111,6 +111,7 @@ def run(config: TrainConfig, options_flags: dict[str, Any], *, progress: bool = 
 
     from clrlab import job as job_lib
     from clrlab import plots
+    from trainers.range_sweep import run_sweep
     from trainers.run_state import StopRequests, check_folders
 
     policy = keras.mixed_precision.global_policy().name

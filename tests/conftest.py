@@ -101,3 +101,31 @@ def parse_config(flag_values, *argv: str):
         return cli.config_from_flags()
     finally:
         flag_values.unparse_flags()
+
+
+# ----------------------------------------------------------------------------- a small trained model
+def trained_conv_bn_model(splits, precision="float32", optimizer="sgd"):
+    """(model, optimizer): a conv layer, batch norm and a float32 head (what small_cnn has, much smaller),
+    trained 5 steps with the custom loop so that slots, iterations, BN statistics and the LR are all
+    non-trivial (for the range-test sweep's restore tests)."""
+    import keras
+
+    from clrlab import data, schedules
+    from trainers.custom_loop import CustomLoopTrainer
+
+    keras.mixed_precision.set_global_policy(precision)  # conftest restores the global policy
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input(splits.input_shape), keras.layers.Conv2D(4, 3, padding="same"),
+                              keras.layers.BatchNormalization(), keras.layers.ReLU(),
+                              keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(splits.num_classes, dtype="float32")])
+    inner = (keras.optimizers.SGD(0.01, momentum=0.9) if optimizer == "sgd" else keras.optimizers.Adam(0.001))
+    opt = keras.optimizers.LossScaleOptimizer(inner) if precision == "mixed_float16" else inner
+    trainer = CustomLoopTrainer(model, opt, schedules.Constant(0.01))
+    trainer.train_steps(iter(data.train_dataset(splits, 64, seed=0)), 5)
+    return model, opt
+
+
+def model_state(model, opt) -> list[np.ndarray]:
+    """Copies of every model weight and optimizer variable, in order."""
+    return [v.numpy().copy() for v in list(model.weights) + list(opt.variables)]

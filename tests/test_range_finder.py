@@ -198,7 +198,9 @@ def test_repeats_average_the_sweeps_and_record_each_sweeps_bounds(tmp_path):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_mid_sweep_restores_and_writes_what_was_swept_marked_incomplete(tmp_path, capsys, range_test_flags,
                                                                                  monkeypatch, sig, code):
-    real_run_sweep = range_finder.run_sweep
+    from trainers import range_sweep
+
+    real_run_sweep = range_sweep.run_sweep
     seen = {}
 
     def run_sweep(model, optimizer, *args, stop_requested, **kwargs):
@@ -215,7 +217,7 @@ def test_a_signal_mid_sweep_restores_and_writes_what_was_swept_marked_incomplete
         seen["after"] = model.get_weights()
         return result
 
-    monkeypatch.setattr(range_finder, "run_sweep", run_sweep)
+    monkeypatch.setattr(range_sweep, "run_sweep", run_sweep)  # range_finder.run imports it when it runs
     logdir = tmp_path / "rt"
     range_test_flags(["prog", "--sweep=exponential", "--steps=300", "--start_lr=1e-3", "--end_lr=0.5",
                       "--model=mlp", "--batch_size=64", f"--logdir={logdir}"])

@@ -1,5 +1,5 @@
 """clrlab.sweep: the LR range-test engine (options, schedule, recorder and stop rule, held-out merge,
-state snapshot) and its custom-loop driver `run_sweep` (exact restore, the training step)."""
+state snapshot). Its custom-loop driver is tested in test_range_sweep.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import math
 
-import keras
 import numpy as np
 import pytest
 
@@ -18,34 +17,13 @@ from clrlab.sweep import (
     StateSnapshot,
     SweepOptions,
     SweepRecorder,
-    run_sweep,
     sweep_schedule,
 )
-from trainers.custom_loop import CustomLoopTrainer
+from conftest import trained_conv_bn_model
 
 
 def _digits():
     return data.load("digits")
-
-
-def _setup(splits, precision="float32", optimizer="sgd"):
-    """A conv layer, batch norm and a float32 head (what small_cnn has, much smaller), trained 5 steps so
-    that slots, iterations, BN statistics and the LR are all non-trivial."""
-    keras.mixed_precision.set_global_policy(precision)  # conftest restores the global policy
-    keras.utils.set_random_seed(1)
-    model = keras.Sequential([keras.Input(splits.input_shape), keras.layers.Conv2D(4, 3, padding="same"),
-                              keras.layers.BatchNormalization(), keras.layers.ReLU(),
-                              keras.layers.GlobalAveragePooling2D(),
-                              keras.layers.Dense(splits.num_classes, dtype="float32")])
-    inner = (keras.optimizers.SGD(0.01, momentum=0.9) if optimizer == "sgd" else keras.optimizers.Adam(0.001))
-    opt = keras.optimizers.LossScaleOptimizer(inner) if precision == "mixed_float16" else inner
-    trainer = CustomLoopTrainer(model, opt, schedules.Constant(0.01))
-    trainer.train_steps(iter(data.train_dataset(splits, 64, seed=0)), 5)
-    return model, opt
-
-
-def _state(model, opt):
-    return [v.numpy().copy() for v in list(model.weights) + list(opt.variables)]
 
 
 # ---------------------------------------------------------------------------------------- options
@@ -189,33 +167,10 @@ def test_result_keeps_the_per_batch_bounds_with_a_logged_warning_when_too_few_ev
     assert result.eval_steps == (28,) and "heldout_" not in result.recommendation.rule
 
 
-# ---------------------------------------------------------------------------------------- snapshot, run_sweep
-@pytest.mark.parametrize("precision,optimizer", [("float32", "sgd"), ("float32", "adam"),
-                                                 ("mixed_float16", "sgd")])
-def test_sweep_restores_weights_bn_statistics_optimizer_and_counters_bitwise(precision, optimizer):
-    splits = _digits()
-    model, opt = _setup(splits, precision, optimizer)
-    before = _state(model, opt)
-    names = [v.path for v in list(model.weights) + list(opt.variables)]
-    assert any("moving_mean" in n for n in names) and any("iteration" in n for n in names)
-    if precision == "mixed_float16":
-        assert any("scale" in n for n in names)
-    result = run_sweep(model, opt, data.train_dataset(splits, 64, seed=3),
-                       SweepOptions(sweep="exponential", start_lr=1e-4, end_lr=1.0, num_steps=40, check_every=10),
-                       eval_dataset=data.eval_dataset(splits, 256))
-    after = _state(model, opt)
-    assert len(before) == len(after)
-    for name, a, b in zip(names, before, after, strict=True):
-        np.testing.assert_array_equal(a, b, err_msg=name)
-    assert isinstance(result, RangeTestResult) and len(result.recommendation.lrs) >= 10
-    # The sweep trained for real: the recorded LRs follow the sweep schedule.
-    expected = schedules.ExponentialSweep(1e-4, 1.0, 40)(np.arange(len(result.recommendation.lrs))).numpy()
-    np.testing.assert_allclose(result.recommendation.lrs, expected, rtol=3e-7)
-
-
+# ---------------------------------------------------------------------------------------- snapshot
 def test_snapshot_detects_a_change_and_restores_it():
     splits = _digits()
-    model, opt = _setup(splits)
+    model, opt = trained_conv_bn_model(splits)
     snap = StateSnapshot(model, opt)
     assert snap.matches()
     model.weights[0].assign(model.weights[0] + 1.0)
@@ -223,63 +178,3 @@ def test_snapshot_detects_a_change_and_restores_it():
     assert not snap.matches()
     snap.restore()
     assert snap.matches()
-
-
-def test_divergent_sweep_stops_early_and_still_restores():
-    splits = _digits()
-    model, opt = _setup(splits)
-    before = _state(model, opt)
-    result = run_sweep(model, opt, data.train_dataset(splits, 64, seed=0),
-                       SweepOptions(sweep="exponential", start_lr=1e-3, end_lr=1e4, num_steps=200, check_every=5))
-    rec = result.recommendation
-    assert rec.stopped_early and rec.reason in ("diverged", "nonfinite")
-    assert len(rec.lrs) < 200
-    for a, b in zip(before, _state(model, opt), strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_the_sweep_steps_are_the_training_steps_of_custom_loop_trainer():
-    # No second implementation: the same steps through CustomLoopTrainer (the class clrlab.train uses),
-    # from the restored state, give the sweep's records bitwise.
-    splits = _digits()
-    model, opt = _setup(splits)
-    options = SweepOptions(sweep="linear", start_lr=1e-3, end_lr=0.1, num_steps=12, check_every=5)
-    result = run_sweep(model, opt, data.train_dataset(splits, 64, seed=3), options)
-    rec = result.recommendation
-    assert not rec.stopped_early and len(rec.lrs) == 12
-    trainer = CustomLoopTrainer(model, opt, sweep_schedule(options))
-    records = trainer.train_steps(trainer.make_iterator(data.train_dataset(splits, 64, seed=3)), 12)
-    assert rec.lrs == tuple(records.lr.tolist())
-    assert tuple(rec.loss_raw) == tuple(records.loss.tolist())
-    assert tuple(rec.accuracy) == tuple(records.accuracy.tolist())
-
-
-def _tags(event_dir) -> set[str]:
-    from tensorboard.backend.event_processing import event_accumulator as ea
-
-    acc = ea.EventAccumulator(str(event_dir), size_guidance={ea.TENSORS: 0, ea.SCALARS: 0})
-    acc.Reload()
-    return set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
-
-
-def test_a_sweep_writes_its_own_tensorboard_tags_apart_from_a_training_run(tmp_path):
-    import tensorflow as tf
-
-    from conftest import read_scalars
-
-    splits = _digits()
-    model, opt = _setup(splits)
-    options = SweepOptions(sweep="exponential", start_lr=1e-3, end_lr=0.1, num_steps=12, check_every=5)
-    writer = tf.summary.create_file_writer(str(tmp_path / "sweep"))
-    result = run_sweep(model, opt, data.train_dataset(splits, 64, seed=3), options, summary_writer=writer)
-    writer.flush()
-    train_writer = tf.summary.create_file_writer(str(tmp_path / "train"))
-    trainer = CustomLoopTrainer(model, opt, sweep_schedule(options), summary_writer=train_writer)
-    trainer.train_steps(trainer.make_iterator(data.train_dataset(splits, 64, seed=3)), 4)
-    train_writer.flush()
-    sweep_tags, train_tags = _tags(tmp_path / "sweep"), _tags(tmp_path / "train")
-    assert sweep_tags == {"range_test/learning_rate", "range_test/loss", "range_test/accuracy"}
-    assert {"learning_rate", "loss"} <= train_tags and not sweep_tags & train_tags
-    lrs = read_scalars(str(tmp_path / "sweep"), "range_test/learning_rate")
-    assert sorted(lrs) == list(range(12))  # step = sweep step
-    np.testing.assert_allclose([lrs[i] for i in range(12)], result.recommendation.lrs, rtol=1e-6)

@@ -27,7 +27,7 @@ __all__ = ["LRRangeTest"]
 class LRRangeTest(keras.callbacks.Callback):
     """The LR range test inside `model.fit` (Smith 2015, section 3.3; fastai's LRFinder).
 
-    The same sweep as `clrlab.sweep.run_sweep` (the range-test command), for users who train with
+    The same sweep as `trainers.range_sweep.run_sweep` (the range-test command), for users who train with
     `model.fit`; both drive `clrlab.sweep.SweepRecorder` (records, stop rule, held-out merge, result).
     The learning rate rises from `start_lr` to `end_lr` over `num_steps` batches, the callback records
     every batch's LR, loss and accuracy, stops the fit when the loss diverges, then puts the model and
