@@ -30,6 +30,14 @@ Member-stacked ops (x: ``[M, B, ...]``; w: the stacked weights):
   activations stay folded; the value is unfolded (one transpose) where a member-first op (Flatten, Dense,
   ...) reads it. On the MNIST-1D CNN (25 members) the 4-D form with the padding taken in removed the
   BiasAddGrad, Relu and two of the three Pad ops (and their Slice gradients) of the 3-D ``tf.nn.conv1d`` form.
+  Length reversal (`pack`'s ``reverse``): a convolution of the reversed sequence with the kernel flipped along
+  K and the padding mirrored gives the same outputs, reversed. A padding that is not TF's SAME split in the
+  model's order can be in the reversed one: on the MNIST-1D CNN (40 -> 19 -> 10 -> 5, torch padding 1)
+  conv3's (1, 0) becomes SAME's (0, 1), which removes its Pad and the Pad's Slice gradient, each a copy of
+  the whole [B, 1, 11, M * 25] activation on the step's critical path, for one reverse of the input and
+  small flips of the kernels; a Flatten of a reversed sequence stays reversed and the Dense reading it
+  reverses the row blocks of its (small) kernel instead. By default `pack` traces both orders and keeps the
+  one with fewer batch-sized copies.
   Or ``"im2col"``: the ``K`` shifted, strided slices of the (padded) input concatenated into
   ``[M, B * L_out, K * C]`` patches and one batched matmul with the kernel reshaped to ``[M, K * C, O]``.
   On the MNIST-1D CNN (batch 100, 2 CPU cores, 25 members) the grouped form's training step was 3x or more
@@ -72,6 +80,11 @@ _ACTIVATIONS = {
     keras.activations.relu6: "relu6", keras.activations.softmax: "softmax", keras.activations.mish: "mish",
 }
 _REGULARIZERS = (keras.regularizers.L1, keras.regularizers.L2, keras.regularizers.L1L2)
+
+
+# Layouts of a value inside PackedModel.__call__: member-first [M, B, ...]; folded [B, 1, L, M * C]; folded with the
+# length axis reversed; ("flat_reversed", L): member-first [M, B, L * C] flattened from a reversed sequence.
+_MEMBER, _FOLDED, _REVERSED = False, True, "reversed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,10 +321,11 @@ class PackedModel(tf.Module):
       variables_by_member_order: the stacked trainable variables, in the order of one member's
         ``model.trainable_variables`` (float32 ``tf.Variable``s ``[M, *shape]``).
       conv1d: the Conv1D formulation (`CONV1D_FORMULATIONS`).
+      reverse: whether the grouped convolutions run on length-reversed sequences (see `pack`).
     """
 
     def __init__(self, plan: _Plan, weights: Sequence[np.ndarray], regularization, *, conv1d: str = "grouped",
-                 name: str = "packed_model"):
+                 reverse: bool | None = None, name: str = "packed_model"):
         super().__init__(name=name)
         if conv1d not in CONV1D_FORMULATIONS:
             raise ValueError(f"conv1d must be one of {', '.join(CONV1D_FORMULATIONS)}. Received: conv1d={conv1d!r}")
@@ -326,6 +340,27 @@ class PackedModel(tf.Module):
         self._regularization = tuple(
             (i, None if not np.any(l1) else tf.constant(l1, tf.float32),
              None if not np.any(l2) else tf.constant(l2, tf.float32)) for i, l1, l2 in regularization)
+        self.reverse = False
+        if conv1d == "grouped" and any(node.op.kind == "conv1d" for node in plan.nodes):
+            if reverse is None:
+                costs = [self._copy_ops(r) for r in (False, True)]
+                reverse = costs[1] < costs[0]
+            self.reverse = bool(reverse)
+
+    def _copy_ops(self, reverse: bool) -> int:
+        """The number of batch-sized Pad, Slice and ReverseV2 ops (memory copies) in the graph of a forward pass
+        and its weight gradients with the grouped convolutions in the given length order (eager, at pack)."""
+        self.reverse = reverse
+
+        def step(x):
+            with tf.GradientTape() as tape:
+                y = tf.reduce_sum(self(x))
+            return tape.gradient(y, self.variables_by_member_order)
+
+        spec = tf.TensorSpec([self.members, None, *self.input_shape], tf.float32)
+        graph = tf.function(step, autograph=False).get_concrete_function(spec).graph
+        return sum(1 for op in graph.get_operations() if op.type in ("Pad", "Slice", "ReverseV2")
+                   and op.outputs and op.outputs[0].shape.rank and None in op.outputs[0].shape.as_list())
 
     @property
     def architecture(self):
@@ -356,27 +391,39 @@ class PackedModel(tf.Module):
             values[node.output] = self._apply(node.op, args, [w[i] for i in node.weights])
         return self._member_first(*self._padded(*values[self._plan.output_slot]))
 
-    def _padded(self, x, folded, pad):
-        """Applies a pending length padding: (tensor, folded) with ``pad`` applied."""
+    def _padded(self, x, layout, pad):
+        """Applies a pending length padding: (tensor, layout) with ``pad`` (in the model's length order) applied."""
         if pad == (0, 0):
-            return x, folded
+            return x, layout
+        if isinstance(layout, tuple):
+            x, layout = self._member_first(x, layout), _MEMBER
         paddings = [[0, 0]] * x.shape.rank
-        paddings[2] = list(pad)  # the length axis: [B, 1, L, M * C] folded, [M, B, L, C] member-first
-        return tf.pad(x, paddings), folded
+        paddings[2] = list(pad[::-1] if layout == _REVERSED else pad)  # the length axis in every layout
+        return tf.pad(x, paddings), layout
 
-    def _member_first(self, x, folded):
-        """[B, 1, L, M * C] -> [M, B, L, C] (member-first values pass through)."""
-        if not folded:
+    def _member_first(self, x, layout):
+        """A value in any layout -> member-first ([B, 1, L, M * C] folded -> [M, B, L, C], in the model's order)."""
+        if layout == _MEMBER:
             return x
+        if isinstance(layout, tuple):  # ("flat_reversed", L): [M, B, L * C] with the L positions reversed
+            length = layout[1]
+            return tf.reshape(tf.reverse(tf.reshape(x, [self.members, -1, length, x.shape[-1] // length]), [2]),
+                              tf.shape(x))
         shape = tf.shape(x)
-        return tf.transpose(tf.reshape(x, [shape[0], x.shape[2], self.members, x.shape[3] // self.members]),
-                            [2, 0, 1, 3])
+        x = tf.transpose(tf.reshape(x, [shape[0], x.shape[2], self.members, x.shape[3] // self.members]),
+                         [2, 0, 1, 3])
+        return tf.reverse(x, [2]) if layout == _REVERSED else x
 
-    def _folded(self, x, folded):
-        """[M, B, L, C] -> [B, 1, L, M * C] (folded values pass through)."""
-        if folded:
-            return x
-        return tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [tf.shape(x)[1], 1, x.shape[2], self.members * x.shape[3]])
+    def _folded(self, x, layout):
+        """A value -> folded [B, 1, L, M * C]: reversed along L (`_REVERSED`) when ``x`` is member-first and the
+        model folds in reversed order, else in the order it has (folded values pass through)."""
+        if layout in (_FOLDED, _REVERSED):
+            return x, layout
+        x = self._member_first(x, layout)
+        if self.reverse:
+            x = tf.reverse(x, [2])
+        x = tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [tf.shape(x)[1], 1, x.shape[2], self.members * x.shape[3]])
+        return x, _REVERSED if self.reverse else _FOLDED
 
     def _apply(self, op: _Op, args, weights):
         """One node: (tensor, folded, pad) values in, a (tensor, folded, pad) value out."""
@@ -385,8 +432,9 @@ class PackedModel(tf.Module):
             x, folded, (left, right) = args[0]
             return x, folded, (left + cfg[0], right + cfg[1])
         if kind == "conv1d" and self.conv1d == "grouped":
-            x, folded, pad = args[0]
-            return self._grouped_conv1d(self._folded(x, folded), pad, weights, *cfg), True, (0, 0)
+            x, layout, pad = args[0]
+            x, layout = self._folded(x, layout)
+            return self._grouped_conv1d(x, pad, weights, *cfg, reversed_=layout == _REVERSED), layout, (0, 0)
         args = [self._padded(*a) for a in args]
         x, folded = args[0]
         if kind in ("relu", "leaky_relu", "activation"):  # elementwise: either layout
@@ -398,19 +446,30 @@ class PackedModel(tf.Module):
                 return keras.activations.leaky_relu(x, negative_slope=cfg[0]), folded, (0, 0)
             return _ACTIVATION_FNS[cfg[0]](x), folded, (0, 0)
         if kind == "conv1d":
-            return self._im2col_conv1d(self._member_first(x, folded), weights, *cfg), False, (0, 0)
+            return self._im2col_conv1d(self._member_first(x, folded), weights, *cfg), _MEMBER, (0, 0)
         if kind == "add":
-            if not all(f for _, f in args):
-                args = [(self._member_first(*a), False) for a in args]
+            if len({f for _, f in args}) != 1:
+                args = [(self._member_first(*a), _MEMBER) for a in args]
             y = args[0][0]
             for other, _ in args[1:]:
                 y = y + other
             return y, args[0][1], (0, 0)
-        x = self._member_first(x, folded)
+        if kind == "flatten" and folded == _REVERSED:  # the positions stay reversed: the Dense reading it adapts
+            x = self._member_first(x, _FOLDED)
+            return tf.reshape(x, [self.members, -1, math.prod(x.shape[2:])]), ("flat_reversed", x.shape[2]), (0, 0)
+        kernel_rows_reversed = None
+        if kind == "dense" and isinstance(folded, tuple) and x.shape.rank == 3:
+            kernel_rows_reversed = folded[1]
+        else:
+            x = self._member_first(x, folded)
         if kind == "dense":
             activation, use_bias = cfg
             kernel = weights[0]
             units = kernel.shape[-1]
+            if kernel_rows_reversed:  # rows (position, channel) of a flattened reversed sequence: reverse positions
+                length = kernel_rows_reversed
+                kernel = tf.reshape(tf.reverse(tf.reshape(kernel, [self.members, length, -1, units]), [1]),
+                                    kernel.shape)
             if x.shape.rank == 3:  # [M, B, I]: one batched matmul, no reshapes
                 y = tf.linalg.matmul(x, kernel)
             else:  # Keras' Dense contracts the last axis of any rank
@@ -457,7 +516,8 @@ class PackedModel(tf.Module):
             y = y + weights[1][:, None, :]
         return _ACTIVATION_FNS[activation](tf.reshape(y, [self.members, batch, out_len, filters]))
 
-    def _grouped_conv1d(self, x, pad, weights, activation, use_bias, kernel_size, stride, dilation, padding):
+    def _grouped_conv1d(self, x, pad, weights, activation, use_bias, kernel_size, stride, dilation, padding, *,
+                        reversed_=False):
         """x [B, 1, L, M * C] (with a pending zero padding ``pad`` of L) -> [B, 1, L_out, M * O]: one
         convolution with M groups (members folded into channels), then BiasAdd and the activation.
 
@@ -474,6 +534,9 @@ class PackedModel(tf.Module):
         span = (kernel_size - 1) * dilation + 1
         out_len = (length + left + right - span) // stride + 1
         right = max(0, min(right, (out_len - 1) * stride + span - length - left))  # unread positions dropped
+        if reversed_:  # x reversed along L: the same outputs, reversed, from the flipped kernel and mirrored padding
+            left, right = right, left
+            kernel = tf.reverse(kernel, [1])  # [M, K, C, O]
         same = self._conv1d_padding(length, kernel_size, stride, dilation, "same")
         conv_padding = "VALID"
         if (left, right) == same and -(-length // stride) == out_len:
@@ -506,8 +569,13 @@ class PackedModel(tf.Module):
 _ACTIVATION_FNS = {name: fn for fn, name in _ACTIVATIONS.items()}
 
 
-def pack(models: Sequence[keras.Model], *, conv1d: str = "grouped") -> PackedModel:
+def pack(models: Sequence[keras.Model], *, conv1d: str = "grouped", reverse: bool | None = None) -> PackedModel:
     """A `PackedModel` whose member i holds ``models[i]``'s current weights, bit for bit (eager).
+
+    ``reverse``: run the grouped convolutions on length-reversed sequences (True), in the model's order (False),
+    or None (the default): whichever has fewer batch-sized Pad/Slice/ReverseV2 copies in the graph of a forward
+    pass and its gradients (two traces at pack time; see the module docstring). Without grouped convolutions
+    it has no effect (`PackedModel.reverse` is False).
 
     Raises:
       ValueError: (one line) no models, a model `refusal` refuses, or models whose architectures differ
@@ -535,7 +603,7 @@ def pack(models: Sequence[keras.Model], *, conv1d: str = "grouped") -> PackedMod
                        np.array([f.get(i, (0.0, 0.0))[1] for f in factors], np.float32)) for i in indices]
     stacked = [np.stack([keras.ops.convert_to_numpy(m.trainable_variables[j]) for m in models])
                for j in range(len(reference.weight_shapes))]
-    return PackedModel(reference, stacked, regularization, conv1d=conv1d)
+    return PackedModel(reference, stacked, regularization, conv1d=conv1d, reverse=reverse)
 
 
 def _difference(a: _Plan, b: _Plan) -> str:

@@ -58,11 +58,11 @@ def test_forward_and_regularization_match_each_member(name, conv1d):
     np.testing.assert_allclose(l2, expected, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name,conv1d", [("mnist1d_cnn", "grouped"), ("mnist1d_cnn", "im2col"),
-                                         ("mnist1d_mlp", "grouped")])
-def test_gradients_match_each_member(name, conv1d):
+@pytest.mark.parametrize("name,conv1d,reverse", [("mnist1d_cnn", "grouped", None), ("mnist1d_cnn", "grouped", False),
+                                                 ("mnist1d_cnn", "im2col", None), ("mnist1d_mlp", "grouped", None)])
+def test_gradients_match_each_member(name, conv1d, reverse):
     members = _members(name)
-    packed = pack(members, conv1d=conv1d)
+    packed = pack(members, conv1d=conv1d, reverse=reverse)
     x = _inputs(3, SHAPES[name], batch=5, seed=1)
     labels = np.random.default_rng(2).integers(0, 10, size=(3, 5))
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -116,26 +116,35 @@ def _padded_stack(seed):
 def test_conv1d_formulations_agree_with_each_member(build, input_shape, members, batch):
     models = [build(seed) for seed in range(members)]
     x = _inputs(members, input_shape, batch=batch)
-    for conv1d in CONV1D_FORMULATIONS:
-        out = pack(models, conv1d=conv1d)(x).numpy()
+    for conv1d, reverse in [(c, None) for c in CONV1D_FORMULATIONS] + [("grouped", False), ("grouped", True)]:
+        out = pack(models, conv1d=conv1d, reverse=reverse)(x).numpy()
         for i, model in enumerate(models):
             np.testing.assert_allclose(out[i], model(x[i]).numpy(), rtol=RTOL, atol=ATOL)
 
 
-def test_grouped_cnn_graph_has_the_fusable_conv_bias_relu_chains_and_no_pad_where_same_fits():
+@pytest.mark.parametrize("reverse, paddings, pad", [(False, [b"VALID", b"SAME", b"VALID"], [[1, 0]] * 2),
+                                                   (True, [b"VALID", b"SAME", b"SAME"], [[0, 1]])])
+def test_grouped_cnn_graph_has_the_fusable_conv_bias_relu_chains_and_no_pad_where_same_fits(reverse, paddings, pad):
     """The traced forward pass of the packed MNIST-1D CNN (before Grappler): three 4-D Conv2D -> BiasAdd -> Relu
     chains (what the remapper fuses into one oneDNN convolution, and the gradients into one filter + bias op);
-    conv2's padding (1, 1) on 19 steps is TF's SAME split (no Pad op), conv1's and conv3's are trimmed to (1, 0)."""
-    packed = pack(_members("mnist1d_cnn", count=2))
+    conv2's padding (1, 1) on 19 steps is TF's SAME split (no Pad op), conv1's and conv3's are trimmed to (1, 0).
+    Length-reversed, conv3's becomes (0, 1), TF's SAME split on 10 steps: one Pad (the input's) instead of two,
+    which `pack` chooses by default; the reversed Flatten is read by the Dense without reversing it back."""
+    packed = pack(_members("mnist1d_cnn", count=2), reverse=reverse)
+    assert packed.reverse is reverse
     graph = tf.function(packed.__call__).get_concrete_function(tf.TensorSpec([2, None, 40, 1])).graph
     convs = [op for op in graph.get_operations() if op.type == "Conv2D"]
-    assert [op.get_attr("padding") for op in convs] == [b"VALID", b"SAME", b"VALID"]
+    assert [op.get_attr("padding") for op in convs] == paddings
     for conv in convs:
         (bias,) = [c for c in conv.outputs[0].consumers()]
         assert bias.type == "BiasAdd" and [c.type for c in bias.outputs[0].consumers()] == ["Relu"]
     pads = [op for op in graph.get_operations() if op.type == "Pad"]
-    assert len(pads) == 2
-    assert all(tf.get_static_value(p.inputs[1]).tolist()[2] == [1, 0] for p in pads)
+    assert [tf.get_static_value(p.inputs[1]).tolist()[2] for p in pads] == pad
+    reverses = [op for op in graph.get_operations() if op.type == "ReverseV2"]
+    batch_sized = [op for op in reverses if None in op.outputs[0].shape.as_list()]
+    assert len(batch_sized) == (1 if reverse else 0)  # the input's; kernels are flipped (3 convs + the Dense)
+    assert len(reverses) == (5 if reverse else 0)
+    assert pack(_members("mnist1d_cnn", count=2)).reverse  # the default: the order with fewer copies
 
 
 def test_pack_copies_weights_exactly_and_unpack_into_round_trips():
