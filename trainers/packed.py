@@ -291,8 +291,10 @@ class PackedTrainer:
         if first % self.steps_per_epoch + num_steps > self.steps_per_epoch:
             raise ValueError(f"steps {first}..{first + num_steps - 1} cross an epoch end (every "
                              f"{self.steps_per_epoch} steps): a call trains within one epoch.")
-        # Members failed before this call write no summaries (a new pattern traces once more).
-        out = self._loop_fn(tf.constant(num_steps, tf.int32), tuple(bool(a) for a in self.active.numpy()))
+        # Members failed before this call write no summaries (a new pattern traces once more). The mask is
+        # read once: the compiled loop never changes it, only the host code below does.
+        active = self.active.numpy()
+        out = self._loop_fn(tf.constant(num_steps, tf.int32), tuple(bool(a) for a in active))
         rows = out["records"].numpy()  # [K, M, columns]
         columns = {name: np.ascontiguousarray(rows[:, :, j]) for j, name in enumerate(self._columns)}
         step = np.arange(first, first + num_steps, dtype=np.int64)
@@ -300,7 +302,6 @@ class PackedTrainer:
                                 momentum=columns.get("momentum"), l2_loss=columns.get("l2_loss"),
                                 total_loss=columns.get("total_loss"))
         checked = records.total_loss if self.regularized else records.loss
-        active = self.active.numpy()
         failures = {}
         for m in np.flatnonzero(active):
             bad = np.flatnonzero(~np.isfinite(checked[:, m]))
