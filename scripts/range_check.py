@@ -126,7 +126,28 @@ def _fine(args, dataset: str, model: str) -> int:
     return 0
 
 
-def main() -> int:
+def _bad_argument(args) -> str | None:
+    """What is wrong with the command line's values, in one line (None: nothing)."""
+    try:
+        seeds = [int(v) for v in args.seeds.split(",")]
+    except ValueError:
+        return f"--seeds must be comma-separated integers. Received: --seeds={args.seeds}"
+    if any(v < 0 for v in seeds):
+        return f"--seeds must be >= 0. Received: --seeds={args.seeds}"
+    try:
+        grid = [float(v) for v in args.grid.split(",")]
+    except ValueError:
+        return f"--grid must be comma-separated max_lr values. Received: --grid={args.grid}"
+    if any(not 0 < v < float("inf") for v in grid):
+        return f"--grid values must be finite and > 0. Received: --grid={args.grid}"
+    if args.epochs < 1:
+        return f"--epochs must be >= 1. Received: --epochs={args.epochs}"
+    if args.train_seeds < 0:
+        return f"--train_seeds must be >= 0 (0: the case's own seed). Received: --train_seeds={args.train_seeds}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setup", choices=sorted(SETUPS), required=True)
     parser.add_argument("--seeds", default="1,2,3")
@@ -141,7 +162,11 @@ def main() -> int:
                         help="instead of the check: how noisy is the follow-up accuracy in the LR? Train max_lr = "
                              "0.03 * 10**(k/8), k = 0..7 (steps of 1.33x), with base = max/3 and max/4; one JSON "
                              "line per pair (no range test)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    problem = _bad_argument(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     dataset, model, sweep = SETUPS[args.setup]
     if args.fine:
         return _fine(args, dataset, model)

@@ -85,3 +85,19 @@ def test_numpy_scalar_bounds_reach_train_config_as_floats(monkeypatch, tmp_path)
     with pytest.raises(range_check._Failed):
         range_check._train("digits", "mlp", 1, np.float64(0.01), np.float32(0.03), 6, str(tmp_path))
     assert [type(v) for v in seen["bounds"]] == [float, float]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--seeds=1,x"], "--seeds must be comma-separated integers"),
+    (["--seeds=-1"], "--seeds must be >= 0"),
+    (["--grid=0.1,0"], "--grid values must be finite and > 0"),
+    (["--grid=a"], "--grid must be comma-separated"),
+    (["--epochs=0"], "--epochs must be >= 1"),
+    (["--train_seeds=-2"], "--train_seeds must be >= 0"),
+])
+def test_a_bad_value_is_one_line_and_exit_1_before_any_training(monkeypatch, capsys, argv, says):
+    calls = []
+    monkeypatch.setattr(range_check, "_train", _fake_train(calls))
+    assert range_check.main(["--setup=digits_mlp_exp", *argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {says}") and not calls
